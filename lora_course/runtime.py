@@ -1,0 +1,43 @@
+"""Run-time switches every notebook shares: fast vs full mode, seeding, device choice.
+
+Fast mode (`LORA_COURSE_FAST=1`, what `pytest` sets) shrinks the *work* a notebook does
+(steps, sweep sizes, model size) but never the claims it asserts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["is_fast_mode", "by_mode", "seed_everything", "get_device"]
+
+
+def is_fast_mode() -> bool:
+    """True when `LORA_COURSE_FAST` is set to 1/true/yes (the test default)."""
+    return os.environ.get("LORA_COURSE_FAST", "0").strip().lower() in {"1", "true", "yes"}
+
+
+def by_mode(fast, full):
+    """Pick the fast-mode or the full-mode value of a setting."""
+    return fast if is_fast_mode() else full
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so a cell reproduces."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """CUDA if present, then Apple MPS, then CPU; `prefer` overrides the choice."""
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
