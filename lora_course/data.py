@@ -1,0 +1,300 @@
+"""The fine-tuning task: API records -> one documentation sentence that mentions every field.
+
+In the spirit of the E2E NLG data-to-text task that the LoRA paper fine-tunes GPT-2 on
+(Novikova et al., 2017; Hu et al., 2021, section 5.4), but generated in code (offline,
+as many examples as you like, scored exactly) and set in the domain the course's small
+model was pretrained on, Python's documentation. A record such as
+
+    name: sorted | kind: function | args: 2 | returns: list | raises: TypeError | version: 3.8
+
+must become
+
+    sorted is a function that takes two arguments and returns list. It raises TypeError
+    on bad input. New in version 3.8.
+
+Most fields are copied, `args` must be put into words (2 -> "two"), and the sentence
+has a fixed shape the model never saw in pretraining. The metric is *slot accuracy*:
+the share of a record's fields whose phrase (`slot_phrases`) appears word for word in
+the generated text. A model pretrained on other text scores near zero; a fine-tuned one
+approaches one.
+
+Splits are disjoint by construction: every possible record is enumerated once, shuffled
+with a fixed seed, and cut into test, validation and training records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "Record",
+    "FIELD_VALUES",
+    "FIELD_NAMES",
+    "TaskSplits",
+    "all_records",
+    "n_records",
+    "record_at",
+    "RecordSet",
+    "make_splits",
+    "format_prompt",
+    "format_target",
+    "slot_phrases",
+    "slots_realized",
+    "slot_accuracy",
+    "exact_match",
+    "encode_example",
+    "collate",
+    "batches",
+    "generate",
+    "evaluate_task",
+]
+
+# Every field's possible values (a closed set each, as in E2E).
+FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "name": (
+        "sorted", "open", "print", "len", "zip", "map", "filter", "range", "round", "format",
+        "split", "join", "append", "update", "insert", "remove", "read", "write", "close",
+        "encode", "decode", "copy", "pop", "clear", "index", "count", "keys", "items",
+        "values", "get", "extend", "reverse", "strip", "replace", "find", "lower",
+    ),
+    "kind": ("function", "method", "coroutine", "generator"),
+    "args": ("0", "1", "2", "3", "4"),
+    "returns": ("list", "str", "int", "tuple", "dict", "bool", "float", "bytes", "None", "iterator"),
+    "raises": ("ValueError", "TypeError", "KeyError", "IndexError", "OSError", "RuntimeError"),
+    "version": ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13"),
+}
+
+ARGS_IN_WORDS = {"0": "no arguments", "1": "one argument", "2": "two arguments", "3": "three arguments", "4": "four arguments"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record describing a (made-up) Python API: six fields, each from a closed set."""
+
+    name: str
+    kind: str
+    args: str
+    returns: str
+    raises: str
+    version: str
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value not in FIELD_VALUES[f.name]:
+                raise ValueError(
+                    f"{f.name}={value!r} is not a value of this task; choose one of {FIELD_VALUES[f.name]}"
+                )
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Record))
+
+
+def format_prompt(record: Record) -> str:
+    """The model's input: the record as `field: value` pairs, then a newline."""
+    return " | ".join(f"{k}: {getattr(record, k)}" for k in FIELD_NAMES) + "\n"
+
+
+def format_target(record: Record) -> str:
+    """The reference sentence (what the loss is computed on), with a leading space."""
+    return (
+        f" {record.name} is a {record.kind} that takes {ARGS_IN_WORDS[record.args]} and returns "
+        f"{record.returns}. It raises {record.raises} on bad input. New in version {record.version}."
+    )
+
+
+def slot_phrases(record: Record) -> dict[str, str]:
+    """The exact phrase that shows each field was rendered, by field."""
+    return {
+        "name": f"{record.name} is a",
+        "kind": f"a {record.kind} that",
+        "args": f"takes {ARGS_IN_WORDS[record.args]}",
+        "returns": f"returns {record.returns}.",
+        "raises": f"raises {record.raises} on",
+        "version": f"New in version {record.version}.",
+    }
+
+
+def slots_realized(text: str, record: Record) -> dict[str, bool]:
+    """For each field: does its exact phrase appear in `text`?"""
+    return {k: phrase in text for k, phrase in slot_phrases(record).items()}
+
+
+def _check_pairs(texts: Sequence[str], records: Sequence[Record]) -> None:
+    if isinstance(texts, str):
+        raise TypeError("pass a list of generated texts, not one string")
+    if len(texts) != len(records):
+        raise ValueError(f"got {len(texts)} texts for {len(records)} records; pass one text per record")
+    if not records:
+        raise ValueError("no records to score; pass at least one")
+
+
+def slot_accuracy(texts: Sequence[str], records: Sequence[Record]) -> float:
+    """Mean over records of the share of fields realised exactly (0 to 1)."""
+    _check_pairs(texts, records)
+    scores = [sum(slots_realized(t, r).values()) / len(FIELD_NAMES) for t, r in zip(texts, records)]
+    return sum(scores) / len(scores)
+
+
+def exact_match(texts: Sequence[str], records: Sequence[Record]) -> float:
+    """Share of texts equal to the reference sentence (stripped of outer whitespace)."""
+    _check_pairs(texts, records)
+    return sum(t.strip() == format_target(r).strip() for t, r in zip(texts, records)) / len(records)
+
+
+def n_records() -> int:
+    """How many different records exist (36*4*5*10*6*6 = 259,200)."""
+    n = 1
+    for k in FIELD_NAMES:
+        n *= len(FIELD_VALUES[k])
+    return n
+
+
+def record_at(index: int) -> Record:
+    """The record with this index (0 <= index < n_records()), read as mixed-radix digits."""
+    if not 0 <= index < n_records():
+        raise IndexError(f"record index {index} out of range [0, {n_records()})")
+    values = []
+    for k in reversed(FIELD_NAMES):
+        index, digit = divmod(index, len(FIELD_VALUES[k]))
+        values.append(FIELD_VALUES[k][digit])
+    return Record(*reversed(values))
+
+
+class RecordSet(Sequence):
+    """A split: a sequence of records stored as indices, decoded on access."""
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = tuple(int(i) for i in indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return RecordSet(self.indices[item])
+        return record_at(self.indices[item])
+
+    def __repr__(self) -> str:
+        return f"RecordSet({len(self)} records)"
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """Disjoint record sets: `train`, `validation`, `test`."""
+
+    train: RecordSet
+    validation: RecordSet
+    test: RecordSet
+
+
+def all_records() -> RecordSet:
+    """Every possible record, in a fixed order."""
+    return RecordSet(range(n_records()))
+
+
+def make_splits(n_validation: int = 256, n_test: int = 256, seed: int = 0) -> TaskSplits:
+    """Shuffle all records with `seed`, cut off test, then validation; the rest trains."""
+    n = n_records()
+    if n_validation < 1 or n_test < 1:
+        raise ValueError(f"n_validation and n_test must be at least 1, got {n_validation} and {n_test}")
+    if n_validation + n_test >= n:
+        raise ValueError(
+            f"n_validation + n_test = {n_validation + n_test} leaves no training records "
+            f"(there are {n}); ask for fewer"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return TaskSplits(
+        train=RecordSet(order[n_test + n_validation :]),
+        validation=RecordSet(order[n_test : n_test + n_validation]),
+        test=RecordSet(order[:n_test]),
+    )
+
+
+def encode_example(tokenizer, record: Record) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for prompt + target + EOS; labels are -100 on the prompt.
+
+    The loss is computed on the target tokens only: the model learns to write the
+    sentence, not to reproduce the record it was given.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (GPT-2: '<|endoftext|>')")
+    prompt_ids = tokenizer(format_prompt(record))["input_ids"]
+    target_ids = tokenizer(format_target(record))["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
+
+
+def collate(tokenizer, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+    if not records:
+        raise ValueError("cannot collate an empty batch")
+    encoded = [encode_example(tokenizer, r) for r in records]
+    length = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(records), length), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(records), length), -100, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(records), length), dtype=torch.long)  # (B, T)
+    for i, (ids, lab) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches(tokenizer, records: Sequence[Record], batch_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled training batches; the same `seed` gives the same batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(records) < batch_size:
+        raise ValueError(f"{len(records)} records cannot fill a batch of {batch_size}; lower batch_size")
+    rng = random.Random(seed)
+    order = list(range(len(records)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate(tokenizer, [records[i] for i in order[start : start + batch_size]])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 40, batch_size: int = 64) -> list[str]:
+    """Greedy decoding of each record's sentence (left-padded batches), EOS stripped."""
+    if not records:
+        return []
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    for start in range(0, len(records), batch_size):
+        prompts = [tokenizer(format_prompt(r))["input_ids"] for r in records[start : start + batch_size]]
+        length = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)  # (B, T), left-padded
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(prompts):
+            input_ids[i, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, length - len(ids) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # (B, T + new)
+        for row in out[:, length:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            texts.append(tokenizer.decode(row))
+    model.train(was_training)
+    return texts
+
+
+def evaluate_task(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 40) -> dict[str, float]:
+    """Greedy-decode every record; return slot accuracy and exact match."""
+    texts = generate(model, tokenizer, records, max_new_tokens=max_new_tokens)
+    return {"slot_accuracy": slot_accuracy(texts, records), "exact_match": exact_match(texts, records)}

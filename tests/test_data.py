@@ -1,0 +1,173 @@
+"""The fine-tuning task: records, splits, formatting, loss masking, metric, decoding."""
+
+import pytest
+import torch
+
+from lora_course import data
+from lora_course.data import (
+    FIELD_NAMES,
+    FIELD_VALUES,
+    Record,
+    batches,
+    collate,
+    encode_example,
+    exact_match,
+    format_prompt,
+    format_target,
+    make_splits,
+    n_records,
+    record_at,
+    slot_accuracy,
+    slot_phrases,
+    slots_realized,
+)
+
+REC = Record(name="sorted", kind="function", args="2", returns="list", raises="TypeError", version="3.8")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer built offline from a few sentences (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [format_prompt(r) + format_target(r) for r in make_splits(8, 8, seed=1).test] * 4
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    return tok
+
+
+def test_record_rejects_unknown_values():
+    with pytest.raises(ValueError, match="kind='lambda'"):
+        Record(name="sorted", kind="lambda", args="2", returns="list", raises="TypeError", version="3.8")
+
+
+def test_record_index_round_trip_covers_every_record():
+    n = n_records()
+    expected = 1
+    for k in FIELD_NAMES:
+        expected *= len(FIELD_VALUES[k])
+    assert n == expected
+    assert record_at(0) == Record(*(FIELD_VALUES[k][0] for k in FIELD_NAMES))
+    assert record_at(n - 1) == Record(*(FIELD_VALUES[k][-1] for k in FIELD_NAMES))
+    # neighbouring indices differ only in the last field
+    assert record_at(1).version == FIELD_VALUES["version"][1] and record_at(1).name == FIELD_VALUES["name"][0]
+    with pytest.raises(IndexError):
+        record_at(n)
+
+
+def test_splits_are_disjoint_and_cover_everything():
+    splits = make_splits(n_validation=100, n_test=50, seed=3)
+    train, val, test = (set(s.indices) for s in (splits.train, splits.validation, splits.test))
+    assert len(val) == 100 and len(test) == 50
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train) + len(val) + len(test) == n_records()
+    # the records themselves, not only their indices, are distinct
+    assert not set(splits.validation) & set(splits.test)
+
+
+def test_splits_depend_on_seed_only():
+    a, b, c = make_splits(seed=0), make_splits(seed=0), make_splits(seed=1)
+    assert a.test.indices == b.test.indices
+    assert a.test.indices != c.test.indices
+
+
+def test_make_splits_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="at least 1"):
+        make_splits(n_validation=0)
+    with pytest.raises(ValueError, match="leaves no training"):
+        make_splits(n_validation=n_records(), n_test=1)
+
+
+def test_reference_sentence_realizes_every_slot():
+    target = format_target(REC)
+    assert target == (
+        " sorted is a function that takes two arguments and returns list."
+        " It raises TypeError on bad input. New in version 3.8."
+    )
+    assert all(slots_realized(target, REC).values())
+    assert slot_accuracy([target], [REC]) == 1.0
+    assert exact_match([target], [REC]) == 1.0
+
+
+def test_metric_counts_each_wrong_slot():
+    target = format_target(REC)
+    wrong_args = target.replace("two arguments", "three arguments")
+    assert slots_realized(wrong_args, REC) == {k: k != "args" for k in FIELD_NAMES}
+    assert slot_accuracy([wrong_args], [REC]) == pytest.approx(5 / 6)
+    assert exact_match([wrong_args], [REC]) == 0.0
+    # copying the prompt back is not the task
+    assert slot_accuracy([format_prompt(REC)], [REC]) == 0.0
+    # a neighbouring version does not count (3.1 is not 3.10)
+    r310 = Record(**{**REC.__dict__, "version": "3.10"})
+    assert not slots_realized(format_target(REC).replace("3.8", "3.1"), r310)["version"]
+    assert slot_accuracy([target, ""], [REC, REC]) == 0.5
+
+
+def test_slot_phrases_are_distinct_across_values():
+    for field in FIELD_NAMES:
+        phrases = {slot_phrases(Record(**{**REC.__dict__, field: v}))[field] for v in FIELD_VALUES[field]}
+        assert len(phrases) == len(FIELD_VALUES[field])
+
+
+def test_metric_rejects_bad_input():
+    with pytest.raises(ValueError, match="one text per record"):
+        slot_accuracy(["a", "b"], [REC])
+    with pytest.raises(TypeError, match="list"):
+        slot_accuracy("sorted is a", [REC])
+    with pytest.raises(ValueError, match="no records"):
+        exact_match([], [])
+
+
+def test_loss_only_on_target_tokens(tokenizer):
+    ids, labels = encode_example(tokenizer, REC)
+    n_prompt = len(tokenizer(format_prompt(REC))["input_ids"])
+    assert len(ids) == len(labels)
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[n_prompt:-1]) == format_target(REC)
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer):
+    recs = [REC, Record(name="zip", kind="generator", args="0", returns="iterator", raises="OSError", version="3.13")]
+    batch = collate(tokenizer, recs)
+    lengths = [len(encode_example(tokenizer, r)[0]) for r in recs]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    with pytest.raises(ValueError, match="empty"):
+        collate(tokenizer, [])
+
+
+def test_batches_are_reproducible(tokenizer):
+    recs = make_splits(8, 8).validation
+    a = next(batches(tokenizer, recs, batch_size=4, seed=0))
+    b = next(batches(tokenizer, recs, batch_size=4, seed=0))
+    c = next(batches(tokenizer, recs, batch_size=4, seed=1))
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+    with pytest.raises(ValueError, match="batch_size"):
+        next(batches(tokenizer, recs, batch_size=0))
+
+
+def test_tokenizer_without_eos_is_refused(tokenizer):
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="eos_token"):
+        encode_example(NoEos(), REC)
+
+
+def test_greedy_generation_batched_equals_one_by_one(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    recs = list(make_splits(8, 8).test[:4])
+    batched = data.generate(model, tokenizer, recs, max_new_tokens=6)
+    single = [data.generate(model, tokenizer, [r], max_new_tokens=6)[0] for r in recs]
+    assert batched == single
+    assert len(batched) == 4 and all(isinstance(t, str) for t in batched)
