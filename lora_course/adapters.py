@@ -1,0 +1,301 @@
+"""Save and load LoRA adapters in Hugging Face PEFT's on-disk format.
+
+A PEFT adapter is a folder with two files:
+
+    adapter_config.json          peft_type "LORA", r, lora_alpha, target_modules, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight  (r, in)
+                                 base_model.model.<module>.lora_B.weight  (out, r)
+
+Only the adapter travels (a few MB), never the base model. `save_adapter` writes what
+`peft.PeftModel.from_pretrained` reads; `load_adapter` reads what PEFT's `save_pretrained`
+writes. Loading checks everything (config, every key, every shape) *before* it touches the
+model, so a bad file raises `AdapterError` and leaves the model exactly as it was.
+
+A `FusedLoRALinear` (q and v of GPT-2's `c_attn`, k untouched) has an exact PEFT twin: one
+LoRA of rank k r on the whole `c_attn`, with A = [A_q; A_v] and B block-diagonal (B_q top
+left, zeros for k, B_v bottom right), and alpha scaled so that alpha / r stays the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fused import FusedLoRALinear
+from .lora import LoRALinear, _adaptable, _is_conv1d, _matches, lora_layers
+
+__all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "adapter_config",
+           "save_adapter", "load_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be saved or loaded; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _peft_rank_alpha(layer: LoRALinear) -> tuple[int, float]:
+    """The (r, lora_alpha) of the PEFT LoRA that computes the same update as `layer`."""
+    if isinstance(layer, FusedLoRALinear):
+        k = sum(layer.enable_lora)
+        alpha = layer.alpha * (math.sqrt(k) if layer.use_rslora else k)  # keeps scaling unchanged
+        return k * layer.r, alpha
+    return layer.r, layer.alpha
+
+
+def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A (r', in), lora_B (out, r')) in PEFT's layout; fused layers become block matrices."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    if isinstance(layer, FusedLoRALinear):
+        r, s = layer.r, layer.slice_size
+        full_B = B.new_zeros(layer.out_features, A.shape[0])  # (out, k r)
+        for j, (i, _, b) in enumerate(layer.slice_pairs()):
+            full_B[i * s:(i + 1) * s, j * r:(j + 1) * r] = b.detach()
+        B = full_B
+    return A.contiguous().clone(), B.contiguous().clone()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA matrix under PEFT's key names, e.g. `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("this model has no LoRA layers to save; call add_lora(model, ...) first")
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise AdapterError(f"{merged[0]} is merged into its base weight; unmerge() it before saving the adapter")
+    state = {}
+    for name, layer in layers.items():
+        A, B = _peft_tensors(layer)
+        state[f"{_PREFIX}{name}.lora_A.weight"] = A.cpu()
+        state[f"{_PREFIX}{name}.lora_B.weight"] = B.cpu()
+    return state
+
+
+def _target_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
+    """Short names (`c_attn`) when they pick exactly the adapted layers, else full names."""
+    inside = tuple(f"{n}." for n in layers)
+    candidates = [n for n, m in model.named_modules() if n and not n.startswith(inside)
+                  and (_adaptable(m) or isinstance(m, LoRALinear))]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    if {n for n in candidates if _matches(n, leaves)} == set(layers):
+        return leaves
+    return sorted(layers)
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
+                   task_type: str | None = "auto") -> dict:
+    """The `adapter_config.json` content PEFT needs to rebuild this model's adapter."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("this model has no LoRA layers to save; call add_lora(model, ...) first")
+    rank_alpha = {n: _peft_rank_alpha(layer) for n, layer in layers.items()}
+    r, alpha = Counter(rank_alpha.values()).most_common(1)[0][0]
+    rslora = {layer.use_rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise AdapterError("some layers use rsLoRA and some do not; PEFT's config holds one use_rslora for all")
+    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0 for layer in layers.values()}
+    if task_type == "auto":
+        cls = type(model).__name__
+        task_type = "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None
+    config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or getattr(config, "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_names(model, layers),
+        "lora_dropout": max(dropouts),
+        "fan_in_fan_out": all(_is_conv1d(layer.base_layer) for layer in layers.values()),
+        "bias": "none",
+        "use_rslora": rslora.pop(),
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "rank_pattern": {n: ra[0] for n, ra in rank_alpha.items() if ra[0] != r},
+        "alpha_pattern": {n: ra[1] for n, ra in rank_alpha.items() if ra[1] != alpha},
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None) -> Path:
+    """Write `path/adapter_config.json` and `path/adapter_model.safetensors`; returns the folder."""
+    from safetensors.torch import save_file
+
+    state = adapter_state_dict(model)
+    config = adapter_config(model, base_model_name_or_path)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not a folder; an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not file.is_file():
+        raise AdapterError(f"{file} is missing; save the adapter with save_adapter() or PEFT's save_pretrained()")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{file} is not valid JSON ({err}); the file is corrupt, save the adapter again") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterError(f"{file} is not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{file} lacks {key!r}; it is not a complete PEFT LoRA config")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "bias": config.get("bias", "none") != "none",
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "layers_to_transform": config.get("layers_to_transform") is not None,
+        "lora_bias": bool(config.get("lora_bias")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise AdapterError(f"this adapter uses {bad}, which lora_course does not implement; load it with PEFT instead")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        hint = " (a .bin adapter? re-save it with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{file} is missing{hint}")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for truncated/garbled files
+        raise AdapterError(f"{file} could not be read as safetensors ({type(err).__name__}: {err}); "
+                           "the file is corrupt or truncated, save the adapter again") from None
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern/alpha_pattern: a key matches a module name or its dotted suffix (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model` (in place) and return it.
+
+    A model without LoRA gets `LoRALinear` layers where the config's `target_modules`
+    point. A model that already carries LoRA layers (e.g. `add_fused_lora`) must have
+    exactly the adapter's layers, with matching rank and scaling; a fused layer accepts a
+    PEFT adapter only if that adapter leaves the disabled slices (k) exactly zero.
+    Everything is checked first: on any error the model is unchanged.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    weights = _read_weights(path)
+    r0, alpha0 = config["r"], config["lora_alpha"]
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    existing = lora_layers(model)
+    if existing:
+        targets = dict(existing)
+    else:
+        tm = config["target_modules"]
+        tm = tm if isinstance(tm, str) else list(tm)
+        targets = {n: m for n, m in model.named_modules() if n and _adaptable(m) and _matches(n, tm)}
+        if not targets:
+            raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
+                               f"{type(model).__name__}; this adapter was made for another architecture")
+
+    plan = []  # (name, module, A (r, in), B (out, r), r, alpha): nothing is changed until all pass
+    expected = set()
+    for name, module in targets.items():
+        r = _pattern_value(config.get("rank_pattern") or {}, name, r0)
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha0)
+        key_a, key_b = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+        expected |= {key_a, key_b}
+        for key in (key_a, key_b):
+            if key not in weights:
+                raise AdapterError(f"the adapter has no {key!r}: it was saved for a different model or target_modules "
+                                   f"({len(weights)} tensors in the file)")
+        A, B = weights[key_a], weights[key_b]
+        if isinstance(module, LoRALinear):
+            in_f, out_f = module.in_features, module.out_features
+        else:
+            in_f, out_f = _shape_of(module)
+        if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+            raise AdapterError(
+                f"{name}: adapter holds lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this model's layer "
+                f"needs ({r}, {in_f}) and ({out_f}, {r}) for r={r}: the adapter belongs to a model of another shape"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
+        if isinstance(module, LoRALinear):
+            A, B = _into_existing(name, module, A, B, r, alpha, rslora)
+        plan.append((name, module, A, B, r, alpha))
+    unexpected = sorted(set(weights) - expected)
+    if unexpected:
+        raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
+                           f"e.g. {unexpected[0]!r}; it was saved for a different model or target_modules")
+
+    # Every check passed: now change the model.
+    if not existing:
+        model.requires_grad_(False)
+    for name, module, A, B, r, alpha in plan:
+        if not isinstance(module, LoRALinear):
+            layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.to(module.weight.device))
+            module = layer
+        with torch.no_grad():
+            module.lora_A.copy_(A)
+            module.lora_B.copy_(B)
+    return model
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_f, out_f = module.weight.shape  # Conv1D: (in, out)
+    return in_f, out_f
+
+
+def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):
+    """Check a PEFT (A, B) against a LoRA layer already in the model; return tensors in its layout."""
+    want_r, _ = _peft_rank_alpha(layer)
+    if r != want_r or not math.isclose(_scaling(r, alpha, rslora), layer.scaling, rel_tol=1e-6):
+        raise AdapterError(f"{name}: adapter r={r}, lora_alpha={alpha} (scaling {_scaling(r, alpha, rslora):g}) but "
+                           f"the model's layer has r={want_r}, scaling {layer.scaling:g}; rebuild the layer to match")
+    if not isinstance(layer, FusedLoRALinear):
+        return A, B
+    # PEFT's single (out, k r) B must be our block structure: zero outside the enabled slices' blocks.
+    s, lr = layer.slice_size, layer.r
+    expected_zero = torch.ones_like(B, dtype=torch.bool)
+    blocks = []
+    for j, i in enumerate(layer.enabled_slices):
+        expected_zero[i * s:(i + 1) * s, j * lr:(j + 1) * lr] = False
+        blocks.append(B[i * s:(i + 1) * s, j * lr:(j + 1) * lr])
+    if (B[expected_zero] != 0).any():
+        raise AdapterError(
+            f"{name}: this adapter changes slices {layer.enable_lora} disables (e.g. k), or mixes the slices' ranks; "
+            "a fused q,v layer cannot hold it. Load it into a model without LoRA (plain add_lora on the whole layer)"
+        )
+    return A, torch.cat(blocks, dim=0)  # (k r, in), (k out/n, r)

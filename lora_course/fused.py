@@ -1,0 +1,127 @@
+"""LoRA on chosen slices of a fused projection: q and v of GPT-2's `c_attn`, k untouched.
+
+GPT-2 computes q, k and v with one layer, `c_attn` (d -> 3 d). LLaMA has separate
+`q_proj`, `k_proj`, `v_proj`, and the LoRA paper adapts only Wq and Wv. The original
+LoRA code (loralib's `MergedLinear`, `enable_lora=[True, False, True]`) gives each enabled
+slice its own pair: slice i gets dW_i = (alpha / r) B_i A_i with A_i: (r, in) and
+B_i: (out / n, r), and the disabled slices get nothing at all, so the update to k is
+exactly zero (not merely small) by construction, and the parameter count equals that of
+separate q_proj and v_proj adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoRALinear, _adaptable, _matches, _no_match_error
+
+__all__ = ["FusedLoRALinear", "add_fused_lora"]
+
+
+class FusedLoRALinear(LoRALinear):
+    """A `LoRALinear` whose update touches only the enabled equal slices of the output.
+
+    `enable_lora=(True, False, True)` on GPT-2's `c_attn` adapts q and v, not k.
+    Parameters, as in loralib: `lora_A` stacks the enabled slices' A_i, shape (k r, in);
+    `lora_B` stacks their B_i, shape (k out/n, r), where k = number of enabled slices.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, bias: bool = True, use_rslora: bool = False, *,
+                 enable_lora: Sequence[bool] = (True, False, True), base_layer: nn.Module | None = None):
+        enable_lora = tuple(bool(e) for e in enable_lora)
+        if not enable_lora or not any(enable_lora):
+            raise ValueError(f"enable_lora={enable_lora!r} enables no slice; e.g. (True, False, True) adapts q and v")
+        if out_features % len(enable_lora):
+            raise ValueError(
+                f"out_features={out_features} does not split into {len(enable_lora)} equal slices; "
+                "enable_lora needs one flag per equal slice (3 for q, k, v)"
+            )
+        self.enable_lora = enable_lora
+        self.slice_size = out_features // len(enable_lora)
+        super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=bias,
+                         use_rslora=use_rslora, base_layer=base_layer)
+        k = sum(enable_lora)
+        self.lora_A = nn.Parameter(torch.empty(k * r, in_features, device=self.lora_A.device))  # (k r, in)
+        self.lora_B = nn.Parameter(torch.empty(k * self.slice_size, r, device=self.lora_B.device))  # (k out/n, r)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    use_rslora: bool = False, enable_lora: Sequence[bool] = (True, False, True)) -> "FusedLoRALinear":
+        plain = LoRALinear.from_linear(layer, r=r, alpha=alpha)  # validates the layer type
+        return cls(plain.in_features, plain.out_features, r=r, alpha=alpha, dropout=dropout,
+                   use_rslora=use_rslora, enable_lora=enable_lora, base_layer=layer)
+
+    def reset_lora_parameters(self) -> None:
+        # Each A_i as LoRALinear initialises A; every B_i = 0.
+        for a in self.lora_A.detach().split(self.r):
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def enabled_slices(self) -> list[int]:
+        return [i for i, e in enumerate(self.enable_lora) if e]
+
+    def slice_pairs(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(slice index, A_i (r, in), B_i (out/n, r)) for every enabled slice."""
+        A = self.lora_A.split(self.r)
+        B = self.lora_B.split(self.slice_size)
+        return list(zip(self.enabled_slices, A, B))
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW, shape (out, in): scaling * B_i A_i on enabled slices, exact zeros elsewhere."""
+        delta = self.lora_A.new_zeros(self.out_features, self.in_features)  # (out, in)
+        for i, a, b in self.slice_pairs():
+            rows = slice(i * self.slice_size, (i + 1) * self.slice_size)
+            delta[rows] = (b @ a) * self.scaling  # (out/n, r) @ (r, in)
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        result = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return result
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., k r)
+        parts = [result.new_zeros(*result.shape[:-1], self.slice_size) for _ in self.enable_lora]
+        for j, (i, _, b) in enumerate(self.slice_pairs()):
+            parts[i] = F.linear(h[..., j * self.r:(j + 1) * self.r], b) * self.scaling  # (..., out/n)
+        return result + torch.cat(parts, dim=-1)  # disabled slices add exact zeros
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", enable_lora={list(self.enable_lora)}"
+
+
+def add_fused_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = ("c_attn",),
+    enable_lora: Sequence[bool] = (True, False, True),
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Like `add_lora`, but each target gets a `FusedLoRALinear` adapting only the enabled slices."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty; name the fused layer, e.g. ['c_attn'] for GPT-2")
+    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    if not matched:
+        raise _no_match_error(model, target_modules)
+    for name, module in matched:
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already carries LoRA; call merge_lora(model) before adding another")
+        if not _adaptable(module):
+            raise TypeError(f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D")
+    model.requires_grad_(False)
+    for name, module in matched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
+                                           use_rslora=use_rslora, enable_lora=enable_lora)
+        setattr(parent, child, lora.to(module.weight.device))
+    return model

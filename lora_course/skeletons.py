@@ -1,0 +1,68 @@
+"""Model skeletons on the meta device: real module structure and shapes, no bytes of weights.
+
+`torch.device("meta")` makes every tensor a shape without storage, so a 7-billion-parameter
+LLaMA builds in a second and `count_parameters` counts it exactly. Nothing is downloaded:
+each model is built from a transformers config object.
+
+Configs: LLaMA-7B is transformers' default `LlamaConfig()` (Touvron et al., 2023,
+arXiv:2302.13971); GPT-2 sizes are those of Radford et al. (2019) as published with the
+Hugging Face checkpoints; the GPT-3 175B shape is Brown et al. (2020), arXiv:2005.14165,
+Table 2.1 (96 layers, d_model 12288, 96 heads, context 2048), built as a GPT-2 stack.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["GPT2_SIZES", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "meta_model", "meta_gpt2", "meta_llama_7b"]
+
+# name: (n_layer, n_embd, n_head)
+GPT2_SIZES = {
+    "small": (12, 768, 12),
+    "medium": (24, 1024, 16),
+    "large": (36, 1280, 20),
+    "xl": (48, 1600, 25),
+}
+
+
+def gpt2_config(size: str = "small", **overrides):
+    """The `GPT2Config` of a published GPT-2 size (`small`, `medium`, `large`, `xl`)."""
+    from transformers import GPT2Config
+
+    if size not in GPT2_SIZES:
+        raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {list(GPT2_SIZES)}")
+    n_layer, n_embd, n_head = GPT2_SIZES[size]
+    return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **overrides)
+
+
+def gpt3_175b_config():
+    """GPT-3 175B's shape as a `GPT2Config` (same block design: pre-LN, fused q,k,v, 4 d MLP)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=96, n_embd=12288, n_head=96, n_positions=2048)
+
+
+def llama_7b_config():
+    """transformers' default `LlamaConfig()`: LLaMA-7B (32 layers, d 4096, MLP 11008, vocab 32000)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig()
+
+
+def meta_model(config) -> nn.Module:
+    """Build the causal-LM model of `config` on the meta device (shapes only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def meta_gpt2(size: str = "small") -> nn.Module:
+    """A GPT-2 of a published size on the meta device."""
+    return meta_model(gpt2_config(size))
+
+
+def meta_llama_7b() -> nn.Module:
+    """LLaMA-7B on the meta device: 6,738,415,616 parameters, zero bytes."""
+    return meta_model(llama_7b_config())
