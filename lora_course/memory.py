@@ -37,6 +37,8 @@ __all__ = [
     "gpt2_training_budget",
     "peak_memory",
     "format_bytes",
+    "lora_trainable_params",
+    "compare_budgets",
 ]
 
 # Bytes per element of the precisions a learner meets.
@@ -143,6 +145,36 @@ def training_budget(
         master_weights=master,
         activations=int(activations),
     )
+
+
+def lora_trainable_params(d_model: int, n_layers: int, r: int, n_targets: int = 2) -> int:
+    """LoRA parameters for `n_targets` square d x d projections per layer (q, v: 2): r (d + d) each."""
+    for name, v in {"d_model": d_model, "n_layers": n_layers, "r": r, "n_targets": n_targets}.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return n_layers * n_targets * r * (d_model + d_model)
+
+
+def compare_budgets(
+    n_params: int,
+    d_model: int,
+    n_layers: int,
+    r: int = 8,
+    n_targets: int = 2,
+    precision="fp16",
+    optimizer: str = "adamw",
+    master_weights: bool = False,
+) -> dict:
+    """Full fine-tuning vs LoRA budgets for one model (activations left out: they depend on the batch).
+
+    Returns {"full": MemoryBudget, "lora": MemoryBudget, "trainable": LoRA parameter count,
+    "saving": full.total / lora.total}. The memory widget draws these; tests call it directly.
+    """
+    trainable = lora_trainable_params(d_model, n_layers, r, n_targets)
+    full = training_budget(n_params, precision=precision, optimizer=optimizer, master_weights=master_weights)
+    lora = training_budget(n_params + trainable, trainable, precision=precision, optimizer=optimizer,
+                           master_weights=master_weights)
+    return {"full": full, "lora": lora, "trainable": trainable, "saving": full.total / lora.total}
 
 
 # --------------------------------------------------------------------------- activations

@@ -33,7 +33,7 @@ def gpt2_config(size: str = "small", **overrides):
     if size not in GPT2_SIZES:
         raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {list(GPT2_SIZES)}")
     n_layer, n_embd, n_head = GPT2_SIZES[size]
-    return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **overrides)
+    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, **overrides})
 
 
 def gpt3_175b_config():

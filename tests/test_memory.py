@@ -1,0 +1,134 @@
+"""memory.py: the calculator's arithmetic, peak_memory's measurement, and the two against each other."""
+
+import pytest
+import torch
+
+from lora_course.memory import (
+    MemoryBudget,
+    compare_budgets,
+    dtype_bytes,
+    format_bytes,
+    gpt2_activation_bytes,
+    gpt2_training_budget,
+    lora_trainable_params,
+    peak_memory,
+    training_budget,
+)
+
+LLAMA_7B = 6_738_415_616
+
+
+def test_card_budget_for_7b():
+    b = training_budget(7_000_000_000, precision="fp16", optimizer="adamw")
+    assert (b.weights, b.gradients, b.optimizer) == (14e9, 14e9, 56e9)
+    assert b.total == 84e9
+    assert b.optimizer / 7e9 == 8  # two fp32 moments per parameter
+
+
+def test_exact_llama_and_master_weights():
+    b = training_budget(LLAMA_7B)
+    assert b.total == 12 * LLAMA_7B
+    m = training_budget(LLAMA_7B, master_weights=True)
+    assert m.master_weights == 4 * LLAMA_7B and m.total == 16 * LLAMA_7B
+    # fp32 training has no separate master copy.
+    assert training_budget(LLAMA_7B, precision="fp32", master_weights=True).master_weights == 0
+
+
+def test_optimizers_and_precisions():
+    assert training_budget(10, precision="fp32", optimizer="sgd").total == 10 * 4 * 2
+    assert training_budget(10, precision="bf16", optimizer="sgd_momentum").optimizer == 10 * 4
+    assert training_budget(10, precision=torch.float16).weights == 20
+    assert dtype_bytes(torch.bfloat16) == 2 and dtype_bytes("fp32") == 4
+
+
+def test_lora_budget_keeps_weights_drops_the_rest():
+    c = compare_budgets(LLAMA_7B, 4096, 32, r=8, n_targets=2)
+    assert c["trainable"] == 4_194_304
+    assert c["lora"].weights == 2 * (LLAMA_7B + 4_194_304)
+    assert c["lora"].gradients + c["lora"].optimizer == 10 * 4_194_304
+    assert 5.5 < c["saving"] < 6.5
+    # More rank or targets: more trainable, never more than full fine-tuning.
+    assert compare_budgets(LLAMA_7B, 4096, 32, r=64, n_targets=4)["trainable"] == 16 * c["trainable"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="precision"):
+        training_budget(10, precision="int3")
+    with pytest.raises(ValueError, match="optimizer"):
+        training_budget(10, optimizer="lion")
+    with pytest.raises(ValueError, match="n_trainable"):
+        training_budget(10, 11)
+    with pytest.raises(ValueError, match="r must be"):
+        lora_trainable_params(64, 2, 0)
+    with pytest.raises(ValueError, match="unknown GPT-2 target"):
+        gpt2_activation_bytes(tiny_config(), 1, 4, lora_targets=["q_proj"])
+    with pytest.raises(ValueError, match="cpu"):
+        peak_memory(lambda: None, device="mps")
+    with pytest.raises(ValueError, match="unit"):
+        format_bytes(1, "TB")
+
+
+def test_budget_parts_and_summary():
+    b = MemoryBudget(weights=2_000_000_000, gradients=0, optimizer=1_000_000_000)
+    assert b.parts() == {"weights": 2_000_000_000, "optimizer": 1_000_000_000}
+    assert b.summary() == "weights 2.0 + optimizer 1.0 = 3.0 GB"
+
+
+def test_peak_memory_counts_temporaries_not_what_existed():
+    existing = torch.ones(1_000_000)  # 4 MB allocated before: not counted
+
+    def fn():
+        a = torch.ones(1_000_000)  # +4 MB
+        b = torch.ones(2_000_000)  # +8 MB: peak 12 MB here
+        del a, b
+        return existing.sum() + torch.ones(500_000).sum()
+
+    result, peak = peak_memory(fn, device="cpu")
+    assert result.item() == 1_500_000
+    assert 12_000_000 <= peak < 12_100_000
+
+
+def test_peak_memory_propagates_errors():
+    with pytest.raises(RuntimeError, match="boom"):
+        peak_memory(lambda: (_ for _ in ()).throw(RuntimeError("boom")), device="cpu")
+
+
+def tiny_config():
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=2048, n_positions=64,
+                                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_prediction_within_15_percent_of_measured(lora):
+    from transformers import GPT2LMHeadModel
+
+    from lora_course.lora import add_lora
+
+    batch, seq = 4, 32
+
+    def train():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(tiny_config())
+        if lora:
+            add_lora(model, ["c_attn"], r=8, alpha=16)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x = torch.randint(0, 2048, (batch, seq))
+        for _ in range(3):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model
+
+    model, measured = peak_memory(train, device="cpu")
+    predicted = gpt2_training_budget(model, batch, seq).peak
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_activation_estimate_lora_saves_less():
+    cfg = tiny_config()
+    full = gpt2_activation_bytes(cfg, 4, 32)
+    lora = gpt2_activation_bytes(cfg, 4, 32, lora_targets=["c_attn"], lora_r=8)
+    per_block_diff = (30 * 128) - (25 * 128 + 8)
+    assert full - lora == 4 * 4 * 32 * 2 * per_block_diff
