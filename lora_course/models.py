@@ -1,0 +1,231 @@
+"""Loading GPT-2, with an offline fallback to the small GPT-2 that ships in the package.
+
+`load_model("gpt2")` loads real GPT-2 (124M) through `transformers`, from the learner's
+Hugging Face cache or, when downloads are allowed, from the Hub at a pinned commit.
+Where those weights cannot be had (offline with no cache, no network, or fast mode), it
+loads `tiny-gpt2`, a 1.35M-parameter GPT-2 pretrained by `scripts/pretrain_tiny_gpt2.py`
+on Python's own documentation and shipped in `lora_course/assets/tiny-gpt2/` in
+transformers' format. Both go through the *same* code path, `_from_pretrained`:
+`AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained`, so everything
+downstream (LoRA on `c_attn`, training, generation) is identical. The function prints
+one line saying which model it loaded and why, and returns the same facts as `ModelInfo`.
+
+    model, tokenizer, info = load_model("gpt2")
+    print(info.name, info.fallback_reason)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .runtime import get_device, is_fast_mode
+
+__all__ = [
+    "GPT2_REVISIONS",
+    "SHIPPED_MODEL_NAME",
+    "SHIPPED_MODEL_SHA256",
+    "ModelInfo",
+    "load_model",
+    "shipped_model_path",
+    "shipped_heldout_text",
+    "sha256_of",
+]
+
+# Hub ids of the models `load_model` accepts by name, with the commit each is pinned to.
+# gpt2: the `main` commit of openai-community/gpt2 (weights unchanged since 2019's
+# release; the same sha appears in many public projects that pin it). gpt2-medium is
+# not pinned (None = the repo's `main`): we could not verify its sha offline.
+GPT2_REVISIONS: dict[str, str | None] = {
+    "openai-community/gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+    "openai-community/gpt2-medium": None,
+}
+_ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+}
+SHIPPED_MODEL_NAME = "tiny-gpt2"
+# sha256 of lora_course/assets/tiny-gpt2/model.safetensors, as recorded in its README.md.
+SHIPPED_MODEL_SHA256 = "TO_BE_FILLED"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `load_model` loaded, from where, and why."""
+
+    requested: str  # the name or path the caller asked for
+    name: str  # what was loaded: a hub id, "tiny-gpt2", or a local path
+    source: str  # "hub-cache", "hub-download", "local", or "shipped"
+    path: str  # what `from_pretrained` was called with
+    revision: str | None  # pinned hub commit, None for local/shipped models
+    fallback_reason: str | None  # why the shipped model was used instead; None if not
+    n_params: int
+    device: str
+    load_seconds: float
+
+    @property
+    def is_fallback(self) -> bool:
+        """True when the caller asked for another model and got the shipped one."""
+        return self.fallback_reason is not None
+
+    @property
+    def is_shipped(self) -> bool:
+        return self.source == "shipped"
+
+    def summary(self) -> str:
+        """One plain sentence: which model, how big, and why."""
+        what = f"{self.name} ({self.n_params / 1e6:.2f}M parameters, {self.source}"
+        what += f" @ {self.revision[:12]})" if self.revision else ")"
+        if self.fallback_reason:
+            return f"Loaded {what} instead of {self.requested}: {self.fallback_reason}"
+        return f"Loaded {what}."
+
+
+def shipped_model_path() -> Path:
+    """Directory of the small GPT-2 that ships with the package (transformers format)."""
+    return Path(str(resources.files("lora_course") / "assets" / SHIPPED_MODEL_NAME))
+
+
+def shipped_heldout_text() -> str:
+    """Validation documents the shipped model never trained on (about 40K chars of
+    Python documentation); use it to measure language-modelling loss or forgetting."""
+    return (shipped_model_path() / "heldout.txt").read_text(encoding="utf-8")
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face libraries are told not to touch the network."""
+    truthy = {"1", "true", "yes", "on"}
+    return any(os.environ.get(v, "").strip().lower() in truthy
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _from_pretrained(path: str, *, revision: str | None = None, local_files_only: bool = False,
+                     cache_dir: str | os.PathLike | None = None):
+    """The one loading path for every model: hub ids, local directories, the shipped one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def _resolve(name: str) -> tuple[str, str]:
+    """('hub', repo_id), ('local', path) or ('shipped', path); clear error otherwise."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load_model(name=...) takes a model name or a directory, got {type(name).__name__}")
+    text = os.fspath(name)
+    if text in (SHIPPED_MODEL_NAME, "shipped"):
+        return "shipped", str(shipped_model_path())
+    repo = _ALIASES.get(text, text)
+    if repo in GPT2_REVISIONS:
+        return "hub", repo
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a directory but has no config.json; point load_model at a "
+                             "folder written by `model.save_pretrained(...)` (config.json + weights + tokenizer).")
+        return "local", str(path)
+    known = ", ".join(repr(k) for k in [*_ALIASES, *GPT2_REVISIONS, SHIPPED_MODEL_NAME])
+    raise ValueError(f"Unknown model {text!r}: use one of {known}, or the path of a local directory "
+                     "saved with save_pretrained (no such directory exists).")
+
+
+def _short(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:200]
+
+
+def load_model(name: str = "gpt2", *, revision: str | None = None, device: str | torch.device | None = None,
+               fast: bool | None = None, allow_download: bool | None = None,
+               cache_dir: str | os.PathLike | None = None, verbose: bool = True):
+    """Load a GPT-2 and its tokenizer; fall back to the shipped tiny-gpt2 when it can't be had.
+
+    Args:
+        name: "gpt2" (124M), "gpt2-medium", their "openai-community/..." ids, "tiny-gpt2"
+            (the shipped model), or a local directory written by `save_pretrained`.
+        revision: hub commit to load; defaults to the pinned one in `GPT2_REVISIONS`.
+        device: where to put the model; default CUDA, then Apple MPS, then CPU.
+        fast: use the shipped model instead of a hub model (default: `is_fast_mode()`);
+            a local directory or "tiny-gpt2" is loaded as asked in either mode.
+        allow_download: may the Hub be contacted when the model is not in the local cache?
+            Default: yes, unless `HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE` is set. With it off,
+            only the cache is read, so a miss falls back at once (no retries or timeouts).
+        cache_dir: Hugging Face cache to read (default: the usual `~/.cache/huggingface/hub`).
+        verbose: print the one-line summary of what was loaded and why.
+
+    Returns:
+        (model, tokenizer, info): a `GPT2LMHeadModel` in eval mode on `device`, its
+        tokenizer with `pad_token` set to `eos_token` when it had none (GPT-2 has none),
+        and a `ModelInfo`.
+    """
+    kind, target = _resolve(name)
+    fast = is_fast_mode() if fast is None else fast
+    if allow_download is None:
+        allow_download = not _hub_offline()
+    device = get_device() if device is None else torch.device(device)
+
+    t0 = time.perf_counter()
+    loaded, reason, rev = None, None, None
+    if kind == "hub":
+        rev = revision if revision is not None else GPT2_REVISIONS[target]
+        if fast:
+            reason = "fast mode is on (LORA_COURSE_FAST=1), which uses the small shipped model"
+        else:
+            tries = [(target, True)] + ([(target, False)] if allow_download else [])
+            errors = []
+            for path, local_only in tries:
+                try:
+                    loaded = _from_pretrained(path, revision=rev, local_files_only=local_only,
+                                              cache_dir=cache_dir)
+                    source = "hub-cache" if local_only else "hub-download"
+                    break
+                except (OSError, ValueError) as err:  # not cached / no network / bad revision
+                    errors.append(_short(err))
+            if loaded is None:
+                why = "not in the local Hugging Face cache"
+                why += (" and the download failed" if allow_download
+                        else " and downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)")
+                reason = f"{target}@{(rev or 'main')[:12]} is {why} [{errors[-1]}]"
+        if loaded is None:  # fall back to the shipped model, through the same path
+            kind, target, rev = "shipped", str(shipped_model_path()), None
+    if loaded is None:
+        loaded = _from_pretrained(target, local_files_only=True)
+        source = kind
+    model, tokenizer = loaded
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).eval()
+
+    info = ModelInfo(
+        requested=os.fspath(name),
+        name=SHIPPED_MODEL_NAME if source == "shipped" else target,
+        source=source,
+        path=target,
+        revision=rev,
+        fallback_reason=reason,
+        n_params=sum(p.numel() for p in model.parameters()),
+        device=str(device),
+        load_seconds=round(time.perf_counter() - t0, 2),
+    )
+    if verbose:
+        print(info.summary())
+    return model, tokenizer, info
