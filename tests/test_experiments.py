@@ -1,0 +1,164 @@
+"""Tests for lora_course.experiments: the controlled rank / alpha experiments of notebook 04."""
+
+import math
+
+import pytest
+import torch
+
+from lora_course.experiments import (
+    eckart_young_floor,
+    loglog_slope,
+    make_low_rank_target,
+    make_regression_task,
+    rank_sweep,
+    scaling_sweep,
+    train_lora,
+)
+from lora_course.lowrank import best_rank_r, singular_values
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_low_rank_target(32, 48, k=6, seed=1)  # out=32, in=48: not square on purpose
+
+
+def test_target_has_the_asked_shape_rank_and_spectrum(target):
+    assert target.W0.shape == target.delta.shape == (32, 48)
+    assert target.k == 6
+    S = singular_values(target.delta)
+    assert torch.allclose(S[:6], target.singular_values, atol=1e-5)
+    assert S[6:].abs().max() < 1e-5  # rank exactly k
+    custom = make_low_rank_target(8, 8, k=3, singular_values=[3.0, 2.0, 1.0])
+    assert torch.allclose(singular_values(custom.delta)[:3], torch.tensor([3.0, 2.0, 1.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(out_features=8, in_features=8, k=9), "exceeds"),
+        (dict(k=3, singular_values=[1.0, 2.0, 3.0]), "sorted descending"),
+        (dict(k=3, singular_values=[3.0, 2.0]), "give k=3"),
+        (dict(k=2, singular_values=[1.0, 0.0]), "positive"),
+        (dict(k=0), "positive int"),
+    ],
+)
+def test_bad_targets_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_low_rank_target(**kwargs)
+
+
+def test_floor_is_the_error_of_the_best_rank_r_matrix(target):
+    for r in range(0, target.k + 3):
+        best = best_rank_r(target.delta, min(r, 32))
+        assert eckart_young_floor(target, r) == pytest.approx(torch.linalg.matrix_norm(target.delta - best).item(), abs=1e-4)
+    assert eckart_young_floor(target, target.k) == 0.0
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_rank_below_k_converges_to_the_eckart_young_floor(target, r):
+    run = train_lora(target, r, lr=3e-2, steps=300)
+    assert run.floor > 0
+    assert run.floor * (1 - 1e-4) <= run.final_error <= 1.05 * run.floor  # reaches it, never beats it
+    # The best rank-r update is the top-r SVD of the target: the learned spectrum is its top r.
+    assert torch.allclose(run.delta_singular_values, target.singular_values[:r], rtol=2e-2)
+
+
+@pytest.mark.parametrize("r", [6, 12])
+def test_rank_at_least_k_recovers_the_target(target, r):
+    run = train_lora(target, r, lr=3e-2, steps=300)
+    assert run.floor == 0.0
+    assert run.relative_error < 1e-2
+    assert torch.allclose(run.delta_singular_values[: target.k], target.singular_values, rtol=1e-2)
+    extra = run.delta_singular_values[target.k:]  # the ranks the target does not need
+    assert extra.numel() == 0 or extra.max() < 1e-2
+
+
+def test_run_records_curves_counts_and_optimizer_memory(target):
+    run = train_lora(target, 4, alpha=8, lr=1e-2, steps=20)
+    assert len(run.losses) == 20 and len(run.errors) == len(run.update_norms) == 21
+    assert run.update_norms[0] == 0.0  # B = 0: the adapted layer starts as the pretrained one
+    assert run.scaling == pytest.approx(8 / 4)
+    assert run.trainable_params == 4 * (32 + 48)
+    other = train_lora(target, 8, alpha=8, lr=1e-2, steps=20)
+    # Adam keeps two float32 moments per trainable number (plus a step counter per tensor).
+    per_param = (other.optimizer_state_bytes - run.optimizer_state_bytes) / (other.trainable_params - run.trainable_params)
+    assert per_param == 8
+    assert train_lora(target, 4, lr=1e-2, steps=5, optimizer="sgd").optimizer_state_bytes == 0
+
+
+def test_step_one_update_scales_with_the_scaling_exactly(target):
+    """Adam's first step is the sign of the gradient, so ||dW_1|| is proportional to the scaling;
+    plain SGD's is proportional to scaling squared. rsLoRA / LoRA at the same r: sqrt(r) and r."""
+    for r in (2, 4, 16):
+        for optimizer, lr, power in (("adam", 1e-3, 1), ("sgd", 0.5, 2)):
+            plain = train_lora(target, r, 8, lr, 1, optimizer=optimizer, schedule="constant")
+            rs = train_lora(target, r, 8, lr, 1, optimizer=optimizer, schedule="constant", use_rslora=True)
+            assert plain.scaling == pytest.approx(8 / r) and rs.scaling == pytest.approx(8 / math.sqrt(r))
+            ratio = rs.update_norms[1] / plain.update_norms[1]
+            assert ratio == pytest.approx(math.sqrt(r) ** power, rel=1e-3)
+
+
+def test_alpha_over_r_shrinks_early_updates_and_rslora_does_not(target):
+    ranks = [1, 4, 16]
+    sweep = scaling_sweep(target, ranks, alpha=8, lr=1e-3, steps=10)
+    plain = [run.update_norms[-1] for run in sweep["alpha/r"]]
+    rs = [run.update_norms[-1] for run in sweep["alpha/sqrt(r)"]]
+    assert plain[0] > plain[1] > plain[2]
+    assert rs[0] < rs[1] < rs[2]
+    assert loglog_slope(ranks, rs) - loglog_slope(ranks, plain) == pytest.approx(0.5, abs=0.05)
+
+
+def test_loraplus_gives_B_its_own_learning_rate(target):
+    plain = train_lora(target, 4, lr=1e-3, steps=30)
+    plus = train_lora(target, 4, lr=1e-3, steps=30, lr_B=16e-3)
+    assert plus.lr_B == 16e-3 and plain.lr_B == plain.lr == 1e-3
+    assert plus.final_error < plain.final_error  # at a small rate, a faster B learns faster
+
+
+def test_regression_loss_is_noise_plus_matrix_loss(target):
+    task = make_regression_task(target, n_train=2048, n_test=4096, noise_std=0.5)
+    assert task.X_train.shape == (2048, 48) and task.Y_test.shape == (4096, 32)
+    run = train_lora(target, 2, lr=3e-2, steps=200, task=task)
+    predicted = 0.25 + run.final_error ** 2 / target.out_features
+    assert run.test_loss == pytest.approx(predicted, rel=0.02)
+    assert run.final_error <= 1.1 * run.floor  # the data loss also drives dW to the floor
+
+
+def test_sweeps_and_slope():
+    t = make_low_rank_target(8, 8, k=2)
+    runs = rank_sweep(t, [1, 2], lr=3e-2, steps=5)
+    assert [run.r for run in runs] == [1, 2] and [run.alpha for run in runs] == [2, 4]
+    assert loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="ranks is empty"):
+        rank_sweep(t, [])
+    with pytest.raises(ValueError, match="ranks is empty"):
+        scaling_sweep(t, [], alpha=1, lr=1e-3, steps=1)
+    with pytest.raises(ValueError, match="at least two"):
+        loglog_slope([1], [1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(r=0), ValueError, "at least 1"),
+        (dict(r=9), ValueError, "exceeds"),
+        (dict(r=2, steps=0), ValueError, "steps"),
+        (dict(r=2, lr=-1.0), ValueError, "lr must be"),
+        (dict(r=2, lr_B=float("nan")), ValueError, "lr_B must be"),
+        (dict(r=2, optimizer="adamw"), ValueError, "optimizer"),
+        (dict(r=2, schedule="linear"), ValueError, "schedule"),
+        (dict(r=2, alpha=0), ValueError, "alpha"),
+    ],
+)
+def test_bad_training_settings_are_refused(kwargs, error, match):
+    t = make_low_rank_target(8, 8, k=2)
+    with pytest.raises(error, match=match):
+        train_lora(t, **kwargs)
+
+
+def test_task_for_another_target_is_refused():
+    a, b = make_low_rank_target(8, 8, k=2), make_low_rank_target(8, 8, k=2, seed=3)
+    with pytest.raises(ValueError, match="different target"):
+        train_lora(a, 2, task=make_regression_task(b, 16))
+    with pytest.raises(ValueError, match="n_train"):
+        make_regression_task(a, 0)
