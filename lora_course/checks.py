@@ -56,3 +56,213 @@ def check_lora_forward(forward_fn) -> bool:
         return report(False, "that is the frozen layer alone; add the low-rank branch.")
     return report(False, "the numbers differ from LoRALinear's; check the scaling alpha / r "
                          "and the order of A and B.")
+
+
+# --- notebooks 01 and 02: low rank, effective rank, intrinsic dimension -----------------
+
+def _spectra_for_checks():
+    """A few test spectra (descending, non-negative) that tell common mistakes apart."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    spectra = [torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)]
+    for shape in [(9, 6), (5, 8)]:
+        spectra.append(torch.linalg.svdvals(torch.randn(*shape, generator=g, dtype=torch.float64)))
+    spectra.append(torch.tensor([10.0] + [1.0] * 20, dtype=torch.float64))
+    return spectra
+
+
+def check_break_even_rank(d: int, k: int, answer) -> bool:
+    """Exercise: the largest r at which a rank-r factorisation, (d + k) r numbers, is still
+    smaller than the dense d x k matrix."""
+    from .lowrank import dense_cost, storage_cost
+
+    expected = max(r for r in range(min(d, k) + 1) if storage_cost(d, k, r) < dense_cost(d, k))
+    if answer == expected:
+        return report(True, f"r = {expected}: (d + k) r = {storage_cost(d, k, expected):,d} < d k = "
+                            f"{dense_cost(d, k):,d}, and one more rank would not be.")
+    return report(False, f"you said {answer!r}. Solve (d + k) r < d k for the largest whole r "
+                         f"(d = {d}, k = {k}).")
+
+
+def check_low_rank_error_fn(error_fn) -> bool:
+    """Exercise: `error_fn(S, r)` must return ||M - M_r||_F of the best rank-r approximation
+    from the singular values S alone."""
+    import torch
+
+    from .lowrank import low_rank_error
+
+    for S in _spectra_for_checks():
+        for r in range(len(S) + 1):
+            try:
+                got = float(error_fn(S.clone(), r))
+            except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+                return report(False, f"your function raised {type(e).__name__}: {e} (for r = {r})")
+            want = float(low_rank_error(S, r, "fro"))
+            if abs(got - want) > 1e-9 * max(1.0, want):
+                if abs(got - float(low_rank_error(S, r, "spectral"))) < 1e-9:
+                    return report(False, "that is the spectral-norm error s_{r+1}; the Frobenius error "
+                                         "adds up all the dropped singular values, squared.")
+                if r + 1 <= len(S) and abs(got - float(low_rank_error(S, r + 1, "fro"))) < 1e-9:
+                    return report(False, "off by one: you dropped s_{r+1} too. The best rank-r "
+                                         "approximation keeps s_1..s_r and drops s_{r+1}, s_{r+2}, ...")
+                return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}..., r = {r} you "
+                                     f"returned {got:.6g}, expected {want:.6g}.")
+    return report(True, "||M - M_r||_F = sqrt(s_{r+1}^2 + ... ), Eckart-Young's error, for every r.")
+
+
+def check_rank_for_energy(S, fraction: float, answer) -> bool:
+    """Exercise: the smallest r whose top-r singular values hold `fraction` of the energy."""
+    from .lowrank import energy_captured, rank_for_energy
+
+    expected = rank_for_energy(S, fraction)
+    if answer == expected:
+        return report(True, f"r = {expected} keeps {100 * energy_captured(S, expected):.2f}% of sum s_i^2.")
+    hint = ""
+    if isinstance(answer, int) and 0 <= answer <= len(S):
+        hint = f" r = {answer} keeps {100 * energy_captured(S, answer):.2f}%."
+    return report(False, f"you said {answer!r}; energy is sum of s_i^2 (squared), not of s_i.{hint}")
+
+
+def check_effective_rank_fn(effective_rank_fn) -> bool:
+    """Exercise: `effective_rank_fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
+    from .lowrank import effective_rank
+
+    for S in _spectra_for_checks():
+        try:
+            got = float(effective_rank_fn(S.clone()))
+        except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+            return report(False, f"your function raised {type(e).__name__}: {e}")
+        want = effective_rank(S)
+        if abs(got - want) > 1e-6 * want:
+            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
+                                 f"expected {want:.4f}. Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).")
+    return report(True, "exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones.")
+
+
+def check_stable_rank_fn(stable_rank_fn) -> bool:
+    """Exercise: `stable_rank_fn(S)` must return ||M||_F^2 / ||M||_2^2 from the singular values."""
+    from .lowrank import stable_rank
+
+    for S in _spectra_for_checks():
+        try:
+            got = float(stable_rank_fn(S.clone()))
+        except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+            return report(False, f"your function raised {type(e).__name__}: {e}")
+        want = stable_rank(S)
+        if abs(got - want) > 1e-6 * want:
+            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
+                                 f"expected {want:.4f}. ||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.")
+    return report(True, "sum s_i^2 / s_1^2: how many directions of the largest size the energy would fill.")
+
+
+def check_d90(scores: dict, threshold: float, answer) -> bool:
+    """Exercise: the smallest subspace size d in `scores` ({d: accuracy}) that reaches `threshold`."""
+    from .intrinsic import find_d90
+
+    expected = find_d90(scores, threshold)
+    if answer == expected:
+        return report(True, f"d90 = {expected}" + ("" if expected is None else
+                            f": accuracy {scores[expected]:.3f} >= {threshold:.3f}, and no smaller d got there."))
+    return report(False, f"you said {answer!r}. Take the smallest d whose accuracy is >= {threshold:.3f} "
+                         "(None if no d reached it).")
+
+
+# --- notebook 04: rank and alpha --------------------------------------------------------
+
+def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
+    """Exercise: the smallest ||dW - dW*||_F any rank-r LoRA update can reach, for a target
+    with these singular values (computed by hand from the spectrum)."""
+    from .lowrank import low_rank_error
+
+    S = [float(s) for s in singular_values]
+    expected = float(low_rank_error(S, min(r, len(S)), norm="fro"))
+    if abs(answer - expected) <= 1e-3 * max(1.0, expected):
+        return report(True, f"{expected:.4f} = sqrt of the sum of the squared singular values "
+                            f"after the first {r}: the directions a rank-{r} update must leave out.")
+    if abs(answer - expected ** 2) <= 1e-3 * max(1.0, expected ** 2):
+        return report(False, "that is the squared error; take the square root.")
+    return report(False, f"you said {answer:.4f}. Keep the top {r} singular values; the error is "
+                         "the root of the sum of squares of the ones left out.")
+
+
+def check_alpha_for_scaling(answer: float, r: int, scaling: float, use_rslora: bool = False) -> bool:
+    """Exercise: which alpha gives this scaling at rank r (alpha / r, or alpha / sqrt(r) with
+    rsLoRA)? Checked against a real LoRALinear built with the learner's alpha."""
+    from .lora import LoRALinear
+
+    try:
+        layer = LoRALinear(r, r, r=r, alpha=answer, use_rslora=use_rslora)
+    except (TypeError, ValueError) as e:
+        return report(False, f"LoRALinear refused alpha={answer!r}: {e}")
+    if abs(layer.scaling - scaling) <= 1e-6 * scaling:
+        rule = "alpha / sqrt(r)" if use_rslora else "alpha / r"
+        return report(True, f"alpha={answer:g} gives scaling {rule} = {layer.scaling:g} at r={r}.")
+    return report(False, f"alpha={answer:g} gives scaling {layer.scaling:g}, not {scaling:g}; "
+                         f"solve scaling = alpha / {'sqrt(r)' if use_rslora else 'r'} for alpha.")
+
+
+def check_smallest_rank(answer: int, singular_values, max_relative_error: float) -> bool:
+    """Exercise: the smallest r whose Eckart-Young floor is at most `max_relative_error` times
+    ||dW*||_F, for a target with these singular values."""
+    from .lowrank import low_rank_error
+
+    S = [float(s) for s in singular_values]
+    total = sum(s * s for s in S) ** 0.5
+    floors = [float(low_rank_error(S, r, norm="fro")) / total for r in range(len(S) + 1)]
+    expected = next(r for r, f in enumerate(floors) if f <= max_relative_error)
+    if answer == expected:
+        return report(True, f"r={expected}: its floor is {floors[expected]:.3f} of ||dW*||, and "
+                            f"r={expected - 1} leaves {floors[expected - 1]:.3f}." if expected > 0
+                      else "r=0: the target is already that small.")
+    if isinstance(answer, int) and 0 <= answer <= len(S):
+        side = "too small: its floor is" if answer < expected else "more than needed; already r={} reaches".format(expected)
+        return report(False, f"r={answer} is {side} {floors[min(answer, expected)]:.3f} of ||dW*||.")
+    return report(False, f"answer with an int rank between 0 and {len(S)}.")
+
+
+# --- notebook 05: LoRA inside a transformer ---------------------------------------------
+
+def check_llama_qkvo_params(answer: int) -> str:
+    """Exercise 05.1: trainable parameters of LoRA r=16 on q_proj, k_proj, v_proj, o_proj of LLaMA-7B."""
+    import torch
+
+    from .lora import add_lora, count_parameters
+    from .skeletons import meta_llama_7b
+
+    model = meta_llama_7b()
+    with torch.device("meta"):
+        add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=16)
+    truth = count_parameters(model)[0]
+    if answer == truth:
+        return f"Correct: {truth:,d} = 32 layers x 4 projections x r (d_in + d_out)."
+    return f"Not yet: you gave {answer:,d}. Each adapted (d_out x d_in) weight adds r (d_in + d_out); count layers and targets."
+
+
+def check_full_finetune_bytes(answer: int) -> str:
+    """Exercise 05.2: bytes of weights + gradients + AdamW state for full fp32 fine-tuning of GPT-2 small."""
+    from .memory import training_budget
+    from .skeletons import preset_shape
+
+    n_params = preset_shape("GPT-2 small (124M)")[0]
+    truth = training_budget(n_params, precision="fp32", optimizer="adamw").total
+    if answer == truth:
+        return f"Correct: {truth:,d} bytes = 16 bytes x {n_params:,d} parameters."
+    return (f"Not yet: you gave {answer:,d}. In fp32 a weight is 4 bytes, its gradient 4, AdamW's two moments 8: "
+            "multiply by the parameter count (tied embeddings count once).")
+
+
+def check_fused_untouched_rows(start: int, stop: int, d: int = 768) -> str:
+    """Exercise 05.3: which output features [start, stop) of GPT-2's c_attn does a q,v fused adapter never change?"""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from .fused import FusedLoRALinear
+
+    layer = FusedLoRALinear.from_linear(Conv1D(3 * d, d), r=1, alpha=1)
+    torch.nn.init.ones_(layer.lora_B)
+    zero_rows = (layer.delta_weight() == 0).all(dim=1).nonzero().flatten()
+    truth = (int(zero_rows[0]), int(zero_rows[-1]) + 1)
+    if (start, stop) == truth:
+        return f"Correct: rows {truth[0]}..{truth[1] - 1}, the k slice, get exactly zero update."
+    return "Not yet: c_attn's output is [q | k | v], each d wide; which slice did enable_lora=(True, False, True) leave out?"

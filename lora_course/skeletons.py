@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["GPT2_SIZES", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "meta_model", "meta_gpt2", "meta_llama_7b"]
+__all__ = ["GPT2_SIZES", "MODEL_PRESETS", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "llama_13b_config",
+           "meta_model", "meta_gpt2", "meta_llama_7b", "preset_shape"]
 
 # name: (n_layer, n_embd, n_head)
 GPT2_SIZES = {
@@ -66,3 +67,35 @@ def meta_gpt2(size: str = "small") -> nn.Module:
 def meta_llama_7b() -> nn.Module:
     """LLaMA-7B on the meta device: 6,738,415,616 parameters, zero bytes."""
     return meta_model(llama_7b_config())
+
+
+def llama_13b_config():
+    """LLaMA-13B's shape (Touvron et al., 2023, Table 2): 40 layers, d 5120, 40 heads, MLP 13824."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)
+
+
+# Models the memory widget offers; each is built on the meta device and counted when first asked.
+MODEL_PRESETS = {
+    "GPT-2 small (124M)": lambda: gpt2_config("small"),
+    "GPT-2 large (774M)": lambda: gpt2_config("large"),
+    "LLaMA-7B": llama_7b_config,
+    "LLaMA-13B": llama_13b_config,
+    "GPT-3 175B": gpt3_175b_config,
+}
+
+_SHAPES: dict[str, tuple[int, int, int]] = {}
+
+
+def preset_shape(name: str) -> tuple[int, int, int]:
+    """(parameter count, d_model, n_layers) of a `MODEL_PRESETS` model, counted on the meta device."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_PRESETS)}")
+    if name not in _SHAPES:
+        config = MODEL_PRESETS[name]()
+        n_params = sum(p.numel() for p in meta_model(config).parameters())
+        d = getattr(config, "hidden_size", None) or config.n_embd
+        layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+        _SHAPES[name] = (n_params, d, layers)
+    return _SHAPES[name]

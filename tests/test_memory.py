@@ -132,3 +132,35 @@ def test_activation_estimate_lora_saves_less():
     lora = gpt2_activation_bytes(cfg, 4, 32, lora_targets=["c_attn"], lora_r=8)
     per_block_diff = (30 * 128) - (25 * 128 + 8)
     assert full - lora == 4 * 4 * 32 * 2 * per_block_diff
+
+
+def test_memory_widget_logic_headless():
+    from lora_course.widgets import MEMORY_TARGETS, memory_budget_view
+
+    v = memory_budget_view("LLaMA-7B", r=8, targets="q, v", precision="fp16")
+    assert v["trainable"] == 4_194_304
+    assert set(v["bars"]) == {"full fine-tuning", "LoRA"}
+    assert abs(sum(v["bars"]["full fine-tuning"].values()) - 12 * LLAMA_7B / 1e9) < 1e-9
+    more = memory_budget_view("LLaMA-7B", r=64, targets="q, k, v, o", precision="fp16")
+    assert more["trainable"] == 16 * v["trainable"] and more["lora"].total > v["lora"].total
+    fp32 = memory_budget_view("LLaMA-7B", r=8, targets="q, v", precision="fp32")
+    assert fp32["full"].total == 16 * LLAMA_7B  # 4 + 4 + 8 bytes per parameter
+    master = memory_budget_view("LLaMA-7B", master_weights=True)
+    assert master["full"].total == 16 * LLAMA_7B and "master_weights" in master["bars"]["full fine-tuning"]
+    assert memory_budget_view("GPT-2 small (124M)")["saving"] > 5
+    assert list(MEMORY_TARGETS.values()) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="targets"):
+        memory_budget_view(targets="everything")
+    with pytest.raises(ValueError, match="unknown model"):
+        memory_budget_view(model="LLaMA-1T")
+
+
+def test_notebook_05_checks():
+    from lora_course.checks import check_full_finetune_bytes, check_fused_untouched_rows, check_llama_qkvo_params
+
+    assert check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)).startswith("Correct")
+    assert check_llama_qkvo_params(4_194_304).startswith("Not yet")
+    assert check_full_finetune_bytes(16 * 124_439_808).startswith("Correct")
+    assert check_full_finetune_bytes(12 * 124_439_808).startswith("Not yet")
+    assert check_fused_untouched_rows(768, 1536).startswith("Correct")
+    assert check_fused_untouched_rows(0, 768).startswith("Not yet")
