@@ -83,21 +83,25 @@ def singular_values(M) -> torch.Tensor:
     return torch.linalg.svdvals(_as_matrix(M))
 
 
-def truncated_svd(M, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(M, r: int, svd=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-r singular triplets of M: U_r (d, r), S_r (r,), Vh_r (r, k).
 
-    r = 0 gives empty factors; r = min(d, k) gives the thin SVD itself.
+    r = 0 gives empty factors; r = min(d, k) gives the thin SVD itself. Pass
+    `svd=torch.linalg.svd(M, full_matrices=False)` to reuse one SVD for many r.
     """
     M = _as_matrix(M)
     d, k = M.shape
     r = _check_rank(r, min(d, k), f"min(d, k) for a {d}x{k} matrix")
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (d, m), (m,), (m, k) with m = min(d, k)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False) if svd is None else svd  # (d, m), (m,), (m, k)
     return U[:, :r], S[:r], Vh[:r, :]
 
 
-def best_rank_r(M, r: int) -> torch.Tensor:
-    """The best rank-r approximation of M (Eckart-Young): U_r diag(S_r) Vh_r.  # (d, k)"""
-    U_r, S_r, Vh_r = truncated_svd(M, r)
+def best_rank_r(M, r: int, svd=None) -> torch.Tensor:
+    """The best rank-r approximation of M (Eckart-Young): U_r diag(S_r) Vh_r.  # (d, k)
+
+    `svd`: M's thin SVD (U, S, Vh) if already computed, to skip recomputing it.
+    """
+    U_r, S_r, Vh_r = truncated_svd(M, r, svd=svd)
     return (U_r * S_r) @ Vh_r  # (d, r) * (r,) @ (r, k) -> (d, k)
 
 
