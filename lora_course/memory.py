@@ -258,23 +258,40 @@ def gpt2_training_budget(
 
 # --------------------------------------------------------------------------- measurement
 
+# Lines the profiler's C++ side writes to stderr while we measure: Kineto's time-stamped
+# start/stop notices, and the CPU allocator's note that a block allocated before profiling
+# was freed (expected: see peak_memory). Everything else written to stderr is passed on.
+_PROFILER_NOISE = ("SyncActivityProfilerHandler", "Memory block of unknown size", "daemon config loader",
+                   "IpcFabricConfigClient")
+
+
 @contextlib.contextmanager
-def _quiet_stderr_fd():
-    """Silence C-level stderr (Kineto prints a time-stamped line at profiler start and stop)."""
+def _filtered_stderr_fd():
+    """Capture C-level stderr (fd 2) and re-emit it, minus the profiler's own notices."""
+    import tempfile
+
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError, AttributeError):  # no real fd 2 (some embedded consoles)
         yield
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not any(n in line for n in _PROFILER_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
 
 
 def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
@@ -282,12 +299,11 @@ def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr_fd():
+    with _filtered_stderr_fd():
         prof.start()
-    try:
-        result = fn()
-    finally:
-        with _quiet_stderr_fd():
+        try:
+            result = fn()
+        finally:
             prof.stop()
     events = [
         (e.start_ns(), e.nbytes())
@@ -318,7 +334,9 @@ def peak_memory(fn: Callable[[], Any], device=None) -> tuple[Any, int]:
     Process RSS would include Python, libraries and freed-but-cached pages; a
     TorchDispatchMode sees operator outputs but not when their storage dies or views
     share it. Blocks allocated before `fn` and freed inside it are not reported (the
-    allocator never told the profiler their size), so the peak never counts below the start.
+    allocator never told the profiler their size), so their release is not subtracted:
+    for an exact CPU figure, let `fn` create what it frees (e.g. build the model and the
+    optimizer inside it, or call `zero_grad(set_to_none=True)` before measuring).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
