@@ -211,6 +211,10 @@ def gpt2_activation_bytes(
     start of backward, the loss's and the logits' gradients, which are live together.
     `lora_targets` takes GPT-2 names (`"c_attn"`, `"c_proj"`, `"attn.c_proj"`,
     `"mlp.c_proj"`, `"c_fc"`).
+
+    Counted for SDPA attention (transformers' default) in eager PyTorch. GPT-2's default
+    dropout (0.1) adds about 1% (boolean masks); `attn_implementation="eager"` would add
+    the T x T attention scores per head, which this estimate leaves out.
     """
     d = config.n_embd
     if lora_targets is None:  # full fine-tuning: every linear layer's input is saved
