@@ -52,7 +52,7 @@ _ALIASES = {
 }
 SHIPPED_MODEL_NAME = "tiny-gpt2"
 # sha256 of lora_course/assets/tiny-gpt2/model.safetensors, as recorded in its README.md.
-SHIPPED_MODEL_SHA256 = "TO_BE_FILLED"
+SHIPPED_MODEL_SHA256 = "5b6368e1574853dda8b357a4bbafda47e5e1ccb487625914b6097d220d4e4564"
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,9 @@ A `GPT2LMHeadModel` pretrained from scratch on English documentation text that s
 with Python, so the course can run offline. `lora_course.models.load_model("gpt2")`
 falls back to it (through the same `from_pretrained` code path) when real GPT-2 weights
 are not available or fast mode is on. It is a stand-in for GPT-2, not a good language
-model: expect grammatical-looking Python-docs prose, not facts.
+model: it was trained for half an hour on two shared CPU cores, so its samples are
+Python-docs words and phrases ("Return the result. If the value"), not fluent sentences.
+Training longer (`--steps`) lowers the loss further.
 
 ## Model
 
