@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear, _adaptable, _matches, _no_match_error
+from .lora import LoRALinear, inject_adapters
 
 __all__ = ["FusedLoRALinear", "add_fused_lora"]
 
@@ -105,23 +105,8 @@ def add_fused_lora(
     use_rslora: bool = False,
 ) -> nn.Module:
     """Like `add_lora`, but each target gets a `FusedLoRALinear` adapting only the enabled slices."""
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules:
-            raise ValueError("target_modules is empty; name the fused layer, e.g. ['c_attn'] for GPT-2")
-    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
-    if not matched:
-        raise _no_match_error(model, target_modules)
-    for name, module in matched:
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{name} already carries LoRA; call merge_lora(model) before adding another")
-        if not _adaptable(module):
-            raise TypeError(f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D")
-    model.requires_grad_(False)
-    for name, module in matched:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lora = FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
-                                           use_rslora=use_rslora, enable_lora=enable_lora)
-        setattr(parent, child, lora.to(module.weight.device))
-    return model
+    return inject_adapters(
+        model, target_modules,
+        lambda layer: FusedLoRALinear.from_linear(layer, r=r, alpha=alpha, dropout=dropout,
+                                                  use_rslora=use_rslora, enable_lora=enable_lora),
+    )

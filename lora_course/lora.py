@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "LoRALinear",
     "add_lora",
+    "inject_adapters",
     "merge_lora",
     "lora_layers",
     "count_parameters",
@@ -201,19 +202,15 @@ def _no_match_error(model: nn.Module, target_modules) -> ValueError:
     )
 
 
-def add_lora(
+def inject_adapters(
     model: nn.Module,
     target_modules: str | Iterable[str],
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
+    wrap: Callable[[nn.Module], nn.Module],
 ) -> nn.Module:
-    """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
+    """Replace every Linear/Conv1D that `target_modules` matches with `wrap(layer)`; freeze the rest.
 
-    `target_modules` matches as in PEFT: a list of names matching a module's full name or
-    its dotted suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string
-    taken as a regex on the full name. Returns the model.
+    The model surgery shared by `add_lora` and `fused.add_fused_lora` (PEFT calls it
+    `inject_adapter`). Every match is checked before anything changes.
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
@@ -230,13 +227,39 @@ def add_lora(
                 f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
                 "LoRA here adapts linear layers: name those in target_modules"
             )
+    flags = {p: p.requires_grad for _, m in matched for p in m.parameters()}
+    try:  # wrap every match before changing the model, so bad r/alpha leave it as it was
+        wrapped = [(name, wrap(module).to(module.weight.device)) for name, module in matched]
+    except Exception:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
     model.requires_grad_(False)
-    for name, module in matched:
+    for name, layer in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
-        setattr(parent, child, lora.to(module.weight.device))
+        setattr(parent, child, layer)
     return model
+
+
+def add_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
+
+    `target_modules` matches as in PEFT: a list of names matching a module's full name or
+    its dotted suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string
+    taken as a regex on the full name. Returns the model.
+    """
+    return inject_adapters(
+        model, target_modules,
+        lambda layer: LoRALinear.from_linear(layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora),
+    )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -227,3 +227,13 @@ def test_card_layer_count_4096_r8():
     trainable, total = count_parameters(layer)
     assert trainable == (4096 + 4096) * 8 == 65_536
     assert total - trainable == 4096 * 4096 == 16_777_216
+
+
+def test_add_lora_with_bad_hyperparameters_leaves_the_model_untouched():
+    model = MLP()
+    before = {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="exceeds min"):
+        add_lora(model, ["up", "down"], r=12)  # fine for up (16 -> 32), too large for down (32 -> 8)
+    assert isinstance(model.up, nn.Linear) and isinstance(model.down, nn.Linear)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1]
