@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -62,7 +64,7 @@ class ModelInfo:
     requested: str  # the name or path the caller asked for
     name: str  # what was loaded: a hub id, "tiny-gpt2", or a local path
     source: str  # "hub-cache", "hub-download", "local", or "shipped"
-    path: str  # what `from_pretrained` was called with
+    path: str  # what `from_pretrained` was called with (a cached hub model: its snapshot folder)
     revision: str | None  # pinned hub commit, None for local/shipped models
     fallback_reason: str | None  # why the shipped model was used instead; None if not
     n_params: int
@@ -114,6 +116,34 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_endpoint() -> tuple[str, int]:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Can a TCP connection to the Hub be opened within `timeout` seconds? (Behind a
+    proxy we cannot tell, so we say yes and let the download try.)"""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        with socket.create_connection(_hub_endpoint(), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir=None) -> str:
+    """The folder of `repo_id@revision` in the Hugging Face cache; OSError if not there.
+
+    Resolving the folder first (instead of `from_pretrained(repo_id, local_files_only=True)`)
+    guarantees no request at all: transformers still probes the Hub for optional files
+    such as adapter_config.json unless HF_HUB_OFFLINE was set before it was imported."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+
+
 def _from_pretrained(path: str, *, revision: str | None = None, local_files_only: bool = False,
                      cache_dir: str | os.PathLike | None = None):
     """The one loading path for every model: hub ids, local directories, the shipped one."""
@@ -147,8 +177,9 @@ def _resolve(name: str) -> tuple[str, str]:
 
 
 def _short(err: BaseException) -> str:
+    """'ErrorType: first sentence of the message', for a one-line reason."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}"[:200]
+    return f"{type(err).__name__}: {first.split('. ')[0].rstrip('.')}"[:160]
 
 
 def load_model(name: str = "gpt2", *, revision: str | None = None, device: str | torch.device | None = None,
@@ -165,7 +196,9 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
             a local directory or "tiny-gpt2" is loaded as asked in either mode.
         allow_download: may the Hub be contacted when the model is not in the local cache?
             Default: yes, unless `HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE` is set. With it off,
-            only the cache is read, so a miss falls back at once (no retries or timeouts).
+            only the cache is read, so a miss falls back at once (no retries or timeouts);
+            with it on, a 2-second connection probe comes first, so that a machine with no
+            network falls back at once too instead of waiting out the Hub client's retries.
         cache_dir: Hugging Face cache to read (default: the usual `~/.cache/huggingface/hub`).
         verbose: print the one-line summary of what was loaded and why.
 
@@ -187,26 +220,33 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
         if fast:
             reason = "fast mode is on (LORA_COURSE_FAST=1), which uses the small shipped model"
         else:
-            tries = [(target, True)] + ([(target, False)] if allow_download else [])
             errors = []
-            for path, local_only in tries:
-                try:
-                    loaded = _from_pretrained(path, revision=rev, local_files_only=local_only,
-                                              cache_dir=cache_dir)
-                    source = "hub-cache" if local_only else "hub-download"
-                    break
-                except (OSError, ValueError) as err:  # not cached / no network / bad revision
-                    errors.append(_short(err))
+            try:  # the learner's cache first, read as a local folder: no network at all
+                snapshot = _cached_snapshot(target, rev, cache_dir)
+                loaded = _from_pretrained(snapshot, local_files_only=True)
+                source, loaded_from = "hub-cache", snapshot
+            except (OSError, ValueError) as err:  # not cached, partly cached, or bad revision
+                errors.append(_short(err))
+            if loaded is None and allow_download:
+                if _hub_reachable():
+                    try:
+                        loaded = _from_pretrained(target, revision=rev, cache_dir=cache_dir)
+                        source, loaded_from = "hub-download", target
+                    except (OSError, ValueError) as err:
+                        errors.append(_short(err))
+                    blocked = "the download failed"
+                else:  # no network: skip huggingface_hub's retries (over a minute)
+                    blocked = f"{_hub_endpoint()[0]} cannot be reached (no network?)"
+            else:
+                blocked = "downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE or allow_download=False)"
             if loaded is None:
-                why = "not in the local Hugging Face cache"
-                why += (" and the download failed" if allow_download
-                        else " and downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)")
-                reason = f"{target}@{(rev or 'main')[:12]} is {why} [{errors[-1]}]"
+                reason = (f"{target}@{(rev or 'main')[:12]} is not in the local Hugging Face cache "
+                          f"and {blocked} [{errors[-1]}]")
         if loaded is None:  # fall back to the shipped model, through the same path
             kind, target, rev = "shipped", str(shipped_model_path()), None
     if loaded is None:
         loaded = _from_pretrained(target, local_files_only=True)
-        source = kind
+        source, loaded_from = kind, target
     model, tokenizer = loaded
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -219,7 +259,7 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
         requested=os.fspath(name),
         name=SHIPPED_MODEL_NAME if source == "shipped" else target,
         source=source,
-        path=target,
+        path=loaded_from,
         revision=rev,
         fallback_reason=reason,
         n_params=sum(p.numel() for p in model.parameters()),
