@@ -319,6 +319,17 @@ model: it was trained for half an hour on two shared CPU cores, so its samples a
 Python-docs words and phrases ("Return the result. If the value"), not fluent sentences.
 Training longer (`--steps`) lowers the loss further.
 
+## Loading it
+
+```python
+from lora_course.models import load_model, shipped_model_path
+model, tokenizer, info = load_model("tiny-gpt2")  # or load_model("gpt2") offline / in fast mode
+# the same thing with plain transformers:
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(shipped_model_path())
+tokenizer = AutoTokenizer.from_pretrained(shipped_model_path())
+```
+
 ## Model
 
 - Architecture: GPT-2 (`transformers.GPT2LMHeadModel`), {s['n_params']:,} parameters,
@@ -327,8 +338,9 @@ Training longer (`--steps`) lowers the loss further.
   embeddings, dropout 0. Weights stored in float32 (`model.safetensors`).
 - sha256 of `model.safetensors`: `{s['model_safetensors_sha256']}`
 - Tokenizer: byte-level BPE (GPT-2's scheme) trained with the `tokenizers` library,
-  vocab {config.vocab_size}, saved as a `GPT2TokenizerFast` (`tokenizer.json`,
-  `tokenizer_config.json`). `<|endoftext|>` (id {config.eos_token_id}) is the bos, eos and
+  vocab {config.vocab_size}, saved by `GPT2TokenizerFast.save_pretrained` (`tokenizer.json`,
+  `tokenizer_config.json`); `AutoTokenizer.from_pretrained` loads it (as `GPT2Tokenizer`,
+  the tokenizers-backed class, in transformers 5), `model_max_length` = n_positions. `<|endoftext|>` (id {config.eos_token_id}) is the bos, eos and
   unk token, as in GPT-2. Like GPT-2, the saved tokenizer has **no pad token**;
   `load_model` sets `pad_token = eos_token` on whichever tokenizer it loads (mask
   padding with the attention mask / label -100).
