@@ -25,7 +25,6 @@ Rank Adaptation of Large Models" (2024), arXiv:2402.12354.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 
 from .lora import LoRALinear, count_parameters
 from .lowrank import low_rank_error, singular_values
+from .runtime import num_threads
 
 __all__ = [
     "LowRankTarget",
@@ -219,18 +219,8 @@ def train_lora(
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
 
-    with _one_thread():  # tiny matrices: one thread is fastest and spares a shared CPU
+    with num_threads(1):  # tiny matrices: one thread is fastest and spares a shared CPU
         return _train(target, r, alpha, lr, steps, use_rslora, lr_B, optimizer, schedule, task, seed, keep_layer)
-
-
-@contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(target, r, alpha, lr, steps, use_rslora, lr_B, optimizer, schedule, task, seed, keep_layer) -> LoRARun:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["is_fast_mode", "by_mode", "seed_everything", "get_device"]
+__all__ = ["is_fast_mode", "by_mode", "seed_everything", "get_device", "num_threads"]
 
 
 def is_fast_mode() -> bool:
@@ -41,3 +42,17 @@ def get_device(prefer: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextmanager
+def num_threads(n: int):
+    """Run a block with `n` intra-op threads, then restore the previous setting.
+
+    Small matrices run fastest on one thread, and a shared machine is not oversubscribed.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,13 +7,7 @@ from lora_course.intrinsic import SubspaceModel, d90_threshold, find_d90, intrin
 from lora_course.toy_tasks import accuracy, make_mlp, make_task_pair, train_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is as fast, and a shared 2-core machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from lora_course.weight_updates import weight_deltas
 from lora_course.widgets import photo_rank_view, photo_rank_widget, update_rank_view, update_rank_widget
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is as fast, and a shared 2-core machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
