@@ -60,6 +60,30 @@ def check_lora_forward(forward_fn) -> bool:
 
 # --- notebooks 01 and 02: low rank, effective rank, intrinsic dimension -----------------
 
+def _is_blank(answer) -> bool:
+    """An exercise still at its placeholder: `...` (Ellipsis) or None."""
+    return answer is None or answer is Ellipsis
+
+
+def _not_filled_in(what: str) -> bool:
+    """The verdict for a blank answer: not yet, and what to fill in."""
+    return report(False, f"fill in {what}, then run this cell again.")
+
+
+def _call_learner_fn(fn, *args):
+    """Call the learner's function on `args`; returns (number, None) or (None, verdict message)."""
+    try:
+        out = fn(*args)
+    except NotImplementedError:
+        return None, "fill in the body of your function (it still raises NotImplementedError), then run this cell again."
+    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+        return None, f"your function raised {type(e).__name__}: {e}"
+    try:
+        return float(out), None
+    except (TypeError, ValueError, RuntimeError):
+        return None, f"your function returned {type(out).__name__} {str(out)[:40]!r}; return one number (a float or a 0-d tensor)."
+
+
 def _spectra_for_checks():
     """A few test spectra (descending, non-negative) that tell common mistakes apart."""
     import torch
@@ -72,11 +96,35 @@ def _spectra_for_checks():
     return spectra
 
 
+def _close(got: float, want: float, rel: float, floor: float = 0.0) -> bool:
+    """|got - want| <= rel * max(floor, |want|); False for NaN (so NaN never passes)."""
+    return abs(got - want) <= rel * max(floor, abs(want))
+
+
+def _check_spectrum_fn(fn, reference, what: str, hint: str, success: str) -> bool:
+    """Shared loop of the rank-measure exercises: `fn(S)` must match `reference(S)` on every test spectrum."""
+    if _is_blank(fn):
+        return _not_filled_in(what)
+    if not callable(fn):
+        return report(False, f"pass your function itself (the name, without calling it), not {fn!r}.")
+    for S in _spectra_for_checks():
+        got, problem = _call_learner_fn(fn, S.clone())
+        if problem:
+            return report(False, problem)
+        want = reference(S)
+        if not _close(got, want, 1e-6):
+            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
+                                 f"expected {want:.4f}. {hint}")
+    return report(True, success)
+
+
 def check_break_even_rank(d: int, k: int, answer) -> bool:
     """Exercise: the largest r at which a rank-r factorisation, (d + k) r numbers, is still
     smaller than the dense d x k matrix."""
     from .lowrank import dense_cost, storage_cost
 
+    if _is_blank(answer):
+        return _not_filled_in(f"the largest rank r (an int) for a {d} x {k} matrix")
     expected = max(r for r in range(min(d, k) + 1) if storage_cost(d, k, r) < dense_cost(d, k))
     if answer == expected:
         return report(True, f"r = {expected}: (d + k) r = {storage_cost(d, k, expected):,d} < d k = "
@@ -88,22 +136,23 @@ def check_break_even_rank(d: int, k: int, answer) -> bool:
 def check_low_rank_error_fn(error_fn) -> bool:
     """Exercise: `error_fn(S, r)` must return ||M - M_r||_F of the best rank-r approximation
     from the singular values S alone."""
-    import torch
-
     from .lowrank import low_rank_error
 
+    if _is_blank(error_fn):
+        return _not_filled_in("your function error_fn(S, r)")
+    if not callable(error_fn):
+        return report(False, f"pass your function itself (the name, without calling it), not {error_fn!r}.")
     for S in _spectra_for_checks():
         for r in range(len(S) + 1):
-            try:
-                got = float(error_fn(S.clone(), r))
-            except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-                return report(False, f"your function raised {type(e).__name__}: {e} (for r = {r})")
+            got, problem = _call_learner_fn(error_fn, S.clone(), r)
+            if problem:
+                return report(False, f"{problem} (for r = {r})")
             want = float(low_rank_error(S, r, "fro"))
-            if abs(got - want) > 1e-9 * max(1.0, want):
-                if abs(got - float(low_rank_error(S, r, "spectral"))) < 1e-9:
+            if not _close(got, want, 1e-9, floor=1.0):
+                if _close(got, float(low_rank_error(S, r, "spectral")), 1e-9, floor=1.0):
                     return report(False, "that is the spectral-norm error s_{r+1}; the Frobenius error "
                                          "adds up all the dropped singular values, squared.")
-                if r + 1 <= len(S) and abs(got - float(low_rank_error(S, r + 1, "fro"))) < 1e-9:
+                if r + 1 <= len(S) and _close(got, float(low_rank_error(S, r + 1, "fro")), 1e-9, floor=1.0):
                     return report(False, "off by one: you dropped s_{r+1} too. The best rank-r "
                                          "approximation keeps s_1..s_r and drops s_{r+1}, s_{r+2}, ...")
                 return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}..., r = {r} you "
@@ -115,55 +164,58 @@ def check_rank_for_energy(S, fraction: float, answer) -> bool:
     """Exercise: the smallest r whose top-r singular values hold `fraction` of the energy."""
     from .lowrank import energy_captured, rank_for_energy
 
+    if _is_blank(answer):
+        return _not_filled_in(f"the smallest rank r (an int) that keeps {fraction:.0%} of the energy")
     expected = rank_for_energy(S, fraction)
     if answer == expected:
         return report(True, f"r = {expected} keeps {100 * energy_captured(S, expected):.2f}% of sum s_i^2.")
-    hint = ""
-    if isinstance(answer, int) and 0 <= answer <= len(S):
-        hint = f" r = {answer} keeps {100 * energy_captured(S, answer):.2f}%."
-    return report(False, f"you said {answer!r}; energy is sum of s_i^2 (squared), not of s_i.{hint}")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer <= len(S):
+        return report(False, f"you said {answer!r}; answer with an int rank between 0 and {len(S)}.")
+    # The classic slip: counting sum s_i instead of sum s_i^2.
+    plain = [float(s) for s in S]
+    unsquared = next(r for r in range(len(plain) + 1) if sum(plain[:r]) >= fraction * sum(plain) - 1e-12)
+    kept = f"r = {answer} keeps {100 * energy_captured(S, answer):.2f}% of sum s_i^2"
+    if answer == unsquared:
+        return report(False, f"{kept}. Energy is the sum of the *squared* singular values, not of s_i.")
+    side = "too few" if answer < expected else "more than needed: a smaller r already gets there"
+    return report(False, f"{kept}: {side}.")
 
 
 def check_effective_rank_fn(effective_rank_fn) -> bool:
     """Exercise: `effective_rank_fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
     from .lowrank import effective_rank
 
-    for S in _spectra_for_checks():
-        try:
-            got = float(effective_rank_fn(S.clone()))
-        except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-            return report(False, f"your function raised {type(e).__name__}: {e}")
-        want = effective_rank(S)
-        if abs(got - want) > 1e-6 * want:
-            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
-                                 f"expected {want:.4f}. Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).")
-    return report(True, "exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones.")
+    return _check_spectrum_fn(
+        effective_rank_fn, effective_rank, "your function effective_rank_fn(S)",
+        hint="Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).",
+        success="exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones.")
 
 
 def check_stable_rank_fn(stable_rank_fn) -> bool:
     """Exercise: `stable_rank_fn(S)` must return ||M||_F^2 / ||M||_2^2 from the singular values."""
     from .lowrank import stable_rank
 
-    for S in _spectra_for_checks():
-        try:
-            got = float(stable_rank_fn(S.clone()))
-        except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-            return report(False, f"your function raised {type(e).__name__}: {e}")
-        want = stable_rank(S)
-        if abs(got - want) > 1e-6 * want:
-            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
-                                 f"expected {want:.4f}. ||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.")
-    return report(True, "sum s_i^2 / s_1^2: how many directions of the largest size the energy would fill.")
+    return _check_spectrum_fn(
+        stable_rank_fn, stable_rank, "your function stable_rank_fn(S)",
+        hint="||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.",
+        success="sum s_i^2 / s_1^2: how many directions of the largest size the energy would fill.")
 
 
 def check_d90(scores: dict, threshold: float, answer) -> bool:
-    """Exercise: the smallest subspace size d in `scores` ({d: accuracy}) that reaches `threshold`."""
+    """Exercise: the smallest subspace size d in `scores` ({d: accuracy}) that reaches `threshold`.
+
+    None is a real answer here (no d reached it), so the blank placeholder is `...`.
+    """
     from .intrinsic import find_d90
 
+    if answer is Ellipsis:
+        return _not_filled_in("the smallest d from scores (an int), or None if no d reaches the threshold")
     expected = find_d90(scores, threshold)
     if answer == expected:
         return report(True, f"d90 = {expected}" + ("" if expected is None else
                             f": accuracy {scores[expected]:.3f} >= {threshold:.3f}, and no smaller d got there."))
+    if answer is not None and answer not in scores:
+        return report(False, f"you said {answer!r}, which is not one of the sizes tried: {sorted(scores)}.")
     return report(False, f"you said {answer!r}. Take the smallest d whose accuracy is >= {threshold:.3f} "
                          "(None if no d reached it).")
 

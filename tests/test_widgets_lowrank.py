@@ -117,3 +117,66 @@ def test_checkers_accept_right_and_reject_wrong_answers(capsys):
     assert checks.check_d90(scores, 0.7, 16)
     assert not checks.check_d90(scores, 0.7, 64)
     assert checks.check_d90(scores, 0.9, None)
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_checkers_say_fill_in_for_a_blank_answer(blank, capsys):
+    S = torch.tensor([3.0, 2.0, 1.0])
+    verdicts = {
+        "break_even": checks.check_break_even_rank(600, 512, blank),
+        "low_rank_error_fn": checks.check_low_rank_error_fn(blank),
+        "rank_for_energy": checks.check_rank_for_energy(S, 0.9, blank),
+        "effective_rank_fn": checks.check_effective_rank_fn(blank),
+        "stable_rank_fn": checks.check_stable_rank_fn(blank),
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert verdicts == dict.fromkeys(verdicts, False)
+    assert len(lines) == len(verdicts)
+    assert all(line.startswith("Not yet: fill in") for line in lines), lines
+    assert not any("squared" in line for line in lines)  # no hint about an answer never given
+
+
+def test_d90_checker_blank_is_ellipsis_because_none_is_an_answer(capsys):
+    scores = {4: 0.5, 16: 0.7, 64: 0.8}
+    assert not checks.check_d90(scores, 0.7, ...)
+    assert capsys.readouterr().out.startswith("Not yet: fill in")
+    assert not checks.check_d90(scores, 0.7, None)  # None claims no d got there; 16 did
+    assert checks.check_d90(scores, 0.9, None)
+    assert not checks.check_d90(scores, 0.7, 32)
+    assert "not one of the sizes tried" in capsys.readouterr().out
+
+
+def test_function_checkers_treat_not_implemented_as_blank(capsys):
+    def todo(*args):
+        raise NotImplementedError("your code here")
+
+    for checker in (checks.check_low_rank_error_fn, checks.check_effective_rank_fn, checks.check_stable_rank_fn):
+        assert not checker(todo)
+        assert capsys.readouterr().out.startswith("Not yet: fill in the body of your function")
+
+
+def test_function_checkers_reject_nan_non_numbers_and_non_functions(capsys):
+    nan = float("nan")
+    assert not checks.check_low_rank_error_fn(lambda S, r: nan)
+    assert not checks.check_effective_rank_fn(lambda S: nan)
+    assert not checks.check_stable_rank_fn(lambda S: torch.tensor(nan))
+    capsys.readouterr()
+    assert not checks.check_effective_rank_fn(lambda S: None)  # forgot `return`
+    assert "returned NoneType" in capsys.readouterr().out
+    assert not checks.check_stable_rank_fn(lambda S: S)  # a whole tensor, not one number
+    assert "return one number" in capsys.readouterr().out
+    assert not checks.check_stable_rank_fn(2.5)  # called it instead of passing it
+    assert "function itself" in capsys.readouterr().out
+
+
+def test_rank_for_energy_hint_matches_the_mistake(capsys):
+    S = torch.tensor([4.0, 2.0, 2.0, 1.0, 1.0])  # 90% of sum s_i^2 needs r = 3; of sum s_i, r = 4
+    assert checks.check_rank_for_energy(S, 0.9, 3)
+    capsys.readouterr()
+    assert not checks.check_rank_for_energy(S, 0.9, 4)
+    assert "squared" in capsys.readouterr().out
+    assert not checks.check_rank_for_energy(S, 0.9, 2)
+    out = capsys.readouterr().out
+    assert "too few" in out and "squared" not in out
+    assert not checks.check_rank_for_energy(S, 0.9, "3")
+    assert "an int rank" in capsys.readouterr().out
