@@ -358,3 +358,18 @@ def peak_memory(fn: Callable[[], Any], device=None) -> tuple[Any, int]:
         f"peak_memory measures 'cuda' or 'cpu', got {device.type!r}; "
         "on Apple MPS run the measurement on the CPU (device='cpu')"
     )
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in `optimizer.state` tensors, measured (AdamW: exp_avg, exp_avg_sq, step).
+
+    Optimizers create their state lazily, so this is 0 before the first `step()`.
+    """
+    if not isinstance(getattr(optimizer, "state", None), dict):
+        raise TypeError(f"expected a torch.optim.Optimizer (something with a .state dict), got {type(optimizer).__name__}")
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
