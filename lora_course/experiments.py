@@ -32,6 +32,7 @@ from torch import nn
 
 from .lora import LoRALinear, count_parameters
 from .lowrank import low_rank_error, singular_values
+from .memory import optimizer_state_bytes
 from .runtime import num_threads
 
 __all__ = [
@@ -45,7 +46,8 @@ __all__ = [
     "rank_sweep",
     "scaling_sweep",
     "loglog_slope",
-    "adam_state_bytes",
+    "update_sizes",
+    "first_step_ratios",
 ]
 
 
@@ -106,7 +108,7 @@ class LoRARun:
     floor: float  # the Eckart-Young floor for this r: the best any rank-r dW can do
     delta_singular_values: torch.Tensor  # (r,) singular values of the learned dW
     trainable_params: int  # r * (in + out)
-    optimizer_state_bytes: int  # measured from the optimizer's state tensors
+    optimizer_state_bytes: int  # measured from the optimizer's state tensors (lora_course.memory)
     test_loss: float | None = None  # regression task only: test MSE
     train_loss: float | None = None  # regression task only: final training MSE
     layer: LoRALinear | None = field(default=None, repr=False)
@@ -173,13 +175,6 @@ def make_regression_task(
 def eckart_young_floor(target: LowRankTarget, r: int) -> float:
     """The smallest ||dW - dW*||_F any rank-r dW can reach (0 once r >= k)."""
     return float(low_rank_error(target.singular_values, min(r, target.k), norm="fro"))
-
-
-def adam_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's state tensors (Adam: exp_avg, exp_avg_sq, step)."""
-    return sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
 
 
 def train_lora(
@@ -268,7 +263,7 @@ def _train(target, r, alpha, lr, steps, use_rslora, lr_B, optimizer, schedule, t
         floor=eckart_young_floor(target, r),
         delta_singular_values=singular_values(dW)[:r],
         trainable_params=count_parameters(layer)[0],
-        optimizer_state_bytes=adam_state_bytes(opt),
+        optimizer_state_bytes=optimizer_state_bytes(opt),
         test_loss=test_loss, train_loss=train_loss,
         layer=layer if keep_layer else None,
     )
@@ -308,3 +303,23 @@ def loglog_slope(xs, ys) -> float:
         raise ValueError("need at least two (x, y) pairs of equal length")
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x * x).sum())
+
+
+def update_sizes(runs, step: int = 10) -> list[float]:
+    """||dW||_F after `step` optimizer steps, one per run (how far each run moved early on)."""
+    runs = list(runs)
+    for run in runs:
+        if not 0 <= step <= run.steps:
+            raise ValueError(f"step must be between 0 and the run's {run.steps} steps, got {step!r}")
+    return [run.update_norms[step] for run in runs]
+
+
+def first_step_ratios(sweep: dict) -> list[float]:
+    """||dW_1|| under alpha/sqrt(r) divided by ||dW_1|| under alpha/r, rank by rank, for a
+    `scaling_sweep` result. Theory: sqrt(r) with Adam (step ~ scaling), r with SGD (~ scaling^2)."""
+    plain, rs = sweep["alpha/r"], sweep["alpha/sqrt(r)"]
+    if [run.r for run in plain] != [run.r for run in rs]:
+        raise ValueError("the two rules were run at different ranks; pass a scaling_sweep result")
+    if any(run.use_rslora for run in plain) or not all(run.use_rslora for run in rs):
+        raise ValueError("'alpha/r' runs must not use rsLoRA and 'alpha/sqrt(r)' runs must")
+    return [b.update_norms[1] / a.update_norms[1] for a, b in zip(plain, rs)]

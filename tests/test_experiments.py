@@ -7,12 +7,14 @@ import torch
 
 from lora_course.experiments import (
     eckart_young_floor,
+    first_step_ratios,
     loglog_slope,
     make_low_rank_target,
     make_regression_task,
     rank_sweep,
     scaling_sweep,
     train_lora,
+    update_sizes,
 )
 from lora_course.lowrank import best_rank_r, singular_values
 
@@ -101,11 +103,30 @@ def test_step_one_update_scales_with_the_scaling_exactly(target):
 def test_alpha_over_r_shrinks_early_updates_and_rslora_does_not(target):
     ranks = [1, 4, 16]
     sweep = scaling_sweep(target, ranks, alpha=8, lr=1e-3, steps=10)
-    plain = [run.update_norms[-1] for run in sweep["alpha/r"]]
-    rs = [run.update_norms[-1] for run in sweep["alpha/sqrt(r)"]]
+    plain, rs = update_sizes(sweep["alpha/r"], step=10), update_sizes(sweep["alpha/sqrt(r)"], step=10)
+    assert plain == [run.update_norms[-1] for run in sweep["alpha/r"]]
     assert plain[0] > plain[1] > plain[2]
     assert rs[0] < rs[1] < rs[2]
     assert loglog_slope(ranks, rs) - loglog_slope(ranks, plain) == pytest.approx(0.5, abs=0.05)
+    assert update_sizes(sweep["alpha/r"], step=0) == [0.0, 0.0, 0.0]  # B = 0 before the first step
+
+
+def test_first_step_ratios_follow_the_scaling_law(target):
+    ranks = [1, 4, 16]
+    adam = scaling_sweep(target, ranks, alpha=8, lr=1e-3, steps=1)
+    sgd = scaling_sweep(target, ranks, alpha=8, lr=0.5, steps=1, optimizer="sgd")
+    assert first_step_ratios(adam) == pytest.approx([math.sqrt(r) for r in ranks], rel=1e-3)
+    assert first_step_ratios(sgd) == pytest.approx([float(r) for r in ranks], rel=1e-3)
+
+
+def test_sizes_and_ratios_refuse_what_they_cannot_measure(target):
+    sweep = scaling_sweep(target, [1, 2], alpha=8, lr=1e-3, steps=5)
+    with pytest.raises(ValueError, match="step must be between 0 and"):
+        update_sizes(sweep["alpha/r"], step=6)
+    with pytest.raises(ValueError, match="different ranks"):
+        first_step_ratios({"alpha/r": sweep["alpha/r"], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"][:1]})
+    with pytest.raises(ValueError, match="must not use rsLoRA"):
+        first_step_ratios({"alpha/r": sweep["alpha/sqrt(r)"], "alpha/sqrt(r)": sweep["alpha/r"]})
 
 
 def test_loraplus_gives_B_its_own_learning_rate(target):
