@@ -222,6 +222,10 @@ def check_d90(scores: dict, threshold: float, answer) -> bool:
 
 # --- notebook 04: rank and alpha --------------------------------------------------------
 
+def _is_number(answer) -> bool:
+    return isinstance(answer, (int, float)) and not isinstance(answer, bool) and answer == answer
+
+
 def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
     """Exercise: the smallest ||dW - dW*||_F any rank-r LoRA update can reach, for a target
     with these singular values (computed by hand from the spectrum)."""
@@ -229,6 +233,10 @@ def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
 
     S = [float(s) for s in singular_values]
     expected = float(low_rank_error(S, min(r, len(S)), norm="fro"))
+    if _is_blank(answer):
+        return _not_filled_in(f"my_floor: the error left by the best rank-{r} update")
+    if not _is_number(answer):
+        return report(False, f"you said {answer!r}; give a number: the error left by the best rank-{r} update.")
     if abs(answer - expected) <= 1e-3 * max(1.0, expected):
         return report(True, f"{expected:.4f} = sqrt of the sum of the squared singular values "
                             f"after the first {r}: the directions a rank-{r} update must leave out.")
@@ -243,15 +251,17 @@ def check_alpha_for_scaling(answer: float, r: int, scaling: float, use_rslora: b
     rsLoRA)? Checked against a real LoRALinear built with the learner's alpha."""
     from .lora import LoRALinear
 
+    rule = "alpha / sqrt(r)" if use_rslora else "alpha / r"
+    if _is_blank(answer):
+        return _not_filled_in(f"the alpha that gives scaling {rule} = {scaling:g} at r={r}")
     try:
         layer = LoRALinear(r, r, r=r, alpha=answer, use_rslora=use_rslora)
     except (TypeError, ValueError) as e:
         return report(False, f"LoRALinear refused alpha={answer!r}: {e}")
     if abs(layer.scaling - scaling) <= 1e-6 * scaling:
-        rule = "alpha / sqrt(r)" if use_rslora else "alpha / r"
         return report(True, f"alpha={answer:g} gives scaling {rule} = {layer.scaling:g} at r={r}.")
     return report(False, f"alpha={answer:g} gives scaling {layer.scaling:g}, not {scaling:g}; "
-                         f"solve scaling = alpha / {'sqrt(r)' if use_rslora else 'r'} for alpha.")
+                         f"solve scaling = {rule} for alpha.")
 
 
 def check_smallest_rank(answer: int, singular_values, max_relative_error: float) -> bool:
@@ -263,14 +273,69 @@ def check_smallest_rank(answer: int, singular_values, max_relative_error: float)
     total = sum(s * s for s in S) ** 0.5
     floors = [float(low_rank_error(S, r, norm="fro")) / total for r in range(len(S) + 1)]
     expected = next(r for r, f in enumerate(floors) if f <= max_relative_error)
-    if answer == expected:
+    if _is_blank(answer):
+        return _not_filled_in("my_rank: an int rank")
+    if isinstance(answer, int) and not isinstance(answer, bool) and answer == expected:
         return report(True, f"r={expected}: its floor is {floors[expected]:.3f} of ||dW*||, and "
                             f"r={expected - 1} leaves {floors[expected - 1]:.3f}." if expected > 0
                       else "r=0: the target is already that small.")
-    if isinstance(answer, int) and 0 <= answer <= len(S):
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer <= len(S):
         side = "too small: its floor is" if answer < expected else "more than needed; already r={} reaches".format(expected)
         return report(False, f"r={answer} is {side} {floors[min(answer, expected)]:.3f} of ||dW*||.")
-    return report(False, f"answer with an int rank between 0 and {len(S)}.")
+    return report(False, f"you said {answer!r}; answer with an int rank between 0 and {len(S)}.")
+
+
+def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, step: int = 10) -> bool:
+    """Exercise: ||dW||_F after `step` constant-rate Adam steps at each rank in `ranks` with
+    alpha = 2 r (scaling alpha / r = 2 at every rank), on `target`. Checked by re-running them."""
+    from .experiments import loglog_slope, train_lora
+
+    ranks = list(ranks)
+    if _is_blank(answer):
+        return _not_filled_in(f"one ||dW||_F per rank in {ranks}, after {step} Adam steps at lr={lr:g} with alpha = 2 * r")
+    try:
+        sizes = [float(x) for x in answer]
+    except (TypeError, ValueError):
+        return report(False, f"give a list of {len(ranks)} numbers (one ||dW||_F per rank), not {answer!r}.")
+    if len(sizes) != len(ranks):
+        return report(False, f"you gave {len(sizes)} numbers for {len(ranks)} ranks {ranks}.")
+
+    def measured(alpha_of_r):
+        return [train_lora(target, r, alpha_of_r(r), lr, step, schedule="constant").update_norms[step] for r in ranks]
+
+    def close(a, b):
+        return all(abs(x - y) <= 2e-2 * y for x, y in zip(a, b))
+
+    expected = measured(lambda r: 2 * r)
+    if close(sizes, expected):
+        slope = loglog_slope(ranks, expected)
+        trend = "grows" if slope > 0 else "shrinks"
+        return report(True, f"with the scaling held at 2, the early update {trend} with r (about r^{slope:+.1f}): "
+                            "the shrinking under a fixed alpha was alpha / r's doing. What is left comes from A: "
+                            "dW = scaling * B A adds up r random rank-one pieces.")
+    if close(sizes, measured(lambda r: 8)):
+        return report(False, "those are section 3's sizes at a fixed alpha = 8; set alpha = 2 * r at each rank.")
+    return report(False, f"these are not the sizes after {step} steps; train each rank with "
+                         f"train_lora(target, r, 2 * r, {lr:g}, {step}, schedule='constant') and read update_norms[{step}].")
+
+
+def check_early_stopping(answer, task, r: int = 64, steps: int = 50, lr: float = 3e-2) -> bool:
+    """Exercise: test MSE of a rank-r LoRA trained for only `steps` steps on `task` (a small
+    RegressionTask), checked by re-running it; the verdict compares it with no fine-tuning."""
+    from .experiments import train_lora
+
+    if _is_blank(answer):
+        return _not_filled_in(f"the test MSE of rank {r} after {steps} steps")
+    if not _is_number(answer):
+        return report(False, f"you said {answer!r}; give the test MSE (a number) of rank {r} after {steps} steps.")
+    run = train_lora(task.target, r, lr=lr, steps=steps, task=task)
+    base = (task.X_test @ task.target.W0.T - task.Y_test).square().mean().item()  # W0 alone, no fine-tuning
+    if abs(answer - run.test_loss) > 1e-2 * run.test_loss:
+        return report(False, f"you said {answer:.3f}; train_lora(target, {r}, lr={lr:g}, steps={steps}, task=...) "
+                             "and read its test_loss.")
+    verdict = ("still worse than" if run.test_loss > base else "better than")
+    return report(True, f"r={r} after {steps} steps tests at {run.test_loss:.2f}, {verdict} no fine-tuning "
+                        f"({base:.2f}) on these {task.n_train} examples.")
 
 
 # --- notebook 05: LoRA inside a transformer ---------------------------------------------

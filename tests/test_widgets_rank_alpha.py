@@ -10,8 +10,14 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from lora_course.checks import check_alpha_for_scaling, check_eckart_young_floor, check_smallest_rank
-from lora_course.experiments import make_low_rank_target
+from lora_course.checks import (
+    check_alpha_for_scaling,
+    check_early_stopping,
+    check_eckart_young_floor,
+    check_fixed_scaling_update_sizes,
+    check_smallest_rank,
+)
+from lora_course.experiments import make_low_rank_target, make_regression_task, train_lora
 from lora_course.lowrank import low_rank_error
 from lora_course.widgets import rank_alpha_view, rank_alpha_widget
 
@@ -97,3 +103,50 @@ def test_checks_accept_right_answers_and_explain_wrong_ones(capsys):
     assert check_smallest_rank(3, S, 0.2)
     assert not check_smallest_rank(2, S, 0.2) and not check_smallest_rank(4, S, 0.2)
     assert not check_smallest_rank(9, S, 0.2)
+    assert not check_smallest_rank(3.0, S, 0.2) and not check_smallest_rank(True, S, 0.2)
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_checks_say_not_yet_to_a_blank_answer(blank, target, capsys):
+    S = [4.0, 3.0, 2.0, 1.0]
+    task = make_regression_task(target, n_train=32, n_test=64)
+    assert check_eckart_young_floor(blank, S, 2) is False
+    assert check_alpha_for_scaling(blank, 16, 2.0) is False
+    assert check_smallest_rank(blank, S, 0.2) is False
+    assert check_fixed_scaling_update_sizes(blank, target, [1, 2]) is False
+    assert check_early_stopping(blank, task) is False
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and all(line.startswith("Not yet: fill in") for line in out), out
+
+
+def test_checks_refuse_non_numbers_without_crashing(target, capsys):
+    task = make_regression_task(target, n_train=32, n_test=64)
+    assert not check_eckart_young_floor("2.29", [5, 3, 2, 1, 0.5], 2)
+    assert not check_eckart_young_floor(float("nan"), [5, 3, 2, 1, 0.5], 2)
+    assert not check_alpha_for_scaling("64", 32, 2.0)
+    assert not check_fixed_scaling_update_sizes("big", target, [1, 2])
+    assert not check_fixed_scaling_update_sizes([0.1], target, [1, 2])  # one number for two ranks
+    assert not check_early_stopping("0.5", task)
+    assert all(line.startswith("Not yet: ") for line in capsys.readouterr().out.splitlines())
+
+
+def test_fixed_scaling_checker_reruns_the_experiment(target, capsys):
+    ranks = [1, 4, 16]
+    right = [train_lora(target, r, 2 * r, 1e-3, 10, schedule="constant").update_norms[10] for r in ranks]
+    assert check_fixed_scaling_update_sizes(right, target, ranks)
+    assert "grows with r" in capsys.readouterr().out  # scaling fixed at 2: the early update grows with r
+    assert right[0] < right[1] < right[2]
+    fixed_alpha = [train_lora(target, r, 8, 1e-3, 10, schedule="constant").update_norms[10] for r in ranks]
+    assert not check_fixed_scaling_update_sizes(fixed_alpha, target, ranks)
+    assert "alpha = 2 * r" in capsys.readouterr().out
+    assert not check_fixed_scaling_update_sizes([2 * x for x in right], target, ranks)
+
+
+def test_early_stopping_checker_reruns_the_experiment(target, capsys):
+    few = make_regression_task(target, n_train=128, noise_std=0.5, seed=1)
+    short = train_lora(target, 64, lr=3e-2, steps=50, task=few).test_loss
+    assert check_early_stopping(short, few)
+    out = capsys.readouterr().out
+    base = (few.X_test @ target.W0.T - few.Y_test).square().mean().item()
+    assert ("still worse than" in out) == (short > base) and f"{short:.2f}" in out
+    assert not check_early_stopping(short * 0.9, few)
