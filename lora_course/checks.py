@@ -146,7 +146,7 @@ def check_low_rank_error_fn(error_fn) -> bool:
         for r in range(len(S) + 1):
             got, problem = _call_learner_fn(error_fn, S.clone(), r)
             if problem:
-                return report(False, f"{problem} (for r = {r})")
+                return report(False, problem if problem.startswith("fill in") else f"{problem} (for r = {r})")
             want = float(low_rank_error(S, r, "fro"))
             if not _close(got, want, 1e-9, floor=1.0):
                 if _close(got, float(low_rank_error(S, r, "spectral")), 1e-9, floor=1.0):
