@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .fused import FusedLoRALinear
-from .lora import LoRALinear, _adaptable, _is_conv1d, _matches, lora_layers
+from .lora import LoRALinear, _adaptable, _is_conv1d, lora_layers, lora_scaling, matches_target
 
 __all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "adapter_config",
            "save_adapter", "load_adapter"]
@@ -87,7 +87,7 @@ def _target_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
     candidates = [n for n, m in model.named_modules() if n and not n.startswith(inside)
                   and (_adaptable(m) or isinstance(m, LoRALinear))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    if {n for n in candidates if _matches(n, leaves)} == set(layers):
+    if {n for n in candidates if matches_target(n, leaves)} == set(layers):
         return leaves
     return sorted(layers)
 
@@ -180,9 +180,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{file} is missing{hint}")
     try:
         return load_file(str(file))
-    except Exception as err:  # safetensors raises its own error types for truncated/garbled files
-        raise AdapterError(f"{file} could not be read as safetensors ({type(err).__name__}: {err}); "
-                           "the file is corrupt or truncated, save the adapter again") from None
+    except Exception as err:  # safetensors raises its own error types (and wording) for truncated/garbled files
+        raise AdapterError(f"{file} could not be read as safetensors: the file is corrupt or truncated, "
+                           "save the adapter again (the reader's own error is chained below)") from err
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -191,10 +191,6 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def _scaling(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
@@ -218,7 +214,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     else:
         tm = config["target_modules"]
         tm = tm if isinstance(tm, str) else list(tm)
-        targets = {n: m for n, m in model.named_modules() if n and _adaptable(m) and _matches(n, tm)}
+        targets = {n: m for n, m in model.named_modules() if n and _adaptable(m) and matches_target(n, tm)}
         if not targets:
             raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
                                f"{type(model).__name__}; this adapter was made for another architecture")
@@ -281,8 +277,9 @@ def _shape_of(module: nn.Module) -> tuple[int, int]:
 def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):
     """Check a PEFT (A, B) against a LoRA layer already in the model; return tensors in its layout."""
     want_r, _ = _peft_rank_alpha(layer)
-    if r != want_r or not math.isclose(_scaling(r, alpha, rslora), layer.scaling, rel_tol=1e-6):
-        raise AdapterError(f"{name}: adapter r={r}, lora_alpha={alpha} (scaling {_scaling(r, alpha, rslora):g}) but "
+    scaling = lora_scaling(alpha, r, rslora)
+    if r != want_r or not math.isclose(scaling, layer.scaling, rel_tol=1e-6):
+        raise AdapterError(f"{name}: adapter r={r}, lora_alpha={alpha} (scaling {scaling:g}) but "
                            f"the model's layer has r={want_r}, scaling {layer.scaling:g}; rebuild the layer to match")
     if not isinstance(layer, FusedLoRALinear):
         return A, B

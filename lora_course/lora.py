@@ -26,6 +26,8 @@ from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "lora_scaling",
+    "matches_target",
     "add_lora",
     "inject_adapters",
     "merge_lora",
@@ -67,6 +69,11 @@ def _check_hyperparameters(in_features: int, out_features: int, r, alpha, dropou
         raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}; use 0.0 for none, 0.05 is common")
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B A: alpha / r, or rsLoRA's alpha / sqrt(r), which keeps the update's size stable as r grows."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable rank-r update (alpha/r) * B @ A.
 
@@ -96,8 +103,7 @@ class LoRALinear(nn.Module):
         self.base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        # rsLoRA keeps the update's size stable as r grows: alpha / sqrt(r) instead of alpha / r.
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         # GPT-2's Conv1D stores its weight as (in, out): PEFT calls that fan_in_fan_out.
         self.fan_in_fan_out = _is_conv1d(base_layer)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -179,7 +185,7 @@ class LoRALinear(nn.Module):
         )
 
 
-def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
+def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
     """PEFT's rule: a string is a regex on the full name; a list matches the full name or a dotted suffix."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -216,7 +222,7 @@ def inject_adapters(
         target_modules = list(target_modules)
         if not target_modules:
             raise ValueError("target_modules is empty; name at least one layer, e.g. ['c_attn'] for GPT-2")
-    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, target_modules)]
     if not matched:
         raise _no_match_error(model, target_modules)
     for name, module in matched:

@@ -205,9 +205,11 @@ def test_corrupt_file_leaves_model_unchanged(saved, damage):
         file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01not safetensors" * 10)
     model = add_fused_lora(base_model(), ["c_attn"], r=2, alpha=4)  # a model that already has LoRA
     before = state_copy(model)
-    with pytest.raises(AdapterError, match="corrupt"):
+    with pytest.raises(AdapterError, match="corrupt") as err:
         load_adapter(model, saved)
     assert_bitwise_same(model, before)
+    if damage != "config":  # our message is ours; the reader's own error is chained, not pasted in
+        assert err.value.__cause__ is not None and str(err.value.__cause__) not in str(err.value)
 
 
 def test_existing_layer_with_other_rank_is_rejected(saved):
@@ -228,3 +230,16 @@ def test_missing_folder_and_no_lora():
 def test_adapter_is_small(saved):
     model_bytes = sum(p.numel() * p.element_size() for p in base_model().parameters())
     assert (saved / WEIGHTS_NAME).stat().st_size < model_bytes / 10
+
+
+def test_existing_layer_must_have_the_adapters_scaling(tmp_path):
+    ours = add_lora(base_model(), ["c_attn"], r=4, alpha=8, use_rslora=True)  # scaling 8 / sqrt(4) = 4
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path)
+    plain = add_lora(base_model(), ["c_attn"], r=4, alpha=8)  # same r, scaling 8 / 4 = 2
+    before = state_copy(plain)
+    with pytest.raises(AdapterError, match=r"\(scaling 4\) but .* scaling 2"):
+        load_adapter(plain, tmp_path)
+    assert_bitwise_same(plain, before)
+    same = load_adapter(add_lora(base_model(), ["c_attn"], r=4, alpha=8, use_rslora=True), tmp_path)
+    torch.testing.assert_close(logits(same), logits(ours), rtol=0, atol=1e-6)
