@@ -13,7 +13,10 @@ the frozen weights and the activations remain.
 
 `peak_memory(fn)` measures what a piece of code really allocates, on CUDA with the caching
 allocator's peak counter and on CPU by tracking every allocation the CPU allocator reports
-to the PyTorch profiler (see its docstring for why).
+to the PyTorch profiler (see its docstring for why). `measure_training_peak` applies it
+to a few AdamW steps of a model built inside the measurement (`train_steps`), and
+`generation_ms` times the other cost a learner compares, greedy generation, with
+`torch.utils.benchmark.Timer`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ __all__ = [
     "gpt2_activation_bytes",
     "gpt2_training_budget",
     "peak_memory",
+    "train_steps",
+    "measure_training_peak",
+    "generation_ms",
     "format_bytes",
     "lora_trainable_params",
     "compare_budgets",
@@ -358,6 +364,72 @@ def peak_memory(fn: Callable[[], Any], device=None) -> tuple[Any, int]:
         f"peak_memory measures 'cuda' or 'cpu', got {device.type!r}; "
         "on Apple MPS run the measurement on the CPU (device='cpu')"
     )
+
+
+def train_steps(model: torch.nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,
+                lr: float = 1e-4, seed: int = 0) -> float:
+    """AdamW on the trainable parameters, `steps` steps on one fixed random batch of token ids.
+
+    Enough to measure a training step's memory, or to move every LoRA B away from zero.
+    `model` is a causal LM taking `input_ids` and `labels` (e.g. `GPT2LMHeadModel`); the
+    batch (batch_size, seq_len) comes from a generator seeded with `seed`. The model is
+    left in eval mode; returns the last step's loss.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; add_lora(model, ...) or unfreeze some first")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g).to(params[0].device)
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.item()
+
+
+def measure_training_peak(build: Callable[[], torch.nn.Module], steps: int = 3, *, batch_size: int = 4,
+                          seq_len: int = 32, lr: float = 1e-4, device="cpu") -> tuple[torch.nn.Module, int]:
+    """Build a model with `build()` and `train_steps` it, all inside `peak_memory`: (model, peak bytes).
+
+    Building inside the measurement lets the CPU count see every byte the step frees (see
+    `peak_memory`), so the figure is the whole training step: weights, gradients, AdamW
+    state and activations. Compare it with `gpt2_training_budget(model, ...).peak`.
+    """
+    def run():
+        model = build().to(device)
+        train_steps(model, steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
+        return model
+
+    return peak_memory(run, device=device)
+
+
+# --------------------------------------------------------------------------- inference time
+
+def generation_ms(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int = 16,
+                  min_run_time: float = 0.2) -> tuple[float, torch.Tensor]:
+    """Median milliseconds of greedy `model.generate(prompt)`, and the tokens it generated.
+
+    Timed with `torch.utils.benchmark.Timer.blocked_autorange`, which repeats the call for
+    at least `min_run_time` seconds and handles warm-up and thread settings. Sampling is
+    off, so every repeat generates the same tokens.
+    """
+    from torch.utils import benchmark
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=0)
+
+    model.eval()
+    tokens = generate()
+    timer = benchmark.Timer(stmt="generate()", globals={"generate": generate})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3, tokens
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

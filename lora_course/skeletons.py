@@ -1,4 +1,5 @@
-"""Model skeletons on the meta device: real module structure and shapes, no bytes of weights.
+"""Model skeletons on the meta device (real module structure and shapes, no bytes of weights),
+and the small randomly initialised GPT-2s that lessons train on a CPU.
 
 `torch.device("meta")` makes every tensor a shape without storage, so a 7-billion-parameter
 LLaMA builds in a second and `count_parameters` counts it exactly. Nothing is downloaded:
@@ -12,11 +13,14 @@ Table 2.1 (96 layers, d_model 12288, 96 heads, context 2048), built as a GPT-2 s
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
 __all__ = ["GPT2_SIZES", "MODEL_PRESETS", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "llama_13b_config",
-           "meta_model", "meta_gpt2", "meta_llama_7b", "preset_shape"]
+           "meta_model", "meta_gpt2", "meta_llama_7b", "meta_lora_counts", "preset_shape", "toy_gpt2_config",
+           "toy_gpt2"]
 
 # name: (n_layer, n_embd, n_head)
 GPT2_SIZES = {
@@ -59,6 +63,27 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def meta_lora_counts(config, adapt: Callable[[nn.Module], Any]) -> dict[str, int]:
+    """Parameters of `config`'s model after `adapt(model)` adds LoRA, counted on the meta device.
+
+    `adapt` is e.g. `lambda m: add_lora(m, ["q_proj", "v_proj"], r=8)`; it runs under
+    `torch.device("meta")`, so even GPT-3's shape costs no memory. Returns
+    {"trainable", "total", "base" (total without the adapter), "lora_A", "lora_B"}.
+    """
+    from .lora import count_parameters, lora_layers
+
+    model = meta_model(config)
+    with torch.device("meta"):
+        adapt(model)
+    layers = lora_layers(model).values()
+    if not layers:
+        raise ValueError("adapt(model) added no LoRA layer; it should call add_lora or add_fused_lora on the model")
+    trainable, total = count_parameters(model)
+    n_a = sum(layer.lora_A.numel() for layer in layers)
+    n_b = sum(layer.lora_B.numel() for layer in layers)
+    return {"trainable": trainable, "total": total, "base": total - n_a - n_b, "lora_A": n_a, "lora_B": n_b}
+
+
 def meta_gpt2(size: str = "small") -> nn.Module:
     """A GPT-2 of a published size on the meta device."""
     return meta_model(gpt2_config(size))
@@ -99,3 +124,34 @@ def preset_shape(name: str) -> tuple[int, int, int]:
         layers = getattr(config, "num_hidden_layers", None) or config.n_layer
         _SHAPES[name] = (n_params, d, layers)
     return _SHAPES[name]
+
+
+# --------------------------------------------------------------------------- small real models
+
+def toy_gpt2_config(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 256,
+                    n_positions: int = 64, **overrides):
+    """A small `GPT2Config` to train on a CPU in seconds, with dropout off.
+
+    No dropout makes every run deterministic and is what `memory.gpt2_activation_bytes`
+    counts (dropout masks would add a little). Token 0 doubles as BOS, EOS and padding.
+    """
+    from transformers import GPT2Config
+
+    return GPT2Config(**{
+        "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "vocab_size": vocab_size,
+        "n_positions": n_positions, "bos_token_id": 0, "eos_token_id": 0,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **overrides,
+    })
+
+
+def toy_gpt2(config=None, seed: int = 0) -> nn.Module:
+    """A randomly initialised `GPT2LMHeadModel` of `config` (default `toy_gpt2_config()`), in eval mode.
+
+    The same seed gives the same weights, so two calls give two copies of one "pretrained"
+    base model. The caller's random state is left as it was.
+    """
+    from transformers import GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config if config is not None else toy_gpt2_config()).eval()

@@ -7,7 +7,9 @@ transformers = pytest.importorskip("transformers")
 
 from lora_course.fused import FusedLoRALinear, add_fused_lora  # noqa: E402
 from lora_course.lora import LoRALinear, add_lora, count_parameters, merge_lora, trainable_parameters_line  # noqa: E402
-from lora_course.skeletons import gpt2_config, meta_gpt2, meta_llama_7b, meta_model  # noqa: E402
+from lora_course.lora import matches_target  # noqa: E402
+from lora_course.skeletons import (gpt2_config, llama_7b_config, meta_gpt2, meta_llama_7b, meta_lora_counts,  # noqa: E402
+                                   meta_model, toy_gpt2, toy_gpt2_config)
 
 
 def conv1d(d=16, seed=0):
@@ -104,3 +106,38 @@ def test_gpt2_medium_counts_on_meta():
     with torch.device("meta"):
         add_fused_lora(model, r=4)
     assert count_parameters(model)[0] == 24 * 2 * 4 * (1024 + 1024)
+
+
+def test_matches_target_follows_peft_rule():
+    assert matches_target("transformer.h.0.attn.c_attn", ["c_attn"])
+    assert matches_target("transformer.h.0.mlp.c_proj", ["c_proj"]) and matches_target("transformer.h.0.attn.c_proj", ["c_proj"])
+    assert not matches_target("transformer.h.0.mlp.c_proj", ["attn.c_proj"])
+    assert not matches_target("transformer.h.0.attn.xc_attn", ["c_attn"])  # a suffix must start at a dot
+    assert matches_target("transformer.h.11.attn.c_attn", r".*\.h\.(0|11)\.attn\.c_attn")  # a string is a regex
+    assert not matches_target("transformer.h.1.attn.c_attn", r".*\.h\.(0|11)\.attn\.c_attn")
+
+
+def test_meta_lora_counts_split_a_and_b_and_match_peft():
+    counts = meta_lora_counts(llama_7b_config(), lambda m: add_lora(m, ["q_proj", "v_proj"], r=8))
+    assert counts == {"trainable": 4_194_304, "total": 6_742_609_920, "base": 6_738_415_616,
+                      "lora_A": 2_097_152, "lora_B": 2_097_152}
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(meta_llama_7b(), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert theirs.get_nb_trainable_parameters() == (counts["trainable"], counts["total"])
+    fused = meta_lora_counts(gpt2_config("medium"), lambda m: add_fused_lora(m, ["c_attn"], r=1))
+    assert (fused["lora_A"], fused["lora_B"]) == (24 * 2 * 1024, 24 * 2 * 1024)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        meta_lora_counts(gpt2_config("small"), lambda m: None)
+
+
+def test_toy_gpt2_is_reproducible_and_leaves_the_random_state_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = toy_gpt2(seed=5), toy_gpt2(seed=5)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.transformer.wte.weight, toy_gpt2(seed=6).transformer.wte.weight)
+    assert not a.training and a.config.resid_pdrop == a.config.attn_pdrop == a.config.embd_pdrop == 0.0
+    wide = toy_gpt2(toy_gpt2_config(n_embd=128))
+    assert tuple(wide.transformer.h[0].attn.c_attn.weight.shape) == (128, 384)
