@@ -340,46 +340,58 @@ def check_early_stopping(answer, task, r: int = 64, steps: int = 50, lr: float =
 
 # --- notebook 05: LoRA inside a transformer ---------------------------------------------
 
-def check_llama_qkvo_params(answer: int) -> str:
+def _is_whole_number(answer) -> bool:
+    return isinstance(answer, int) and not isinstance(answer, bool)
+
+
+def check_llama_qkvo_params(answer) -> bool:
     """Exercise 05.1: trainable parameters of LoRA r=16 on q_proj, k_proj, v_proj, o_proj of LLaMA-7B."""
-    import torch
+    from .lora import add_lora
+    from .skeletons import llama_7b_config, meta_lora_counts
 
-    from .lora import add_lora, count_parameters
-    from .skeletons import meta_llama_7b
-
-    model = meta_llama_7b()
-    with torch.device("meta"):
-        add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=16)
-    truth = count_parameters(model)[0]
+    if _is_blank(answer):
+        return _not_filled_in("the number of trainable parameters (an int)")
+    if not _is_whole_number(answer):
+        return report(False, f"you gave {answer!r}; answer with a whole number of parameters (an int).")
+    truth = meta_lora_counts(llama_7b_config(),
+                             lambda m: add_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj"], r=16))["trainable"]
     if answer == truth:
-        return f"Correct: {truth:,d} = 32 layers x 4 projections x r (d_in + d_out)."
-    return f"Not yet: you gave {answer:,d}. Each adapted (d_out x d_in) weight adds r (d_in + d_out); count layers and targets."
+        return report(True, f"{truth:,d} = 32 layers x 4 projections x r (d_in + d_out).")
+    return report(False, f"you gave {answer:,d}. Each adapted (d_out x d_in) weight adds r (d_in + d_out); "
+                         "count layers and targets.")
 
 
-def check_full_finetune_bytes(answer: int) -> str:
+def check_full_finetune_bytes(answer) -> bool:
     """Exercise 05.2: bytes of weights + gradients + AdamW state for full fp32 fine-tuning of GPT-2 small."""
     from .memory import training_budget
     from .skeletons import preset_shape
 
+    if _is_blank(answer):
+        return _not_filled_in("the number of bytes (an int)")
+    if not _is_whole_number(answer):
+        return report(False, f"you gave {answer!r}; answer with a whole number of bytes (an int).")
     n_params = preset_shape("GPT-2 small (124M)")[0]
     truth = training_budget(n_params, precision="fp32", optimizer="adamw").total
     if answer == truth:
-        return f"Correct: {truth:,d} bytes = 16 bytes x {n_params:,d} parameters."
-    return (f"Not yet: you gave {answer:,d}. In fp32 a weight is 4 bytes, its gradient 4, AdamW's two moments 8: "
-            "multiply by the parameter count (tied embeddings count once).")
+        return report(True, f"{truth:,d} bytes = 16 bytes x {n_params:,d} parameters.")
+    return report(False, f"you gave {answer:,d}. In fp32 a weight is 4 bytes, its gradient 4, AdamW's two moments 8: "
+                         "multiply by the parameter count (tied embeddings count once).")
 
 
-def check_fused_untouched_rows(start: int, stop: int, d: int = 768) -> str:
+def check_fused_untouched_rows(start, stop, d: int = 768) -> bool:
     """Exercise 05.3: which output features [start, stop) of GPT-2's c_attn does a q,v fused adapter never change?"""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     from .fused import FusedLoRALinear
 
+    if _is_blank(start) or _is_blank(stop):
+        return _not_filled_in("start and stop (two ints, the untouched rows are start..stop-1)")
     layer = FusedLoRALinear.from_linear(Conv1D(3 * d, d), r=1, alpha=1)
     torch.nn.init.ones_(layer.lora_B)
     zero_rows = (layer.delta_weight() == 0).all(dim=1).nonzero().flatten()
     truth = (int(zero_rows[0]), int(zero_rows[-1]) + 1)
     if (start, stop) == truth:
-        return f"Correct: rows {truth[0]}..{truth[1] - 1}, the k slice, get exactly zero update."
-    return "Not yet: c_attn's output is [q | k | v], each d wide; which slice did enable_lora=(True, False, True) leave out?"
+        return report(True, f"rows {truth[0]}..{truth[1] - 1}, the k slice, get exactly zero update.")
+    return report(False, "c_attn's output is [q | k | v], each d wide; which slice did enable_lora=(True, False, True) "
+                         "leave out?")

@@ -10,8 +10,11 @@ from lora_course.memory import (
     format_bytes,
     gpt2_activation_bytes,
     gpt2_training_budget,
+    generation_ms,
     lora_trainable_params,
+    measure_training_peak,
     peak_memory,
+    train_steps,
     training_budget,
 )
 
@@ -93,37 +96,72 @@ def test_peak_memory_propagates_errors():
         peak_memory(lambda: (_ for _ in ()).throw(RuntimeError("boom")), device="cpu")
 
 
-def tiny_config():
-    transformers = pytest.importorskip("transformers")
-    return transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=2048, n_positions=64,
-                                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+def tiny_config(**shape):
+    pytest.importorskip("transformers")
+    from lora_course.skeletons import toy_gpt2_config
+
+    return toy_gpt2_config(**{"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 2048, **shape})
 
 
+# The first shape is the one the per-token counts were read from (saved-tensor hooks); the
+# second differs in depth, width, heads, vocabulary, batch, sequence and LoRA targets.
+SHAPES = {
+    "calibration": (dict(), 4, 32, ["c_attn"], 8),
+    "unseen": (dict(n_layer=6, n_embd=96, n_head=3, vocab_size=1000, n_positions=128), 2, 100, ["c_attn", "mlp.c_fc"], 4),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("lora", [False, True])
-def test_prediction_within_15_percent_of_measured(lora):
-    from transformers import GPT2LMHeadModel
-
+def test_prediction_within_15_percent_of_measured(lora, shape):
     from lora_course.lora import add_lora
+    from lora_course.skeletons import toy_gpt2
 
-    batch, seq = 4, 32
+    overrides, batch, seq, targets, r = SHAPES[shape]
 
-    def train():
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(tiny_config())
-        if lora:
-            add_lora(model, ["c_attn"], r=8, alpha=16)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        x = torch.randint(0, 2048, (batch, seq))
-        for _ in range(3):
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return model
+    def build():
+        model = toy_gpt2(tiny_config(**overrides))
+        return add_lora(model, targets, r=r, alpha=2 * r) if lora else model
 
-    model, measured = peak_memory(train, device="cpu")
+    model, measured = measure_training_peak(build, batch_size=batch, seq_len=seq)
     predicted = gpt2_training_budget(model, batch, seq).peak
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_train_steps_moves_lora_and_lowers_the_loss():
+    from lora_course.lora import add_lora, lora_layers
+    from lora_course.skeletons import toy_gpt2
+
+    model = add_lora(toy_gpt2(), ["c_attn"], r=4, alpha=8)
+    first = train_steps(model, 1, lr=1e-2)
+    last = train_steps(model, 20, lr=1e-2)
+    assert last < first
+    assert all(torch.count_nonzero(layer.lora_B) > 0 for layer in lora_layers(model).values())
+    assert not model.training
+    assert torch.equal(toy_gpt2().transformer.wte.weight, model.transformer.wte.weight)  # frozen stays frozen
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_steps(toy_gpt2().requires_grad_(False))
+    with pytest.raises(ValueError, match="steps"):
+        train_steps(toy_gpt2(), 0)
+
+
+def test_measured_peak_grows_with_the_batch():
+    from lora_course.skeletons import toy_gpt2
+
+    _, small = measure_training_peak(toy_gpt2, steps=1, batch_size=1, seq_len=16)
+    _, large = measure_training_peak(toy_gpt2, steps=1, batch_size=8, seq_len=64)
+    assert 0 < small < large
+
+
+def test_generation_ms_times_greedy_generation():
+    from lora_course.skeletons import toy_gpt2
+
+    model = toy_gpt2()
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    ms, tokens = generation_ms(model, prompt, max_new_tokens=5, min_run_time=0.05)
+    assert ms > 0 and tokens.shape == (1, 9)
+    assert torch.equal(tokens[:, :4], prompt)
+    assert torch.equal(generation_ms(model, prompt, max_new_tokens=5, min_run_time=0.05)[1], tokens)  # greedy
 
 
 def test_activation_estimate_lora_saves_less():
@@ -155,15 +193,67 @@ def test_memory_widget_logic_headless():
         memory_budget_view(model="LLaMA-1T")
 
 
-def test_notebook_05_checks():
+def test_notebook_05_checks(capsys):
     from lora_course.checks import check_full_finetune_bytes, check_fused_untouched_rows, check_llama_qkvo_params
 
-    assert check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)).startswith("Correct")
-    assert check_llama_qkvo_params(4_194_304).startswith("Not yet")
-    assert check_full_finetune_bytes(16 * 124_439_808).startswith("Correct")
-    assert check_full_finetune_bytes(12 * 124_439_808).startswith("Not yet")
-    assert check_fused_untouched_rows(768, 1536).startswith("Correct")
-    assert check_fused_untouched_rows(0, 768).startswith("Not yet")
+    def verdict(result, expected):
+        out = capsys.readouterr().out
+        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
+        return out
+
+    verdict(check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)), True)
+    verdict(check_llama_qkvo_params(4_194_304), False)
+    verdict(check_full_finetune_bytes(16 * 124_439_808), True)
+    verdict(check_full_finetune_bytes(12 * 124_439_808), False)
+    verdict(check_fused_untouched_rows(768, 1536), True)
+    verdict(check_fused_untouched_rows(0, 768), False)
+    # A blank answer (None or ...) or a non-int gets "Not yet" with what to do, never a crash.
+    for blank in (None, ...):
+        assert "fill in" in verdict(check_llama_qkvo_params(blank), False)
+        assert "fill in" in verdict(check_full_finetune_bytes(blank), False)
+        assert "fill in" in verdict(check_fused_untouched_rows(blank, 1536), False)
+        assert "fill in" in verdict(check_fused_untouched_rows(768, blank), False)
+    assert "int" in verdict(check_llama_qkvo_params("16 million"), False)
+    assert "int" in verdict(check_full_finetune_bytes(1.99e9), False)
+    verdict(check_llama_qkvo_params(True), False)
+
+
+# Which layers each MEMORY_TARGETS entry adapts: GPT-2's q, k, v are slices of c_attn, o is attn.c_proj.
+_GPT2_SLICES = {"q": (True, False, False), "q, v": (True, False, True), "q, k, v": (True, True, True),
+                "q, k, v, o": (True, True, True)}
+_LLAMA_TARGETS = {"q": ["q_proj"], "q, v": ["q_proj", "v_proj"], "q, k, v": ["q_proj", "k_proj", "v_proj"],
+                  "q, k, v, o": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def _adapt(config, targets, r):
+    from lora_course.fused import add_fused_lora
+    from lora_course.lora import add_lora
+
+    if config.model_type == "llama":
+        return lambda m: add_lora(m, _LLAMA_TARGETS[targets], r=r)
+
+    def gpt2(m):
+        add_fused_lora(m, ["c_attn"], enable_lora=_GPT2_SLICES[targets], r=r)
+        if targets.endswith("o"):
+            add_lora(m, ["attn.c_proj"], r=r)  # freezes everything else, c_attn's adapter too:
+            for name, p in m.named_parameters():
+                p.requires_grad_("lora_" in name)  # so train every adapter again
+    return gpt2
+
+
+@pytest.mark.parametrize("model", ["GPT-2 small (124M)", "GPT-2 large (774M)", "LLaMA-7B", "LLaMA-13B", "GPT-3 175B"])
+def test_widget_closed_form_equals_meta_device_count(model):
+    """The widget's closed form r (d + d) per projection, against LoRA layers built on the meta device."""
+    from lora_course.skeletons import MODEL_PRESETS, meta_lora_counts, preset_shape
+    from lora_course.widgets import MEMORY_TARGETS, memory_budget_view
+
+    config = MODEL_PRESETS[model]()
+    n_params, _, _ = preset_shape(model)
+    for targets in MEMORY_TARGETS:
+        counts = meta_lora_counts(config, _adapt(config, targets, r=8))
+        view = memory_budget_view(model, r=8, targets=targets)
+        assert view["trainable"] == counts["trainable"], (model, targets)
+        assert counts["base"] == n_params
 
 
 def test_profiler_notices_are_filtered_but_other_stderr_is_kept(capfd):
