@@ -11,7 +11,7 @@ Storing M_r as two thin factors costs (d + k) r numbers instead of d k: this is 
 saving LoRA makes when it writes a weight update as B A.
 
 References: Eckart & Young, "The approximation of one matrix by another of lower rank"
-(1936); Roy & Vetterli, "The effective rank: a measure of effective dimensionality"
+(1936); Mirsky, "Symmetric gauge functions and unitarily invariant norms" (1960); Roy & Vetterli, "The effective rank: a measure of effective dimensionality"
 (EUSIPCO 2007); Rudelson & Vershynin, "Sampling from large matrices" (2007) for the
 stable rank; Hu et al., "LoRA" (2021), arXiv:2106.09685, Eq. 4 for subspace similarity.
 """
@@ -97,7 +97,7 @@ def truncated_svd(M, r: int, svd=None) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def best_rank_r(M, r: int, svd=None) -> torch.Tensor:
-    """The best rank-r approximation of M (Eckart-Young): U_r diag(S_r) Vh_r.  # (d, k)
+    """The best rank-r approximation of M (Eckart-Young-Mirsky): U_r diag(S_r) Vh_r.  # (d, k)
 
     `svd`: M's thin SVD (U, S, Vh) if already computed, to skip recomputing it.
     """
