@@ -240,7 +240,10 @@ def inject_adapters(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
-    model.requires_grad_(False)
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():  # freeze the base model; adapters added earlier keep their setting
+        if id(p) not in adapters:
+            p.requires_grad_(False)
     for name, layer in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -237,3 +237,10 @@ def test_add_lora_with_bad_hyperparameters_leaves_the_model_untouched():
     assert isinstance(model.up, nn.Linear) and isinstance(model.down, nn.Linear)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1]
+
+
+def test_a_second_add_lora_keeps_the_first_adapter_trainable():
+    model = add_lora(MLP(), ["up"], r=2)
+    add_lora(model, ["down"], r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"up.lora_A", "up.lora_B", "down.lora_A", "down.lora_B"}
