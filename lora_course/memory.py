@@ -39,6 +39,7 @@ __all__ = [
     "gpt2_activation_bytes",
     "gpt2_training_budget",
     "peak_memory",
+    "optimizer_state_bytes",
     "train_steps",
     "measure_training_peak",
     "generation_ms",
