@@ -395,3 +395,43 @@ def check_fused_untouched_rows(start, stop, d: int = 768) -> bool:
         return report(True, f"rows {truth[0]}..{truth[1] - 1}, the k slice, get exactly zero update.")
     return report(False, "c_attn's output is [q | k | v], each d wide; which slice did enable_lora=(True, False, True) "
                          "leave out?")
+
+
+# --- notebook 06: fine-tuning GPT-2 ------------------------------------------------------
+
+def check_gpt2_c_attn_lora_params(answer: int, r: int = 8) -> str:
+    """Exercise 06.1: trainable parameters of LoRA rank r on c_attn of GPT-2 124M, counted on the meta device."""
+    import torch
+
+    from .lora import add_lora, count_parameters
+    from .skeletons import meta_gpt2
+
+    model = meta_gpt2("small")
+    with torch.device("meta"):
+        add_lora(model, ["c_attn"], r=r)
+    truth = count_parameters(model)[0]
+    if answer == truth:
+        return f"Correct: {truth:,d} = 12 layers x r x (768 + 2304), c_attn mapping d to 3d."
+    return f"Not yet: you gave {answer:,d}. One adapted (d_out x d_in) weight adds r (d_in + d_out); c_attn is 768 -> 2304, in 12 layers."
+
+
+def check_adam_moment_bytes(answer: int, n_trainable: int) -> str:
+    """Exercise 06.2: bytes of AdamW's two fp32 moments for `n_trainable` trainable parameters."""
+    from .memory import training_budget
+
+    truth = training_budget(n_trainable, precision="fp32", optimizer="adamw").optimizer
+    if answer == truth:
+        return f"Correct: {truth:,d} bytes = 2 moments x 4 bytes x {n_trainable:,d} trainable parameters."
+    return f"Not yet: you gave {answer:,d}. AdamW keeps exp_avg and exp_avg_sq, each fp32 (4 bytes), per trainable parameter."
+
+
+def check_task_sentence(record, text: str) -> str:
+    """Exercise 06.3: does `text` realise every field of `record` (notebook 06's slot accuracy)?"""
+    from .data import slot_phrases, slots_realized
+
+    hits = slots_realized(text, record)
+    missing = [k for k, ok in hits.items() if not ok]
+    if not missing:
+        return f"Correct: all {len(hits)} slots realised, slot accuracy 1.0."
+    wanted = ", ".join(repr(slot_phrases(record)[k]) for k in missing)
+    return f"Not yet: slot accuracy {1 - len(missing) / len(hits):.2f}; missing {missing}: the metric looks for {wanted}."

@@ -5,12 +5,11 @@ In the spirit of the E2E NLG data-to-text task that the LoRA paper fine-tunes GP
 as many examples as you like, scored exactly) and set in the domain the course's small
 model was pretrained on, Python's documentation. A record such as
 
-    name: sorted | kind: function | args: 2 | returns: list | raises: TypeError | version: 3.8
+    name: sorted | kind: function | args: 2
 
 must become
 
-    sorted is a function that takes two arguments and returns list. It raises TypeError
-    on bad input. New in version 3.8.
+    sorted is a function that takes two arguments.
 
 Most fields are copied, `args` must be put into words (2 -> "two"), and the sentence
 has a fixed shape the model never saw in pretraining. The metric is *slot accuracy*:
@@ -46,6 +45,7 @@ __all__ = [
     "slot_phrases",
     "slots_realized",
     "slot_accuracy",
+    "slot_accuracy_by_field",
     "exact_match",
     "encode_example",
     "collate",
@@ -54,34 +54,30 @@ __all__ = [
     "evaluate_task",
 ]
 
-# Every field's possible values (a closed set each, as in E2E).
+# Every field's possible values (a closed set each, as in E2E). Each value is one common
+# word of Python's documentation, so that prompts and sentences have the same length for
+# every record under a byte-level BPE trained on it (the course's shipped model).
 FIELD_VALUES: dict[str, tuple[str, ...]] = {
     "name": (
-        "sorted", "open", "print", "len", "zip", "map", "filter", "range", "round", "format",
+        "sorted", "open", "print", "zip", "map", "filter", "range", "round", "format",
         "split", "join", "append", "update", "insert", "remove", "read", "write", "close",
         "encode", "decode", "copy", "pop", "clear", "index", "count", "keys", "items",
-        "values", "get", "extend", "reverse", "strip", "replace", "find", "lower",
+        "values", "get", "reverse", "sort", "replace", "find", "lower", "upper", "send",
     ),
-    "kind": ("function", "method", "coroutine", "generator"),
-    "args": ("0", "1", "2", "3", "4"),
-    "returns": ("list", "str", "int", "tuple", "dict", "bool", "float", "bytes", "None", "iterator"),
-    "raises": ("ValueError", "TypeError", "KeyError", "IndexError", "OSError", "RuntimeError"),
-    "version": ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13"),
+    "kind": ("function", "method", "class", "generator", "coroutine", "property"),
+    "args": ("0", "1", "2", "3"),
 }
 
-ARGS_IN_WORDS = {"0": "no arguments", "1": "one argument", "2": "two arguments", "3": "three arguments", "4": "four arguments"}
+ARGS_IN_WORDS = {"0": "no arguments", "1": "one argument", "2": "two arguments", "3": "three arguments"}
 
 
 @dataclass(frozen=True)
 class Record:
-    """One record describing a (made-up) Python API: six fields, each from a closed set."""
+    """One record describing a (made-up) Python API: three fields, each from a closed set."""
 
     name: str
     kind: str
     args: str
-    returns: str
-    raises: str
-    version: str
 
     def __post_init__(self):
         for f in fields(self):
@@ -102,10 +98,7 @@ def format_prompt(record: Record) -> str:
 
 def format_target(record: Record) -> str:
     """The reference sentence (what the loss is computed on), with a leading space."""
-    return (
-        f" {record.name} is a {record.kind} that takes {ARGS_IN_WORDS[record.args]} and returns "
-        f"{record.returns}. It raises {record.raises} on bad input. New in version {record.version}."
-    )
+    return f" {record.name} is a {record.kind} that takes {ARGS_IN_WORDS[record.args]}."
 
 
 def slot_phrases(record: Record) -> dict[str, str]:
@@ -113,10 +106,7 @@ def slot_phrases(record: Record) -> dict[str, str]:
     return {
         "name": f"{record.name} is a",
         "kind": f"a {record.kind} that",
-        "args": f"takes {ARGS_IN_WORDS[record.args]}",
-        "returns": f"returns {record.returns}.",
-        "raises": f"raises {record.raises} on",
-        "version": f"New in version {record.version}.",
+        "args": f"takes {ARGS_IN_WORDS[record.args]}.",
     }
 
 
@@ -137,8 +127,15 @@ def _check_pairs(texts: Sequence[str], records: Sequence[Record]) -> None:
 def slot_accuracy(texts: Sequence[str], records: Sequence[Record]) -> float:
     """Mean over records of the share of fields realised exactly (0 to 1)."""
     _check_pairs(texts, records)
-    scores = [sum(slots_realized(t, r).values()) / len(FIELD_NAMES) for t, r in zip(texts, records)]
+    scores = [sum(hits := slots_realized(t, r).values()) / len(hits) for t, r in zip(texts, records)]
     return sum(scores) / len(scores)
+
+
+def slot_accuracy_by_field(texts: Sequence[str], records: Sequence[Record]) -> dict[str, float]:
+    """For each field, the share of records whose phrase for it appears in the text."""
+    _check_pairs(texts, records)
+    hits = [slots_realized(t, r) for t, r in zip(texts, records)]
+    return {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
 
 
 def exact_match(texts: Sequence[str], records: Sequence[Record]) -> float:
@@ -148,7 +145,7 @@ def exact_match(texts: Sequence[str], records: Sequence[Record]) -> float:
 
 
 def n_records() -> int:
-    """How many different records exist (36*4*5*10*6*6 = 259,200)."""
+    """How many different records exist (36*6*4 = 864)."""
     n = 1
     for k in FIELD_NAMES:
         n *= len(FIELD_VALUES[k])
@@ -198,7 +195,7 @@ def all_records() -> RecordSet:
     return RecordSet(range(n_records()))
 
 
-def make_splits(n_validation: int = 256, n_test: int = 256, seed: int = 0) -> TaskSplits:
+def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0) -> TaskSplits:
     """Shuffle all records with `seed`, cut off test, then validation; the rest trains."""
     n = n_records()
     if n_validation < 1 or n_test < 1:
@@ -295,6 +292,10 @@ def generate(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 
 
 
 def evaluate_task(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 40) -> dict[str, float]:
-    """Greedy-decode every record; return slot accuracy and exact match."""
+    """Greedy-decode every record; return slot accuracy, exact match and accuracy by field."""
     texts = generate(model, tokenizer, records, max_new_tokens=max_new_tokens)
-    return {"slot_accuracy": slot_accuracy(texts, records), "exact_match": exact_match(texts, records)}
+    return {
+        "slot_accuracy": slot_accuracy(texts, records),
+        "exact_match": exact_match(texts, records),
+        "by_field": slot_accuracy_by_field(texts, records),
+    }

@@ -293,3 +293,44 @@ def memory_budget_widget(model: str = "LLaMA-7B", r: int = 8, targets: str = "q,
         precision=w.ToggleButtons(options=["fp32", "bf16", "fp16"], value=precision, description="precision"),
         master_weights=w.Checkbox(value=False, description="fp32 master weights"),
     )
+
+
+# --- notebook 06: what each fine-tuned model writes for a record -------------------------
+
+def finetune_outputs_view(models: dict, tokenizer, **fields) -> dict:
+    """Greedy sentence and per-field check of each model for the record built from `fields`.
+
+    Returns {"record": Record, "outputs": {name: {"text": str, "slots": {field: bool}, "slot_accuracy": float}}}.
+    """
+    from .data import Record, generate, slots_realized
+
+    record = Record(**fields)
+    outputs = {}
+    for name, model in models.items():
+        text = generate(model, tokenizer, [record])[0]
+        slots = slots_realized(text, record)
+        outputs[name] = {"text": text, "slots": slots, "slot_accuracy": sum(slots.values()) / len(slots)}
+    return {"record": record, "outputs": outputs}
+
+
+def finetune_compare_widget(models: dict, tokenizer, **fields):
+    """Dropdowns for a record's fields; shows what every model writes and which slots it got."""
+    import html
+
+    import ipywidgets as w
+
+    from .data import FIELD_NAMES, FIELD_VALUES, format_prompt
+
+    start = {k: fields.get(k, FIELD_VALUES[k][0]) for k in FIELD_NAMES}
+
+    def show(**values):
+        view = finetune_outputs_view(models, tokenizer, **values)
+        rows = [f"<b>prompt</b>: <code>{html.escape(format_prompt(view['record']).strip())}</code>"]
+        for name, out in view["outputs"].items():
+            marks = " ".join(f"{k} {'&#10003;' if ok else '&#10007;'}" for k, ok in out["slots"].items())
+            rows.append(f"<b>{html.escape(name)}</b> (slot accuracy {out['slot_accuracy']:.2f}): "
+                        f"<code>{html.escape(out['text'])}</code><br><small>{marks}</small>")
+        display(w.HTML("<br>".join(rows)))  # noqa: F821 (IPython's display)
+
+    controls = {k: w.Dropdown(options=list(FIELD_VALUES[k]), value=start[k], description=k) for k in FIELD_NAMES}
+    return w.interactive(show, **controls)

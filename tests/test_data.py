@@ -22,7 +22,7 @@ from lora_course.data import (
     slots_realized,
 )
 
-REC = Record(name="sorted", kind="function", args="2", returns="list", raises="TypeError", version="3.8")
+REC = Record(name="sorted", kind="function", args="2")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tokenizer():
 
 def test_record_rejects_unknown_values():
     with pytest.raises(ValueError, match="kind='lambda'"):
-        Record(name="sorted", kind="lambda", args="2", returns="list", raises="TypeError", version="3.8")
+        Record(name="sorted", kind="lambda", args="2")
 
 
 def test_record_index_round_trip_covers_every_record():
@@ -52,7 +52,7 @@ def test_record_index_round_trip_covers_every_record():
     assert record_at(0) == Record(*(FIELD_VALUES[k][0] for k in FIELD_NAMES))
     assert record_at(n - 1) == Record(*(FIELD_VALUES[k][-1] for k in FIELD_NAMES))
     # neighbouring indices differ only in the last field
-    assert record_at(1).version == FIELD_VALUES["version"][1] and record_at(1).name == FIELD_VALUES["name"][0]
+    assert record_at(1).args == FIELD_VALUES["args"][1] and record_at(1).name == FIELD_VALUES["name"][0]
     with pytest.raises(IndexError):
         record_at(n)
 
@@ -80,12 +80,21 @@ def test_make_splits_rejects_bad_sizes():
         make_splits(n_validation=n_records(), n_test=1)
 
 
+def test_every_record_has_the_same_length_under_the_shipped_tokenizer():
+    """Fixed-length prompts and sentences: each field's value is one token of the shipped BPE."""
+    from transformers import AutoTokenizer
+
+    from lora_course.models import shipped_model_path
+
+    tok = AutoTokenizer.from_pretrained(shipped_model_path())
+    lengths = {(len(tok(format_prompt(r))["input_ids"]), len(tok(format_target(r))["input_ids"]))
+               for r in make_splits(200, 200, seed=2).test}
+    assert len(lengths) == 1, lengths
+
+
 def test_reference_sentence_realizes_every_slot():
     target = format_target(REC)
-    assert target == (
-        " sorted is a function that takes two arguments and returns list."
-        " It raises TypeError on bad input. New in version 3.8."
-    )
+    assert target == " sorted is a function that takes two arguments."
     assert all(slots_realized(target, REC).values())
     assert slot_accuracy([target], [REC]) == 1.0
     assert exact_match([target], [REC]) == 1.0
@@ -95,13 +104,12 @@ def test_metric_counts_each_wrong_slot():
     target = format_target(REC)
     wrong_args = target.replace("two arguments", "three arguments")
     assert slots_realized(wrong_args, REC) == {k: k != "args" for k in FIELD_NAMES}
-    assert slot_accuracy([wrong_args], [REC]) == pytest.approx(5 / 6)
+    assert slot_accuracy([wrong_args], [REC]) == pytest.approx(2 / 3)
     assert exact_match([wrong_args], [REC]) == 0.0
     # copying the prompt back is not the task
     assert slot_accuracy([format_prompt(REC)], [REC]) == 0.0
-    # a neighbouring version does not count (3.1 is not 3.10)
-    r310 = Record(**{**REC.__dict__, "version": "3.10"})
-    assert not slots_realized(format_target(REC).replace("3.8", "3.1"), r310)["version"]
+    # a phrase must match exactly, up to the full stop
+    assert not slots_realized(target.replace("arguments.", "arguments each."), REC)["args"]
     assert slot_accuracy([target, ""], [REC, REC]) == 0.5
 
 
@@ -131,7 +139,7 @@ def test_loss_only_on_target_tokens(tokenizer):
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer):
-    recs = [REC, Record(name="zip", kind="generator", args="0", returns="iterator", raises="OSError", version="3.13")]
+    recs = [REC, Record(name="zip", kind="generator", args="0")]
     batch = collate(tokenizer, recs)
     lengths = [len(encode_example(tokenizer, r)[0]) for r in recs]
     assert batch["input_ids"].shape == (2, max(lengths))

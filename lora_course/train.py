@@ -1,0 +1,334 @@
+"""One small, readable training loop for LoRA and for full fine-tuning.
+
+The loop does not know which one it runs: it trains whatever parameters have
+`requires_grad=True`. After `add_lora` those are the adapters' A and B; on a plain
+model they are all of them. Everything the lesson compares is measured here and kept
+in a `TrainRecord`: the loss curve, validation loss, tokens per second, time per step,
+peak memory, trainable parameters and the bytes of optimizer state (AdamW keeps two
+numbers, exp_avg and exp_avg_sq, per trainable parameter).
+
+Device: CUDA, then Apple MPS, then CPU (`lora_course.runtime.get_device`). On CUDA the
+forward pass runs under bf16 autocast (weights and optimizer stay in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Record, batches, collate
+from .runtime import get_device, seed_everything
+
+__all__ = [
+    "TrainConfig",
+    "TrainRecord",
+    "train",
+    "validation_loss",
+    "text_loss",
+    "optimizer_state_bytes",
+    "trainable_parameters",
+    "autocast_for",
+    "copy_lora_to_peft",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one run. Equal configs and seeds give equal batches."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 10% of lr
+    grad_clip: float | None = 1.0
+    eval_every: int = 0  # validation loss every N steps (0: only at the end)
+    n_eval: int = 64  # validation records used for the validation loss
+    seed: int = 0
+    device: str | None = None  # None: CUDA, then MPS, then CPU
+    bf16: bool | None = None  # None: bf16 autocast exactly when the device is CUDA
+    progress: bool = True  # tqdm progress bar
+    memory_steps: int = 2  # steps run under the peak-memory tracker (the rest are timed)
+    desc: str = "train"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "n_eval", "memory_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}; 1e-3 suits LoRA, 1e-4 full fine-tuning")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ValueError("warmup_steps and eval_every must be >= 0")
+
+
+@dataclass
+class TrainRecord:
+    """What one run measured. Times are wall-clock seconds on `device`."""
+
+    method: str
+    device: str
+    precision: str
+    steps: int
+    batch_size: int
+    losses: list[float] = field(default_factory=list)  # training loss at every step
+    val_steps: list[int] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+    optimizer_state_bytes: int = 0
+    peak_memory_bytes: int = 0  # above what was allocated when training started
+    train_seconds: float = 0.0  # timed training steps only (evaluation excluded)
+    timed_steps: int = 0  # steps after the memory probe, the ones timed
+    tokens: int = 0  # non-padding tokens seen in training
+
+    @property
+    def time_per_step(self) -> float:
+        return self.train_seconds / max(self.timed_steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.val_losses[-1] if self.val_losses else float("nan")
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else float("nan")
+
+    def summary(self) -> dict:
+        """The headline numbers, one flat dict (for tables)."""
+        return {
+            "method": self.method,
+            "device": self.device,
+            "precision": self.precision,
+            "steps": self.steps,
+            "final train loss": self.losses[-1] if self.losses else float("nan"),
+            "val loss": self.final_val_loss,
+            "trainable params": self.trainable_params,
+            "trainable %": 100 * self.trainable_fraction,
+            "optimizer state (bytes)": self.optimizer_state_bytes,
+            "peak memory (bytes)": self.peak_memory_bytes,
+            "time/step (ms)": 1000 * self.time_per_step,
+            "tokens/s": self.tokens_per_second,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer will update (those with requires_grad)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step)."""
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
+
+
+def autocast_for(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast on CUDA (or when asked), otherwise a no-op context."""
+    use = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batch_size: int = 32, bf16: bool | None = None) -> float:
+    """Mean cross-entropy per target token over `records` (prompt tokens not scored)."""
+    if not records:
+        raise ValueError("no validation records; pass at least one")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        batch = {k: v.to(device) for k, v in collate(tokenizer, records[start : start + batch_size]).items()}
+        with autocast_for(device, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, batch_size: int = 16, max_blocks: int | None = None, bf16: bool | None = None) -> float:
+    """Mean next-token cross-entropy on a long token stream, cut into blocks.
+
+    Used to measure forgetting: the loss on the pretraining model's held-out text
+    before and after fine-tuning.
+    """
+    token_ids = torch.as_tensor(token_ids).flatten()
+    n_blocks = (len(token_ids) - 1) // block_size
+    if n_blocks < 1:
+        raise ValueError(f"{len(token_ids)} tokens cannot fill one block of {block_size}; pass more text or a smaller block_size")
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    blocks = token_ids[: n_blocks * block_size].view(n_blocks, block_size)  # (N, block)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, n_blocks, batch_size):
+        x = blocks[start : start + batch_size].to(device)
+        with autocast_for(device, bf16):
+            logits = model(input_ids=x).logits  # (B, block, V)
+        total += nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+    model.train(was_training)
+    return total / (n_blocks * (block_size - 1))
+
+
+def _lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _peak_memory(fn, device):
+    from .memory import peak_memory  # one measurement of peak memory for the whole course
+
+    return peak_memory(fn, device=device)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainConfig | None = None,
+    method: str | None = None,
+) -> TrainRecord:
+    """Train `model` in place on the task; return what was measured.
+
+    LoRA or full fine-tuning is decided by which parameters require grad. `method`
+    names the run in tables (default: "LoRA" if only some parameters train, else "full").
+    """
+    config = config or TrainConfig()
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters; call add_lora(...) or model.requires_grad_(True)")
+    device = get_device(config.device)
+    model.to(device)
+    use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
+    total_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in params)
+    record = TrainRecord(
+        method=method or ("full" if n_trainable == total_params else "LoRA"),
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        precision="bf16 autocast" if use_bf16 else "fp32",
+        steps=config.steps,
+        batch_size=config.batch_size,
+        trainable_params=n_trainable,
+        total_params=total_params,
+    )
+    seed_everything(config.seed)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    data = batches(tokenizer, train_records, config.batch_size, seed=config.seed)
+    val_records = val_records[: config.n_eval]
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(index: int, timed: bool) -> None:
+        t0 = time.perf_counter()
+        batch = {k: v.to(device) for k, v in next(data).items()}
+        with autocast_for(device, use_bf16):
+            loss = model(**batch).loss  # mean cross-entropy over the target tokens
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record.losses.append(loss.item())  # .item() waits for the step to finish
+        if timed:
+            synchronize()
+            record.train_seconds += time.perf_counter() - t0
+            record.tokens += int(batch["attention_mask"].sum())
+            record.timed_steps += 1
+        bar.update()
+        bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
+        if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
+            record.val_steps.append(index + 1)
+            record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
+
+    model.train()
+    bar = tqdm(total=config.steps, desc=config.desc, disable=not config.progress)
+    # Peak memory over the first steps: the first step allocates the gradients and the
+    # optimizer state, so from then on every step looks the same. These steps run under
+    # the memory tracker (slower), so they are left out of the timing when there are others.
+    n_probe = min(config.memory_steps, config.steps)
+    timed_probe = n_probe == config.steps
+    _, record.peak_memory_bytes = _peak_memory(lambda: [step(i, timed_probe) for i in range(n_probe)], device)
+    for i in range(n_probe, config.steps):
+        step(i, True)
+    bar.close()
+    record.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    record.val_steps.append(config.steps)
+    record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
+    model.eval()
+    return record
+
+
+@torch.no_grad()
+def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> int:
+    """Copy every `LoRALinear`'s A and B into the matching layer of a PEFT model.
+
+    Use it right after `add_lora` and `get_peft_model` on two copies of the same base
+    model, so both start from identical adapters and any later difference comes from
+    the implementations. Returns the number of layers copied.
+    """
+    from .lora import lora_layers
+
+    layers = lora_layers(ours)
+    if not layers:
+        raise ValueError("the first model has no LoRALinear layers; call add_lora on it first")
+    inner = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
+    for name, layer in layers.items():
+        try:
+            ref = inner.get_submodule(name)
+            ref_A, ref_B = ref.lora_A[adapter_name].weight, ref.lora_B[adapter_name].weight
+        except (AttributeError, KeyError) as err:
+            raise ValueError(
+                f"the PEFT model has no LoRA adapter {adapter_name!r} at {name}; build it with "
+                "the same target_modules from the same base model"
+            ) from err
+        if ref_A.shape != layer.lora_A.shape or ref_B.shape != layer.lora_B.shape:
+            raise ValueError(
+                f"{name}: PEFT's A {tuple(ref_A.shape)} / B {tuple(ref_B.shape)} do not match ours "
+                f"{tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same r"
+            )
+        ref_A.copy_(layer.lora_A)  # (r, in)
+        ref_B.copy_(layer.lora_B)  # (out, r)
+    return len(layers)
