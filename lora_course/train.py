@@ -84,7 +84,7 @@ class TrainRecord:
     trainable_params: int = 0
     total_params: int = 0
     optimizer_state_bytes: int = 0
-    peak_memory_bytes: int = 0  # above what was allocated when training started
+    peak_memory_bytes: int = 0  # above what was allocated when training started (0 if not measured, e.g. MPS)
     train_seconds: float = 0.0  # timed training steps only (evaluation excluded)
     timed_steps: int = 0  # steps after the memory probe, the ones timed
     tokens: int = 0  # non-padding tokens seen in training
@@ -278,19 +278,23 @@ def train(
             record.tokens += int(batch["attention_mask"].sum())
             record.timed_steps += 1
         bar.update()
-        bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{record.losses[-1]:.3f}", refresh=False)  # redrawn at mininterval
         if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
             record.val_steps.append(index + 1)
             record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
 
     model.train()
-    bar = tqdm(total=config.steps, desc=config.desc, disable=not config.progress)
+    bar = tqdm(total=config.steps, desc=config.desc, disable=not config.progress, mininterval=0.5)
     # Peak memory over the first steps: the first step allocates the gradients and the
     # optimizer state, so from then on every step looks the same. These steps run under
     # the memory tracker (slower), so they are left out of the timing when there are others.
     n_probe = min(config.memory_steps, config.steps)
     timed_probe = n_probe == config.steps
-    _, record.peak_memory_bytes = _peak_memory(lambda: [step(i, timed_probe) for i in range(n_probe)], device)
+    probe = lambda: [step(i, timed_probe) for i in range(n_probe)]  # noqa: E731
+    if device.type in ("cuda", "cpu"):
+        _, record.peak_memory_bytes = _peak_memory(probe, device)
+    else:  # peak_memory measures CUDA and CPU only (on MPS the record keeps 0)
+        probe()
     for i in range(n_probe, config.steps):
         step(i, True)
     bar.close()
