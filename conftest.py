@@ -12,3 +12,11 @@ os.environ.setdefault("LORA_COURSE_FAST", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(items):
+    """nbval waits only 5 s between a cell's output messages; on a loaded 2-core machine
+    a training cell's progress-bar traffic can lag longer than that, so allow a minute."""
+    for item in items:
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = 60

@@ -1,5 +1,17 @@
 """Exercise checkers: each takes the learner's answer and says whether it holds, and why not."""
 
+import torch
+
+from .data import slot_phrases, slots_realized
+from .experiments import loglog_slope, train_lora
+from .fused import FusedLoRALinear
+from .intrinsic import find_d90
+from .lora import LoRALinear, add_lora, count_parameters
+from .lowrank import (dense_cost, effective_rank, energy_captured, low_rank_error, rank_for_energy,
+                      stable_rank, storage_cost)
+from .memory import training_budget
+from .skeletons import llama_7b_config, meta_gpt2, meta_lora_counts, preset_shape
+
 
 # --- shared by every checker -------------------------------------------------------------
 
@@ -15,10 +27,6 @@ def check_lora_param_count(answer: int, d_model: int = 4096, n_layers: int = 32,
                            targets: int = 2) -> bool:
     """Exercise: trainable LoRA parameters on `targets` square (d_model x d_model) projections
     in each of `n_layers` layers, counted from real (meta-device) LoRALinear layers."""
-    import torch
-
-    from .lora import LoRALinear, count_parameters
-
     with torch.device("meta"):
         layer = LoRALinear(d_model, d_model, r=r, bias=False)
     expected = count_parameters(layer)[0] * targets * n_layers
@@ -31,10 +39,6 @@ def check_lora_param_count(answer: int, d_model: int = 4096, n_layers: int = 32,
 
 def check_lora_forward(forward_fn) -> bool:
     """Exercise: `forward_fn(x, W0, b, A, B, alpha, r)` must compute LoRALinear's output."""
-    import torch
-
-    from .lora import LoRALinear
-
     g = torch.Generator().manual_seed(0)
     layer = LoRALinear(12, 6, r=3, alpha=5).eval()
     with torch.no_grad():
@@ -86,8 +90,6 @@ def _call_learner_fn(fn, *args):
 
 def _spectra_for_checks():
     """A few test spectra (descending, non-negative) that tell common mistakes apart."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     spectra = [torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)]
     for shape in [(9, 6), (5, 8)]:
@@ -121,8 +123,6 @@ def _check_spectrum_fn(fn, reference, what: str, hint: str, success: str) -> boo
 def check_break_even_rank(d: int, k: int, answer) -> bool:
     """Exercise: the largest r at which a rank-r factorisation, (d + k) r numbers, is still
     smaller than the dense d x k matrix."""
-    from .lowrank import dense_cost, storage_cost
-
     if _is_blank(answer):
         return _not_filled_in(f"the largest rank r (an int) for a {d} x {k} matrix")
     expected = max(r for r in range(min(d, k) + 1) if storage_cost(d, k, r) < dense_cost(d, k))
@@ -136,8 +136,6 @@ def check_break_even_rank(d: int, k: int, answer) -> bool:
 def check_low_rank_error_fn(error_fn) -> bool:
     """Exercise: `error_fn(S, r)` must return ||M - M_r||_F of the best rank-r approximation
     from the singular values S alone."""
-    from .lowrank import low_rank_error
-
     if _is_blank(error_fn):
         return _not_filled_in("your function error_fn(S, r)")
     if not callable(error_fn):
@@ -162,8 +160,6 @@ def check_low_rank_error_fn(error_fn) -> bool:
 
 def check_rank_for_energy(S, fraction: float, answer) -> bool:
     """Exercise: the smallest r whose top-r singular values hold `fraction` of the energy."""
-    from .lowrank import energy_captured, rank_for_energy
-
     if _is_blank(answer):
         return _not_filled_in(f"the smallest rank r (an int) that keeps {fraction:.0%} of the energy")
     expected = rank_for_energy(S, fraction)
@@ -183,8 +179,6 @@ def check_rank_for_energy(S, fraction: float, answer) -> bool:
 
 def check_effective_rank_fn(effective_rank_fn) -> bool:
     """Exercise: `effective_rank_fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
-    from .lowrank import effective_rank
-
     return _check_spectrum_fn(
         effective_rank_fn, effective_rank, "your function effective_rank_fn(S)",
         hint="Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).",
@@ -193,8 +187,6 @@ def check_effective_rank_fn(effective_rank_fn) -> bool:
 
 def check_stable_rank_fn(stable_rank_fn) -> bool:
     """Exercise: `stable_rank_fn(S)` must return ||M||_F^2 / ||M||_2^2 from the singular values."""
-    from .lowrank import stable_rank
-
     return _check_spectrum_fn(
         stable_rank_fn, stable_rank, "your function stable_rank_fn(S)",
         hint="||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.",
@@ -206,8 +198,6 @@ def check_d90(scores: dict, threshold: float, answer) -> bool:
 
     None is a real answer here (no d reached it), so the blank placeholder is `...`.
     """
-    from .intrinsic import find_d90
-
     if answer is Ellipsis:
         return _not_filled_in("the smallest d from scores (an int), or None if no d reaches the threshold")
     expected = find_d90(scores, threshold)
@@ -229,8 +219,6 @@ def _is_number(answer) -> bool:
 def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
     """Exercise: the smallest ||dW - dW*||_F any rank-r LoRA update can reach, for a target
     with these singular values (computed by hand from the spectrum)."""
-    from .lowrank import low_rank_error
-
     S = [float(s) for s in singular_values]
     expected = float(low_rank_error(S, min(r, len(S)), norm="fro"))
     if _is_blank(answer):
@@ -249,8 +237,6 @@ def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
 def check_alpha_for_scaling(answer: float, r: int, scaling: float, use_rslora: bool = False) -> bool:
     """Exercise: which alpha gives this scaling at rank r (alpha / r, or alpha / sqrt(r) with
     rsLoRA)? Checked against a real LoRALinear built with the learner's alpha."""
-    from .lora import LoRALinear
-
     rule = "alpha / sqrt(r)" if use_rslora else "alpha / r"
     if _is_blank(answer):
         return _not_filled_in(f"the alpha that gives scaling {rule} = {scaling:g} at r={r}")
@@ -267,8 +253,6 @@ def check_alpha_for_scaling(answer: float, r: int, scaling: float, use_rslora: b
 def check_smallest_rank(answer: int, singular_values, max_relative_error: float) -> bool:
     """Exercise: the smallest r whose Eckart-Young floor is at most `max_relative_error` times
     ||dW*||_F, for a target with these singular values."""
-    from .lowrank import low_rank_error
-
     S = [float(s) for s in singular_values]
     total = sum(s * s for s in S) ** 0.5
     floors = [float(low_rank_error(S, r, norm="fro")) / total for r in range(len(S) + 1)]
@@ -288,8 +272,6 @@ def check_smallest_rank(answer: int, singular_values, max_relative_error: float)
 def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, step: int = 10) -> bool:
     """Exercise: ||dW||_F after `step` constant-rate Adam steps at each rank in `ranks` with
     alpha = 2 r (scaling alpha / r = 2 at every rank), on `target`. Checked by re-running them."""
-    from .experiments import loglog_slope, train_lora
-
     ranks = list(ranks)
     if _is_blank(answer):
         return _not_filled_in(f"one ||dW||_F per rank in {ranks}, after {step} Adam steps at lr={lr:g} with alpha = 2 * r")
@@ -322,8 +304,6 @@ def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, st
 def check_early_stopping(answer, task, r: int = 64, steps: int = 50, lr: float = 3e-2) -> bool:
     """Exercise: test MSE of a rank-r LoRA trained for only `steps` steps on `task` (a small
     RegressionTask), checked by re-running it; the verdict compares it with no fine-tuning."""
-    from .experiments import train_lora
-
     if _is_blank(answer):
         return _not_filled_in(f"the test MSE of rank {r} after {steps} steps")
     if not _is_number(answer):
@@ -346,9 +326,6 @@ def _is_whole_number(answer) -> bool:
 
 def check_llama_qkvo_params(answer) -> bool:
     """Exercise 05.1: trainable parameters of LoRA r=16 on q_proj, k_proj, v_proj, o_proj of LLaMA-7B."""
-    from .lora import add_lora
-    from .skeletons import llama_7b_config, meta_lora_counts
-
     if _is_blank(answer):
         return _not_filled_in("the number of trainable parameters (an int)")
     if not _is_whole_number(answer):
@@ -363,9 +340,6 @@ def check_llama_qkvo_params(answer) -> bool:
 
 def check_full_finetune_bytes(answer) -> bool:
     """Exercise 05.2: bytes of weights + gradients + AdamW state for full fp32 fine-tuning of GPT-2 small."""
-    from .memory import training_budget
-    from .skeletons import preset_shape
-
     if _is_blank(answer):
         return _not_filled_in("the number of bytes (an int)")
     if not _is_whole_number(answer):
@@ -380,10 +354,7 @@ def check_full_finetune_bytes(answer) -> bool:
 
 def check_fused_untouched_rows(start, stop, d: int = 768) -> bool:
     """Exercise 05.3: which output features [start, stop) of GPT-2's c_attn does a q,v fused adapter never change?"""
-    import torch
     from transformers.pytorch_utils import Conv1D
-
-    from .fused import FusedLoRALinear
 
     if _is_blank(start) or _is_blank(stop):
         return _not_filled_in("start and stop (two ints, the untouched rows are start..stop-1)")
@@ -399,39 +370,41 @@ def check_fused_untouched_rows(start, stop, d: int = 768) -> bool:
 
 # --- notebook 06: fine-tuning GPT-2 ------------------------------------------------------
 
-def check_gpt2_c_attn_lora_params(answer: int, r: int = 8) -> str:
+def check_gpt2_c_attn_lora_params(answer: int, r: int = 8) -> bool:
     """Exercise 06.1: trainable parameters of LoRA rank r on c_attn of GPT-2 124M, counted on the meta device."""
-    import torch
-
-    from .lora import add_lora, count_parameters
-    from .skeletons import meta_gpt2
-
+    if _is_blank(answer):
+        return _not_filled_in("the number of trainable parameters")
     model = meta_gpt2("small")
     with torch.device("meta"):
         add_lora(model, ["c_attn"], r=r)
     truth = count_parameters(model)[0]
     if answer == truth:
-        return f"Correct: {truth:,d} = 12 layers x r x (768 + 2304), c_attn mapping d to 3d."
-    return f"Not yet: you gave {answer:,d}. One adapted (d_out x d_in) weight adds r (d_in + d_out); c_attn is 768 -> 2304, in 12 layers."
+        return report(True, f"{truth:,d} = 12 layers x r x (768 + 2304), c_attn mapping d to 3d.")
+    return report(False, f"you gave {answer!r}. One adapted (d_out x d_in) weight adds r (d_in + d_out); "
+                         "c_attn is 768 -> 2304, in 12 layers.")
 
 
-def check_adam_moment_bytes(answer: int, n_trainable: int) -> str:
+def check_adam_moment_bytes(answer: int, n_trainable: int) -> bool:
     """Exercise 06.2: bytes of AdamW's two fp32 moments for `n_trainable` trainable parameters."""
-    from .memory import training_budget
-
+    if _is_blank(answer):
+        return _not_filled_in("the bytes of AdamW's state")
     truth = training_budget(n_trainable, precision="fp32", optimizer="adamw").optimizer
     if answer == truth:
-        return f"Correct: {truth:,d} bytes = 2 moments x 4 bytes x {n_trainable:,d} trainable parameters."
-    return f"Not yet: you gave {answer:,d}. AdamW keeps exp_avg and exp_avg_sq, each fp32 (4 bytes), per trainable parameter."
+        return report(True, f"{truth:,d} bytes = 2 moments x 4 bytes x {n_trainable:,d} trainable parameters.")
+    return report(False, f"you gave {answer!r}. AdamW keeps exp_avg and exp_avg_sq, each fp32 (4 bytes), "
+                         "per trainable parameter.")
 
 
-def check_task_sentence(record, text: str) -> str:
+def check_task_sentence(record, text: str) -> bool:
     """Exercise 06.3: does `text` realise every field of `record` (notebook 06's slot accuracy)?"""
-    from .data import slot_phrases, slots_realized
-
+    if _is_blank(text):
+        return _not_filled_in("a sentence for the record")
+    if not isinstance(text, str):
+        return report(False, f"write the sentence as a str, got {type(text).__name__}.")
     hits = slots_realized(text, record)
     missing = [k for k, ok in hits.items() if not ok]
     if not missing:
-        return f"Correct: all {len(hits)} slots realised, slot accuracy 1.0."
+        return report(True, f"all {len(hits)} slots realised, slot accuracy 1.0.")
     wanted = ", ".join(repr(slot_phrases(record)[k]) for k in missing)
-    return f"Not yet: slot accuracy {1 - len(missing) / len(hits):.2f}; missing {missing}: the metric looks for {wanted}."
+    return report(False, f"slot accuracy {1 - len(missing) / len(hits):.2f}; missing {missing}: "
+                         f"the metric looks for {wanted}.")

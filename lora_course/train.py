@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Record, batches, collate
+from .memory import optimizer_state_bytes, peak_memory
 from .runtime import get_device, seed_everything
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "train",
     "validation_loss",
     "text_loss",
-    "optimizer_state_bytes",
     "trainable_parameters",
     "autocast_for",
     "copy_lora_to_peft",
@@ -131,16 +131,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step)."""
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t)
-    )
-
-
 def autocast_for(device: torch.device, bf16: bool | None = None):
     """bf16 autocast on CUDA (or when asked), otherwise a no-op context."""
     use = device.type == "cuda" if bf16 is None else bf16
@@ -211,12 +201,6 @@ def _lr_lambda(config: TrainConfig):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-def _peak_memory(fn, device):
-    from .memory import peak_memory  # one measurement of peak memory for the whole course
-
-    return peak_memory(fn, device=device)
 
 
 def train(
@@ -292,7 +276,7 @@ def train(
     timed_probe = n_probe == config.steps
     probe = lambda: [step(i, timed_probe) for i in range(n_probe)]  # noqa: E731
     if device.type in ("cuda", "cpu"):
-        _, record.peak_memory_bytes = _peak_memory(probe, device)
+        _, record.peak_memory_bytes = peak_memory(probe, device)
     else:  # peak_memory measures CUDA and CPU only (on MPS the record keeps 0)
         probe()
     for i in range(n_probe, config.steps):

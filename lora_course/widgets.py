@@ -1,15 +1,28 @@
 """ipywidgets UIs for the notebooks: each a thin shell over a pure function that tests call directly."""
 
+import html
+
+import ipywidgets as w
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import display
+
+from .data import FIELD_NAMES, FIELD_VALUES, Record, format_prompt, generate, slots_realized
+from .experiments import make_low_rank_target, train_lora
+from .lora import LoRALinear, count_parameters
+from .lowrank import (best_rank_r, compression_ratio, dense_cost, energy_captured, low_rank_error,
+                      singular_values, storage_cost)
+from .memory import compare_budgets
+from .skeletons import MODEL_PRESETS, preset_shape
+from .toy_tasks import accuracy
+from .weight_updates import with_rank_r_updates
+
 
 # --- notebook 03: how many parameters LoRA trains -----------------------------------------
 
 def lora_parameter_budget(d: int, k: int, r: int) -> dict:
     """Trainable parameters of full fine-tuning vs LoRA for one (d x k) weight, counted
     from real meta-device layers (no memory used)."""
-    import torch
-
-    from .lora import LoRALinear, count_parameters
-
     with torch.device("meta"):
         layer = LoRALinear(k, d, r=r, bias=False)  # in_features=k, out_features=d
     lora, total = count_parameters(layer)
@@ -19,9 +32,6 @@ def lora_parameter_budget(d: int, k: int, r: int) -> dict:
 
 def lora_parameter_budget_widget(d: int = 4096, k: int = 4096, r: int = 8):
     """Sliders for d, k and r; bars of full vs LoRA trainable parameters (log scale)."""
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
     def show(d, k, r):
         budget = lora_parameter_budget(d, k, min(r, d, k))
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -48,10 +58,6 @@ def photo_rank_view(photo, r: int, svd=None) -> dict:
     "stored", "dense", "storage_ratio" = (H + W) r / (H W), "energy"}. Pass
     `svd=torch.linalg.svd(photo, full_matrices=False)` to reuse one SVD for every r.
     """
-    import torch
-
-    from .lowrank import best_rank_r, compression_ratio, dense_cost, energy_captured, low_rank_error, storage_cost
-
     photo = torch.as_tensor(photo)
     if photo.ndim != 2:
         raise ValueError(f"photo must be a gray image (H, W), got shape {tuple(photo.shape)}; use load_photo(gray=True)")
@@ -77,10 +83,6 @@ def photo_rank_widget(photo, r: int = 20, max_r: int | None = None):
     A thin shell over photo_rank_view; the returned `ipywidgets.interactive` keeps the
     latest view dict in `.result` (tests set `.children[0].value` and read it).
     """
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-    import torch
-
     photo = torch.as_tensor(photo)
     svd = torch.linalg.svd(photo, full_matrices=False)  # once, reused for every r
     max_r = min(photo.shape) if max_r is None else max_r
@@ -109,10 +111,6 @@ def update_rank_view(pretrained, deltas: dict, X, y, r: int, layer: str | None =
 
     Returns {"r", "accuracy", "layer", "S" (that layer's singular values), "energy"}.
     """
-    from .lowrank import energy_captured, singular_values
-    from .toy_tasks import accuracy
-    from .weight_updates import with_rank_r_updates
-
     layer = max(deltas, key=lambda name: min(deltas[name].shape)) if layer is None else layer
     if layer not in deltas:
         raise ValueError(f"layer must be one of {sorted(deltas)}, got {layer!r}")
@@ -129,9 +127,6 @@ def update_rank_view(pretrained, deltas: dict, X, y, r: int, layer: str | None =
 def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float, r: int = 4, max_r: int = 64):
     """A rank slider over the fine-tuning update: dW's spectrum with the cut at r, and the
     accuracy the rank-r update keeps. A shell over update_rank_view (latest in `.result`)."""
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
     def show(r):
         view = update_rank_view(pretrained, deltas, X, y, r)
         S = view["S"].numpy()
@@ -158,8 +153,6 @@ def rank_alpha_view(r: int = 4, alpha: float = 8.0, lr: float = 0.03, use_rslora
     """Train LoRA on the known rank-k target (lora_course.experiments) and return the numbers
     the widget draws: the loss curve, the error against the Eckart-Young floor, and the
     singular values of the learned dW = scaling * B A beside the target's."""
-    from .experiments import make_low_rank_target, train_lora
-
     target = _default_rank_alpha_target() if target is None else target
     run = train_lora(target, r, alpha, lr, steps, use_rslora=use_rslora)
     return {
@@ -179,8 +172,6 @@ def _default_rank_alpha_target():
     """The notebook's 64 x 64 target of rank 8, built once."""
     global _RANK_ALPHA_TARGET
     if _RANK_ALPHA_TARGET is None:
-        from .experiments import make_low_rank_target
-
         _RANK_ALPHA_TARGET = make_low_rank_target()
     return _RANK_ALPHA_TARGET
 
@@ -193,9 +184,6 @@ def rank_alpha_widget(target=None, r: int = 4, alpha: float = 8.0, lr: float = 0
     """Rank, alpha and learning-rate sliders that retrain LoRA on the known target and redraw
     the loss curve and the learned vs target singular values. A shell over rank_alpha_view
     (the latest numbers are in `.result`)."""
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
     def show(r, alpha, lr, use_rslora):
         view = rank_alpha_view(r, alpha, lr, use_rslora, steps, target)
         fig, (ax_loss, ax_sv) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -244,9 +232,6 @@ def memory_budget_view(model: str = "LLaMA-7B", r: int = 8, targets: str = "q, v
     "bars": {"full fine-tuning": {part: GB}, "LoRA": {part: GB}}, "title"}. The model is
     counted on the meta device (`lora_course.skeletons.preset_shape`); activations are left out.
     """
-    from .memory import compare_budgets
-    from .skeletons import preset_shape
-
     if targets not in MEMORY_TARGETS:
         raise ValueError(f"targets must be one of {list(MEMORY_TARGETS)}, got {targets!r}")
     n_params, d, layers = preset_shape(model)
@@ -263,11 +248,6 @@ def memory_budget_view(model: str = "LLaMA-7B", r: int = 8, targets: str = "q, v
 
 def memory_budget_widget(model: str = "LLaMA-7B", r: int = 8, targets: str = "q, v", precision: str = "fp16"):
     """Sliders for model size, rank, targets and precision; stacked bars of the two budgets."""
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    from .skeletons import MODEL_PRESETS
-
     colors = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer": "tab:red", "master_weights": "tab:purple"}
 
     def show(model, r, targets, precision, master_weights):
@@ -302,8 +282,6 @@ def finetune_outputs_view(models: dict, tokenizer, **fields) -> dict:
 
     Returns {"record": Record, "outputs": {name: {"text": str, "slots": {field: bool}, "slot_accuracy": float}}}.
     """
-    from .data import Record, generate, slots_realized
-
     record = Record(**fields)
     outputs = {}
     for name, model in models.items():
@@ -315,11 +293,7 @@ def finetune_outputs_view(models: dict, tokenizer, **fields) -> dict:
 
 def finetune_compare_widget(models: dict, tokenizer, **fields):
     """Dropdowns for a record's fields; shows what every model writes and which slots it got."""
-    import html
 
-    import ipywidgets as w
-
-    from .data import FIELD_NAMES, FIELD_VALUES, format_prompt
 
     start = {k: fields.get(k, FIELD_VALUES[k][0]) for k in FIELD_NAMES}
 
@@ -330,7 +304,7 @@ def finetune_compare_widget(models: dict, tokenizer, **fields):
             marks = " ".join(f"{k} {'&#10003;' if ok else '&#10007;'}" for k, ok in out["slots"].items())
             rows.append(f"<b>{html.escape(name)}</b> (slot accuracy {out['slot_accuracy']:.2f}): "
                         f"<code>{html.escape(out['text'])}</code><br><small>{marks}</small>")
-        display(w.HTML("<br>".join(rows)))  # noqa: F821 (IPython's display)
+        display(w.HTML("<br>".join(rows)))
 
     controls = {k: w.Dropdown(options=list(FIELD_VALUES[k]), value=start[k], description=k) for k in FIELD_NAMES}
     return w.interactive(show, **controls)

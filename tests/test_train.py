@@ -7,14 +7,8 @@ import torch
 
 from lora_course import add_lora
 from lora_course.data import collate, format_prompt, format_target, make_splits
-from lora_course.train import (
-    TrainConfig,
-    autocast_for,
-    optimizer_state_bytes,
-    text_loss,
-    train,
-    validation_loss,
-)
+from lora_course.memory import optimizer_state_bytes
+from lora_course.train import TrainConfig, autocast_for, text_loss, train, validation_loss
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
 
@@ -154,18 +148,31 @@ def test_autocast_only_on_cuda_by_default():
         assert (x @ x).dtype == torch.bfloat16
 
 
-def test_notebook06_checks_accept_the_truth_and_refuse_the_rest():
+def test_notebook06_checks_accept_the_truth_and_refuse_the_rest(capsys):
     from lora_course.checks import check_adam_moment_bytes, check_gpt2_c_attn_lora_params, check_task_sentence
     from lora_course.data import Record
 
-    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)).startswith("Correct")
-    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2).startswith("Not yet")
-    assert check_adam_moment_bytes(8 * 1000, n_trainable=1000).startswith("Correct")
-    assert check_adam_moment_bytes(4 * 1000, n_trainable=1000).startswith("Not yet")
+    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)) is True
+    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2) is False
+    assert check_adam_moment_bytes(8 * 1000, n_trainable=1000) is True
+    assert check_adam_moment_bytes(4 * 1000, n_trainable=1000) is False
     rec = Record(name="zip", kind="generator", args="3")
-    assert check_task_sentence(rec, format_target(rec)).startswith("Correct")
-    verdict = check_task_sentence(rec, "zip is a generator.")
+    assert check_task_sentence(rec, format_target(rec)) is True
+    capsys.readouterr()
+    assert check_task_sentence(rec, "zip is a generator.") is False
+    verdict = capsys.readouterr().out
     assert verdict.startswith("Not yet") and "args" in verdict and "name" not in verdict.split("missing")[1]
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_notebook06_checks_say_not_yet_for_a_blank_answer(blank, capsys):
+    from lora_course.checks import check_adam_moment_bytes, check_gpt2_c_attn_lora_params, check_task_sentence
+    from lora_course.data import Record
+
+    assert check_gpt2_c_attn_lora_params(blank) is False
+    assert check_adam_moment_bytes(blank, n_trainable=10) is False
+    assert check_task_sentence(Record(name="zip", kind="generator", args="3"), blank) is False
+    assert capsys.readouterr().out.count("Not yet: fill in") == 3
 
 
 def test_finetune_outputs_view_reports_each_model(base_model, tokenizer):
