@@ -3,7 +3,13 @@ are the ones CI runs."""
 
 import pathlib
 import re
-import tomllib
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
