@@ -23,7 +23,6 @@ with a fixed seed, and cut into test, validation and training records.
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence

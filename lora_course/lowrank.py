@@ -18,7 +18,6 @@ stable rank; Hu et al., "LoRA" (2021), arXiv:2106.09685, Eq. 4 for subspace simi
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -22,7 +22,6 @@ to a few AdamW steps of a model built inside the measurement (`train_steps`), an
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass, fields

@@ -32,7 +32,6 @@ import ast
 import hashlib
 import json
 import math
-import os
 import platform
 import random
 import shlex

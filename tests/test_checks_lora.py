@@ -1,7 +1,6 @@
 """Notebook 03's exercise checkers and parameter-budget widget, called directly."""
 
 import pytest
-import torch
 
 from lora_course.checks import check_lora_forward, check_lora_param_count
 from lora_course.widgets import lora_parameter_budget, lora_parameter_budget_widget

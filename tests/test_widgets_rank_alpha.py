@@ -8,7 +8,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest
-import torch
 
 from lora_course.checks import (
     check_alpha_for_scaling,
