@@ -3,7 +3,7 @@
 `load_model("gpt2")` loads real GPT-2 (124M) through `transformers`, from the learner's
 Hugging Face cache or, when downloads are allowed, from the Hub at a pinned commit.
 Where those weights cannot be had (offline with no cache, no network, or fast mode), it
-loads `tiny-gpt2`, a 1.35M-parameter GPT-2 pretrained by `scripts/pretrain_tiny_gpt2.py`
+loads `tiny-gpt2`, a 1.87M-parameter GPT-2 pretrained by `scripts/pretrain_tiny_gpt2.py`
 on Python's own documentation and shipped in `lora_course/assets/tiny-gpt2/` in
 transformers' format. Both go through the *same* code path, `_from_pretrained`:
 `AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained`, so everything
@@ -54,7 +54,7 @@ _ALIASES = {
 }
 SHIPPED_MODEL_NAME = "tiny-gpt2"
 # sha256 of lora_course/assets/tiny-gpt2/model.safetensors, as recorded in its README.md.
-SHIPPED_MODEL_SHA256 = "5b6368e1574853dda8b357a4bbafda47e5e1ccb487625914b6097d220d4e4564"
+SHIPPED_MODEL_SHA256 = "88daaae79d107ffc1b52d52b4a30cc0f2ee3e1e936f6b508d4e0a8e7de206ab9"
 
 
 @dataclass(frozen=True)
