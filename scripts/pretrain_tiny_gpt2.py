@@ -135,11 +135,11 @@ def sample_batch(ids: torch.Tensor, batch: int, block: int, repeat_fraction: flo
     """`batch` random windows of `block + 1` tokens -> (x, y), each (batch, block).
 
     A `repeat_fraction` of the windows are *repeated passages*: a random span of the
-    corpus (8 to block/2 tokens) tiled to fill the window. Predicting the second copy
-    is easy only for a model that looks back and copies (induction heads, Olsson et
-    al., 2022). Real GPT-2 picks that skill up from web-scale text; a tiny model that
-    sees half a million tokens does not, and without it no attention-only fine-tune
-    (LoRA on c_attn) can learn a task that copies fields from its prompt.
+    corpus (8 to block/2 tokens) tiled to fill the window. The second copy is easy
+    only for a model that looks back and copies (induction heads, Olsson et al., 2022).
+    Real GPT-2 picks that skill up from web-scale text; the course's first tiny model,
+    400 steps on plain text, had not, and LoRA on c_attn learned nothing of notebook
+    06's task (which copies fields from the prompt) on it.
     """
     starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=gen)
     repeat = torch.rand(batch, generator=gen) < repeat_fraction
@@ -156,19 +156,26 @@ def sample_batch(ids: torch.Tensor, batch: int, block: int, repeat_fraction: flo
 
 
 @torch.no_grad()
-def copy_loss(model, stream: torch.Tensor, span: int = 32, n: int = 64) -> float:
-    """Mean loss on the second copy of `n` repeated `span`-token passages of `stream`.
+def repeated_passage_losses(model, stream: torch.Tensor, span: int = 32, n: int = 64) -> tuple[float, float]:
+    """Mean loss on the first and on the second copy of `n` `span`-token passages of
+    `stream`, each fed to the model twice in a row.
 
-    A model that copies from its context drives this far below its ordinary loss;
-    one that cannot stays near it.
+    A model that copies from its context finds the second copy easier than the first;
+    one that cannot finds them equally hard. The second number is the log's *copy loss*.
     """
     model.eval()
-    step = max(1, (len(stream) - span) // n)
-    x = torch.stack([stream[i : i + span].repeat(2) for i in range(0, step * n, step)])  # (n, 2*span)
-    logits = model(input_ids=x).logits[:, span:-1]  # predictions inside the second copy
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, span + 1 :].flatten())
+    stride = max(1, (len(stream) - span) // n)
+    x = torch.stack([stream[i : i + span].repeat(2) for i in range(0, stride * n, stride)])  # (n, 2 span)
+    logits = model(input_ids=x).logits  # (n, 2 span, V)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(x), -1)  # (n, 2 span - 1)
     model.train()
-    return loss.item()
+    return ce[:, : span - 1].mean().item(), ce[:, span:].mean().item()
+
+
+def copy_loss(model, stream: torch.Tensor) -> float:
+    """Mean loss inside the second copy of repeated passages (see `repeated_passage_losses`)."""
+    return repeated_passage_losses(model, stream)[1]
 
 
 # ------------------------------------------------------------------------------ train
@@ -213,7 +220,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--repeat-fraction", type=float, default=0.25,
-                   help="share of training windows that tile a repeated passage (teaches copying)")
+                   help="share of training windows that tile a repeated passage (pushes toward copying)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="validation tokens used for the periodic evals (the final eval uses all)")

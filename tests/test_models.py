@@ -4,10 +4,12 @@ Nothing here touches the network: conftest sets HF_HUB_OFFLINE=1, and each test 
 asks for "gpt2" also pins it (monkeypatch) so the hub attempt can only read a cache.
 """
 
+import importlib.util
 import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,16 +185,14 @@ def test_shipped_model_has_learned_language(shipped):
     assert heldout_loss(untrained, tokenizer) > uniform - 0.5
 
 
-def repeated_passage_losses(model, tokenizer, span: int = 32, n: int = 16) -> tuple[float, float]:
-    """Mean loss on the first and on the second copy of `n` held-out passages, each repeated once."""
+def repeated_passage_losses(model, tokenizer) -> tuple[float, float]:
+    """The pretraining script's copy probe, on 16 held-out passages of 32 tokens."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_gpt2.py"
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_gpt2", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     ids = torch.tensor(tokenizer(shipped_heldout_text(), verbose=False)["input_ids"])
-    stride = (len(ids) - span) // n
-    x = torch.stack([ids[i : i + span].repeat(2) for i in range(0, stride * n, stride)])  # (n, 2 span)
-    with torch.no_grad():
-        logits = model(input_ids=x).logits  # (n, 2 span, V)
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(n, -1)  # (n, 2 span - 1)
-    return ce[:, : span - 1].mean().item(), ce[:, span:].mean().item()
+    return script.repeated_passage_losses(model, ids, span=32, n=16)
 
 
 def test_shipped_model_copies_from_its_context(shipped):
