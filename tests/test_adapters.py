@@ -52,6 +52,23 @@ def assert_bitwise_same(model, before):
         assert torch.equal(after[k], v), f"load_adapter changed {k}"
 
 
+def assert_load_rejected(model, folder, match=None):
+    """load_adapter raises AdapterError (matching `match`) and leaves `model` bitwise as it was."""
+    before = state_copy(model)
+    with pytest.raises(AdapterError, match=match) as err:
+        load_adapter(model, folder)
+    assert_bitwise_same(model, before)
+    return err
+
+
+def edit_weights(folder, edit):
+    """Rewrite the adapter's safetensors file after `edit(state)` changed its dict in place."""
+    file = folder / WEIGHTS_NAME
+    state = load_file(str(file))
+    edit(state)
+    save_file(state, str(file))
+
+
 @pytest.mark.parametrize("targets", [["c_attn"], ["c_attn", "c_proj", "c_fc"]])
 def test_ours_to_peft_same_outputs(tmp_path, targets):
     ours = add_lora(base_model(), targets, r=4, alpha=8)
@@ -148,10 +165,7 @@ def test_fused_rejects_adapter_that_moves_k(tmp_path):
     randomize_peft(theirs)
     theirs.save_pretrained(tmp_path)
     ours = add_fused_lora(base_model(), ["c_attn"], r=4, alpha=8)
-    before = state_copy(ours)
-    with pytest.raises(AdapterError, match="disables"):
-        load_adapter(ours, tmp_path)
-    assert_bitwise_same(ours, before)
+    assert_load_rejected(ours, tmp_path, match="disables")
 
 
 @pytest.fixture
@@ -164,35 +178,20 @@ def saved(tmp_path):
 
 def test_wrong_shape_leaves_model_unchanged(saved):
     wrong = base_model(n_embd=64)
-    before = state_copy(wrong)
-    with pytest.raises(AdapterError, match="another shape"):
-        load_adapter(wrong, saved)
-    assert_bitwise_same(wrong, before)
+    assert_load_rejected(wrong, saved, match="another shape")
 
 
 def test_missing_key_leaves_model_unchanged(saved):
-    file = saved / WEIGHTS_NAME
-    state = load_file(str(file))
-    state.pop("base_model.model.transformer.h.1.attn.c_attn.lora_B.weight")
-    save_file(state, str(file))
+    edit_weights(saved, lambda state: state.pop("base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"))
     model = base_model()
-    before = state_copy(model)
-    with pytest.raises(AdapterError, match="has no 'base_model.model.transformer.h.1.attn.c_attn.lora_B.weight'"):
-        load_adapter(model, saved)
-    assert_bitwise_same(model, before)
+    assert_load_rejected(model, saved, match="has no 'base_model.model.transformer.h.1.attn.c_attn.lora_B.weight'")
     assert not lora_layers(model)
 
 
 def test_unexpected_key_is_an_error(saved):
-    file = saved / WEIGHTS_NAME
-    state = load_file(str(file))
-    state["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"] = torch.zeros(4, 32)
-    save_file(state, str(file))
+    edit_weights(saved, lambda state: state.update({"base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": torch.zeros(4, 32)}))
     model = base_model()
-    before = state_copy(model)
-    with pytest.raises(AdapterError, match="no place for"):
-        load_adapter(model, saved)
-    assert_bitwise_same(model, before)
+    assert_load_rejected(model, saved, match="no place for")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "config"])
@@ -204,20 +203,14 @@ def test_corrupt_file_leaves_model_unchanged(saved, damage):
         data = file.read_bytes()
         file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01not safetensors" * 10)
     model = add_fused_lora(base_model(), ["c_attn"], r=2, alpha=4)  # a model that already has LoRA
-    before = state_copy(model)
-    with pytest.raises(AdapterError, match="corrupt") as err:
-        load_adapter(model, saved)
-    assert_bitwise_same(model, before)
+    err = assert_load_rejected(model, saved, match="corrupt")
     if damage != "config":  # our message is ours; the reader's own error is chained, not pasted in
         assert err.value.__cause__ is not None and str(err.value.__cause__) not in str(err.value)
 
 
 def test_existing_layer_with_other_rank_is_rejected(saved):
     model = add_lora(base_model(), ["c_attn"], r=2, alpha=8)
-    before = state_copy(model)
-    with pytest.raises(AdapterError):
-        load_adapter(model, saved)
-    assert_bitwise_same(model, before)
+    assert_load_rejected(model, saved)
 
 
 def test_missing_folder_and_no_lora():
@@ -237,9 +230,6 @@ def test_existing_layer_must_have_the_adapters_scaling(tmp_path):
     randomize_lora(ours)
     save_adapter(ours, tmp_path)
     plain = add_lora(base_model(), ["c_attn"], r=4, alpha=8)  # same r, scaling 8 / 4 = 2
-    before = state_copy(plain)
-    with pytest.raises(AdapterError, match=r"\(scaling 4\) but .* scaling 2"):
-        load_adapter(plain, tmp_path)
-    assert_bitwise_same(plain, before)
+    assert_load_rejected(plain, tmp_path, match=r"\(scaling 4\) but .* scaling 2")
     same = load_adapter(add_lora(base_model(), ["c_attn"], r=4, alpha=8, use_rslora=True), tmp_path)
     torch.testing.assert_close(logits(same), logits(ours), rtol=0, atol=1e-6)
