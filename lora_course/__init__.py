@@ -1,31 +1,36 @@
-"""lora_course: the helper package of the LoRA-from-scratch notebook course.
+"""lora_course: LoRA from scratch, and the lessons of the notebook course built on it.
 
-Each module holds one concept; the notebooks import from them and assert their claims.
+The library (what you would import outside the course), one concept per module:
 
-    lora        LoRALinear, add_lora, merge_lora, counting (the from-scratch LoRA)
+    lora        LoRAConfig, LoRALinear, add_lora, merge_lora, counting (the from-scratch LoRA)
     fused       LoRA on chosen slices of a fused projection (q and v of GPT-2's c_attn)
-    adapters    save/load adapters in PEFT's on-disk format
+    adapters    adapters in PEFT's on-disk format, and copying adapters to and from PEFT models
+    layers      the linear layers LoRA wraps (nn.Linear, GPT-2's Conv1D) and model surgery by name
     lowrank     SVD, Eckart-Young-Mirsky, spectra, effective/stable rank, subspace similarity
-    intrinsic, toy_tasks, weight_updates   notebook 02's experiments on intrinsic rank
-    experiments notebook 04's controlled rank/alpha experiments
     memory      the memory arithmetic of fine-tuning, predicted and measured
+    timing      wall-clock medians with torch.utils.benchmark
     skeletons   models built on the meta device (LLaMA-7B, GPT-2 sizes) for counting
-    models      load GPT-2, or the small GPT-2 shipped in the package when offline
-    data, train notebook 06's fine-tuning task and training loop
-    widgets     ipywidgets sliders, each a thin shell over a pure function
-    checks      exercise checkers that tell the learner whether an answer holds
-    runtime     fast/full mode, seeding, device choice
+    models      load GPT-2 (or the small GPT-2 shipped in the package), small random GPT-2s
+    data        the fine-tuning task: records to documentation sentences, and its metric
+    train       one training loop for LoRA and full fine-tuning
+    runtime     fast/full mode, seeding, device choice, thread scoping
+    validate    argument checks shared by every module
+
+The lessons, `lora_course.lessons.lNN_*`: one module per notebook, holding that
+notebook's widgets, exercise checkers, toy data and lesson-only experiments.
 """
 
-from .adapters import AdapterError, load_adapter, save_adapter
+from .adapters import AdapterError, copy_lora_from_peft, copy_lora_to_peft, load_adapter, save_adapter
 from .fused import FusedLoRALinear, add_fused_lora
 from .lora import (
+    LoRAConfig,
     LoRALinear,
     add_lora,
     count_parameters,
     inject_adapters,
     lora_layers,
     lora_scaling,
+    make_config,
     matches_target,
     merge_lora,
     print_trainable_parameters,
@@ -36,7 +41,9 @@ from .models import load_model, shipped_model_path
 from .runtime import by_mode, get_device, is_fast_mode, num_threads, seed_everything
 
 __all__ = [
+    "LoRAConfig",
     "LoRALinear",
+    "make_config",
     "add_lora",
     "merge_lora",
     "inject_adapters",
@@ -50,6 +57,8 @@ __all__ = [
     "add_fused_lora",
     "save_adapter",
     "load_adapter",
+    "copy_lora_to_peft",
+    "copy_lora_from_peft",
     "AdapterError",
     "peak_memory",
     "training_budget",

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from .fused import FusedLoRALinear
-from .lora import LoRALinear, _adaptable, _is_conv1d, lora_layers, lora_scaling, matches_target
+from .layers import is_adaptable, is_conv1d, linear_features, replace_module
+from .lora import LoRALinear, lora_layers, lora_scaling, matches_target
 
 __all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "adapter_config",
-           "save_adapter", "load_adapter"]
+           "save_adapter", "load_adapter", "copy_lora_to_peft", "copy_lora_from_peft"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ def _target_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
     """Short names (`c_attn`) when they pick exactly the adapted layers, else full names."""
     inside = tuple(f"{n}." for n in layers)
     candidates = [n for n, m in model.named_modules() if n and not n.startswith(inside)
-                  and (_adaptable(m) or isinstance(m, LoRALinear))]
+                  and (is_adaptable(m) or isinstance(m, LoRALinear))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
     if {n for n in candidates if matches_target(n, leaves)} == set(layers):
         return leaves
@@ -103,7 +104,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
     rslora = {layer.use_rslora for layer in layers.values()}
     if len(rslora) > 1:
         raise AdapterError("some layers use rsLoRA and some do not; PEFT's config holds one use_rslora for all")
-    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0 for layer in layers.values()}
+    dropouts = {layer.config.lora_dropout for layer in layers.values()}
     if task_type == "auto":
         cls = type(model).__name__
         task_type = "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None
@@ -116,7 +117,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
         "lora_alpha": alpha,
         "target_modules": _target_names(model, layers),
         "lora_dropout": max(dropouts),
-        "fan_in_fan_out": all(_is_conv1d(layer.base_layer) for layer in layers.values()),
+        "fan_in_fan_out": all(is_conv1d(layer.base_layer) for layer in layers.values()),
         "bias": "none",
         "use_rslora": rslora.pop(),
         "use_dora": False,
@@ -154,7 +155,8 @@ def _read_config(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{file} is not valid JSON ({err}); the file is corrupt, save the adapter again") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise AdapterError(f"{file} is not a LoRA adapter config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise AdapterError(f"{file} is not a LoRA adapter config (peft_type={peft_type!r})")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise AdapterError(f"{file} lacks {key!r}; it is not a complete PEFT LoRA config")
@@ -176,7 +178,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     file = path / WEIGHTS_NAME
     if not file.is_file():
-        hint = " (a .bin adapter? re-save it with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        old_format = (path / "adapter_model.bin").exists()
+        hint = " (a .bin adapter? re-save it with safe_serialization=True)" if old_format else ""
         raise AdapterError(f"{file} is missing{hint}")
     try:
         return load_file(str(file))
@@ -214,7 +217,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     else:
         tm = config["target_modules"]
         tm = tm if isinstance(tm, str) else list(tm)
-        targets = {n: m for n, m in model.named_modules() if n and _adaptable(m) and matches_target(n, tm)}
+        targets = {n: m for n, m in model.named_modules() if n and is_adaptable(m) and matches_target(n, tm)}
         if not targets:
             raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
                                f"{type(model).__name__}; this adapter was made for another architecture")
@@ -234,7 +237,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         if isinstance(module, LoRALinear):
             in_f, out_f = module.in_features, module.out_features
         else:
-            in_f, out_f = _shape_of(module)
+            in_f, out_f = linear_features(module)
         if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
             raise AdapterError(
                 f"{name}: adapter holds lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this model's layer "
@@ -256,22 +259,12 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     for name, module, A, B, r, alpha in plan:
         if not isinstance(module, LoRALinear):
             layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.to(module.weight.device))
+            replace_module(model, name, layer)
             module = layer
         with torch.no_grad():
             module.lora_A.copy_(A)
             module.lora_B.copy_(B)
     return model
-
-
-def _shape_of(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_f, out_f = module.weight.shape  # Conv1D: (in, out)
-    return in_f, out_f
 
 
 def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):
@@ -296,3 +289,53 @@ def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):
             "a fused q,v layer cannot hold it. Load it into a model without LoRA (plain add_lora on the whole layer)"
         )
     return A, torch.cat(blocks, dim=0)  # (k r, in), (k out/n, r)
+
+
+# ----------------------------------------------------------------------------- PEFT models in memory
+
+def _peft_pairs(ours: nn.Module, peft_model: nn.Module, adapter_name: str):
+    """(name, our LoRALinear, PEFT's lora_A weight, PEFT's lora_B weight) for every layer of `ours`."""
+    layers = lora_layers(ours)
+    if not layers:
+        raise ValueError("our model has no LoRALinear layers; call add_lora on it first")
+    inner = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
+    for name, layer in layers.items():
+        try:
+            ref = inner.get_submodule(name)
+            ref_A, ref_B = ref.lora_A[adapter_name].weight, ref.lora_B[adapter_name].weight
+        except (AttributeError, KeyError) as err:
+            raise ValueError(
+                f"the PEFT model has no LoRA adapter {adapter_name!r} at {name}; build it with "
+                "the same target_modules from the same base model"
+            ) from err
+        if ref_A.shape != layer.lora_A.shape or ref_B.shape != layer.lora_B.shape:
+            raise ValueError(
+                f"{name}: PEFT's A {tuple(ref_A.shape)} / B {tuple(ref_B.shape)} do not match ours "
+                f"{tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same r"
+            )
+        yield name, layer, ref_A, ref_B
+
+
+@torch.no_grad()
+def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> int:
+    """Copy every `LoRALinear`'s A (r, in) and B (out, r) into the matching layer of a PEFT model.
+
+    Use it right after `add_lora` and `get_peft_model` on two copies of the same base
+    model, so both start from identical adapters and any later difference comes from
+    the implementations. Returns the number of layers copied.
+    """
+    pairs = list(_peft_pairs(ours, peft_model, adapter_name))
+    for _, layer, ref_A, ref_B in pairs:
+        ref_A.copy_(layer.lora_A)
+        ref_B.copy_(layer.lora_B)
+    return len(pairs)
+
+
+@torch.no_grad()
+def copy_lora_from_peft(peft_model: nn.Module, ours: nn.Module, adapter_name: str = "default") -> int:
+    """The other direction: PEFT's A and B into our matching `LoRALinear` layers. Returns the count."""
+    pairs = list(_peft_pairs(ours, peft_model, adapter_name))
+    for _, layer, ref_A, ref_B in pairs:
+        layer.lora_A.copy_(ref_A)
+        layer.lora_B.copy_(ref_B)
+    return len(pairs)

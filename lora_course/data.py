@@ -34,7 +34,6 @@ __all__ = [
     "FIELD_VALUES",
     "FIELD_NAMES",
     "TaskSplits",
-    "all_records",
     "n_records",
     "record_at",
     "RecordSet",
@@ -187,11 +186,6 @@ class TaskSplits:
     train: RecordSet
     validation: RecordSet
     test: RecordSet
-
-
-def all_records() -> RecordSet:
-    """Every possible record, in a fixed order."""
-    return RecordSet(range(n_records()))
 
 
 def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0) -> TaskSplits:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear, inject_adapters
+from .lora import LoRAConfig, LoRALinear, _targeted_config, inject_adapters
 
 __all__ = ["FusedLoRALinear", "add_fused_lora"]
 
@@ -30,9 +30,9 @@ class FusedLoRALinear(LoRALinear):
     `lora_B` stacks their B_i, shape (k out/n, r), where k = number of enabled slices.
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
-                 dropout: float = 0.0, bias: bool = True, use_rslora: bool = False, *,
-                 enable_lora: Sequence[bool] = (True, False, True), base_layer: nn.Module | None = None):
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
+                 enable_lora: Sequence[bool] = (True, False, True), bias: bool = True,
+                 base_layer: nn.Module | None = None, **settings):
         enable_lora = tuple(bool(e) for e in enable_lora)
         if not enable_lora or not any(enable_lora):
             raise ValueError(f"enable_lora={enable_lora!r} enables no slice; e.g. (True, False, True) adapts q and v")
@@ -43,25 +43,12 @@ class FusedLoRALinear(LoRALinear):
             )
         self.enable_lora = enable_lora
         self.slice_size = out_features // len(enable_lora)
-        super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=bias,
-                         use_rslora=use_rslora, base_layer=base_layer)
-        k = sum(enable_lora)
-        self.lora_A = nn.Parameter(torch.empty(k * r, in_features, device=self.lora_A.device))  # (k r, in)
-        self.lora_B = nn.Parameter(torch.empty(k * self.slice_size, r, device=self.lora_B.device))  # (k out/n, r)
-        self.reset_lora_parameters()
+        super().__init__(in_features, out_features, config, bias=bias, base_layer=base_layer, **settings)
 
-    @classmethod
-    def from_linear(cls, layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False, enable_lora: Sequence[bool] = (True, False, True)) -> "FusedLoRALinear":
-        plain = LoRALinear.from_linear(layer, r=r, alpha=alpha)  # validates the layer type
-        return cls(plain.in_features, plain.out_features, r=r, alpha=alpha, dropout=dropout,
-                   use_rslora=use_rslora, enable_lora=enable_lora, base_layer=layer)
-
-    def reset_lora_parameters(self) -> None:
-        # Each A_i as LoRALinear initialises A; every B_i = 0.
-        for a in self.lora_A.detach().split(self.r):
-            nn.init.kaiming_uniform_(a, a=5 ** 0.5)
-        nn.init.zeros_(self.lora_B)
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(k r, in) and (k out/n, r): the enabled slices' A_i and B_i, stacked."""
+        k = sum(self.enable_lora)
+        return (k * self.r, self.in_features), (k * self.slice_size, self.r)
 
     @property
     def enabled_slices(self) -> list[int]:
@@ -75,20 +62,23 @@ class FusedLoRALinear(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         """dW, shape (out, in): scaling * B_i A_i on enabled slices, exact zeros elsewhere."""
-        delta = self.lora_A.new_zeros(self.out_features, self.in_features)  # (out, in)
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = self.lora_A.new_zeros(self.out_features, self.in_features, dtype=dtype)  # (out, in)
         for i, a, b in self.slice_pairs():
             rows = slice(i * self.slice_size, (i + 1) * self.slice_size)
-            delta[rows] = (b @ a) * self.scaling  # (out/n, r) @ (r, in)
+            delta[rows] = (b.to(dtype) @ a.to(dtype)) * self.scaling  # (out/n, r) @ (r, in)
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., k r)
+        x = self.lora_dropout(x)
+        h = F.linear(x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype), self.lora_A)  # (..., k r)
         parts = [result.new_zeros(*result.shape[:-1], self.slice_size) for _ in self.enable_lora]
         for j, (i, _, b) in enumerate(self.slice_pairs()):
-            parts[i] = F.linear(h[..., j * self.r:(j + 1) * self.r], b) * self.scaling  # (..., out/n)
+            h_j = h[..., j * self.r:(j + 1) * self.r]  # (..., r)
+            parts[i] = (F.linear(h_j, b) * self.scaling).to(result.dtype)  # (..., out/n)
         return result + torch.cat(parts, dim=-1)  # disabled slices add exact zeros
 
     def extra_repr(self) -> str:
@@ -97,16 +87,11 @@ class FusedLoRALinear(LoRALinear):
 
 def add_fused_lora(
     model: nn.Module,
-    target_modules: str | Iterable[str] = ("c_attn",),
+    config: LoRAConfig | str | Iterable[str] | None = None,
     enable_lora: Sequence[bool] = (True, False, True),
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
+    **settings,
 ) -> nn.Module:
-    """Like `add_lora`, but each target gets a `FusedLoRALinear` adapting only the enabled slices."""
-    return inject_adapters(
-        model, target_modules,
-        lambda layer: FusedLoRALinear.from_linear(layer, r=r, alpha=alpha, dropout=dropout,
-                                                  use_rslora=use_rslora, enable_lora=enable_lora),
-    )
+    """Like `add_lora`, but each target (default `c_attn`) gets a `FusedLoRALinear` adapting only the enabled slices."""
+    config = _targeted_config(config, settings, default_targets=("c_attn",))
+    return inject_adapters(model, config.target_modules,
+                           lambda layer: FusedLoRALinear.from_linear(layer, config, enable_lora=enable_lora))

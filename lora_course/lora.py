@@ -9,8 +9,8 @@ B starts at zero, so at step 0 the adapted layer computes exactly what W0 did.
 References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021),
 arXiv:2106.09685; Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning
 with LoRA" (rsLoRA, 2023), arXiv:2312.03732. Names follow the paper and Hugging Face
-PEFT (`r`, `lora_alpha` -> `alpha`, `scaling`, `lora_A`, `lora_B`, `target_modules`),
-so that what is learned here reads the same in PEFT.
+PEFT (`r`, `lora_alpha`, `lora_dropout`, `scaling`, `lora_A`, `lora_B`, `target_modules`,
+`use_rslora`, `init_lora_weights`), so that what is learned here reads the same in PEFT.
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
+from .validate import check_fraction, check_int, check_positive
+
 __all__ = [
+    "LoRAConfig",
+    "make_config",
     "LoRALinear",
     "lora_scaling",
     "matches_target",
@@ -37,36 +43,82 @@ __all__ = [
     "trainable_parameters_line",
 ]
 
-
-def _conv1d_class():
-    """transformers' `Conv1D` (GPT-2's linear layer, weight stored in x out), if installed."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for the from-scratch layer
-        return None
-    return Conv1D
+# init_lora_weights, as in PEFT: True (A Kaiming-uniform, B = 0), False (B random too, so the layer
+# does not start at W0: for demos only), or one of these named schemes.
+NAMED_INITS = ("gaussian",)  # A ~ N(0, 1/r^2), B = 0
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(layer, conv1d)
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What a LoRA adapter is: PEFT's `LoraConfig` names, validated here once.
+
+    `r` is the rank of the update, `lora_alpha` its scale (the update is multiplied by
+    `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`), `lora_dropout` the
+    dropout on the adapter's input, `target_modules` which layers to adapt (a list of
+    names or dotted suffixes, or one regex on the full name). `alpha` and `dropout` are
+    accepted wherever settings are given as keywords (`make_config`).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: str | tuple[str, ...] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+
+    def __post_init__(self):
+        check_int("r", self.r, minimum=1, hint="r is the rank of the update; r=8 is a common start")
+        check_positive("lora_alpha", self.lora_alpha, hint="lora_alpha=2*r is a common start")
+        check_fraction("lora_dropout", self.lora_dropout, upper_inclusive=False,
+                       hint="use 0.0 for none; 0.05 is common")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or isinstance(init, str) and init in NAMED_INITS):
+            raise ValueError(f"init_lora_weights must be True, False or one of {list(NAMED_INITS)}, got {init!r}")
+        targets = self.target_modules
+        if targets is not None and not isinstance(targets, str):
+            targets = tuple(targets)
+            if not targets:
+                raise ValueError("target_modules is empty; name at least one layer, e.g. ['c_attn'] for GPT-2 "
+                                 "or ['q_proj', 'v_proj'] for LLaMA")
+            if not all(isinstance(t, str) for t in targets):
+                raise TypeError(f"target_modules must be layer names (strings), got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", targets)
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
 
-def _check_hyperparameters(in_features: int, out_features: int, r, alpha, dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int (the rank of the update), got {r!r}")
-    if r < 1:
-        raise ValueError(f"r must be at least 1, got r={r}; r=8 is a common start")
-    if r > min(in_features, out_features):
-        raise ValueError(
-            f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)} "
-            f"for a {out_features}x{in_features} weight; a rank-{r} update cannot exist "
-            f"there. Use r <= {min(in_features, out_features)} (LoRA wants r much smaller)."
-        )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got alpha={alpha!r}; alpha=2*r is a common start")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}; use 0.0 for none, 0.05 is common")
+_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def make_config(config: LoRAConfig | None = None, **settings) -> LoRAConfig:
+    """`config` (default `LoRAConfig()`) with `settings` replacing its fields; `alpha=`/`dropout=` accepted."""
+    if config is not None and not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    for short, name in _ALIASES.items():
+        if short in settings:
+            if name in settings:
+                raise TypeError(f"give {short} or {name}, not both")
+            settings[name] = settings.pop(short)
+    unknown = sorted(set(settings) - {f.name for f in fields(LoRAConfig)})
+    if unknown:
+        raise TypeError(f"unknown LoRA setting(s) {unknown}; LoRAConfig takes "
+                        f"{[f.name for f in fields(LoRAConfig)]} (alpha and dropout also work)")
+    config = config if config is not None else LoRAConfig()
+    return replace(config, **settings) if settings else config
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -75,107 +127,110 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable rank-r update (alpha/r) * B @ A.
+    """A frozen linear layer plus a trainable rank-r update scaling * B @ A.
 
-    `LoRALinear(in_features, out_features)` builds its own frozen base layer (an
-    `nn.Linear` initialised as PyTorch does); `LoRALinear.from_linear(layer)` wraps an
-    existing pretrained `nn.Linear` or transformers `Conv1D` without copying its weight.
-    The base layer sits at `base_layer`, as in PEFT, so its weight keeps its values.
+    `LoRALinear(in_features, out_features, r=8, alpha=16)` builds its own frozen base
+    layer (an `nn.Linear` initialised as PyTorch does); `LoRALinear.from_linear(layer, ...)`
+    wraps an existing pretrained `nn.Linear` or transformers `Conv1D` without copying its
+    weight. Settings come as a `LoRAConfig` or as keywords. The base layer sits at
+    `base_layer`, as in PEFT.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        bias: bool = True,
-        use_rslora: bool = False,
-        *,
-        base_layer: nn.Module | None = None,
-    ):
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
+                 bias: bool = True, base_layer: nn.Module | None = None, **settings):
         super().__init__()
-        _check_hyperparameters(in_features, out_features, r, alpha, dropout)
+        config = make_config(config, **settings)
+        if config.r > min(in_features, out_features):
+            raise ValueError(
+                f"r={config.r} exceeds min(in_features, out_features) = {min(in_features, out_features)} for a "
+                f"{out_features}x{in_features} weight; a rank-{config.r} update cannot exist there. "
+                f"Use r <= {min(in_features, out_features)} (LoRA wants r much smaller)."
+            )
+        if config.use_dora:
+            raise NotImplementedError("use_dora=True (DoRA) is not available in this LoRALinear")
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias)
-        self.base_layer = base_layer
-        self.base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.base_layer = base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.config = config
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = lora_scaling(alpha, r, use_rslora)
-        # GPT-2's Conv1D stores its weight as (in, out): PEFT calls that fan_in_fan_out.
-        self.fan_in_fan_out = _is_conv1d(base_layer)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
-        self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
+        self.r, self.alpha, self.use_rslora = config.r, config.lora_alpha, config.use_rslora
+        self.scaling = config.scaling
+        self.fan_in_fan_out = is_conv1d(base_layer)  # GPT-2's Conv1D stores (in, out)
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        shape_A, shape_B = self.lora_shapes()
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(shape_A, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(shape_B, device=device))  # (out, r)
         self.merged = False
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(
-        cls,
-        layer: nn.Module,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-    ) -> "LoRALinear":
+    def from_linear(cls, layer: nn.Module, config: LoRAConfig | None = None, **settings) -> "LoRALinear":
         """Wrap a pretrained `nn.Linear` or `Conv1D`; its weight is shared, not copied."""
         if isinstance(layer, LoRALinear):
             raise TypeError("this layer already carries LoRA; merge_lora() it first or train the existing adapter")
-        if isinstance(layer, nn.Linear):
-            in_features, out_features = layer.in_features, layer.out_features
-        elif _is_conv1d(layer):
-            in_features, out_features = layer.weight.shape  # Conv1D weight: (in, out)
-        else:
-            raise TypeError(
-                f"LoRALinear wraps nn.Linear or transformers' Conv1D, got {type(layer).__name__}; "
-                "choose target_modules that name linear layers (print(model) lists them)"
-            )
-        return cls(
-            in_features, out_features, r=r, alpha=alpha, dropout=dropout,
-            use_rslora=use_rslora, base_layer=layer,
-        )
+        in_features, out_features = linear_features(layer)
+        return cls(in_features, out_features, config, base_layer=layer, **settings)
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Shapes of lora_A and lora_B: (r, in) and (out, r)."""
+        return (self.r, self.in_features), (self.out_features, self.r)
 
     def reset_lora_parameters(self) -> None:
-        """A as PEFT's default (nn.Linear's Kaiming-uniform, a=sqrt(5)); B = 0, so B A = 0."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """`init_lora_weights=True`: A as PEFT's default (nn.Linear's Kaiming-uniform, a=sqrt(5)), B = 0."""
+        init = self.config.init_lora_weights
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:  # B random too: the layer no longer starts at W0
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
 
     @property
     def W0(self) -> torch.Tensor:
         """The base weight as (out, in), whatever layout the base layer stores."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return transpose(self.base_layer.weight, self.fan_in_fan_out)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update dW = scaling * B @ A, shape (out, in)."""
-        return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+        """The update dW = scaling * B @ A, shape (out, in), in fp32 or the factors' wider dtype."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling  # (out, r) @ (r, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        return result + F.linear(h, self.lora_B) * self.scaling  # (..., out)
+        x = self.lora_dropout(x)
+        h = F.linear(x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        if h.dtype != result.dtype:  # e.g. an fp16 base with fp32 factors: add in the base's dtype
+            return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
+        # One fused op on the flattened tokens: result + scaling * h @ B^T.
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.T,
+                          alpha=self.scaling)  # (N, out)
+        return out.view(result.shape)
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        """W0 += delta (out, in), computed in fp32 and rounded once to the base's dtype."""
+        W = self.base_layer.weight
+        W.copy_((W.float() + transpose(delta.float(), self.fan_in_fan_out)).to(W.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight: one matmul at inference, no extra cost."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
-        delta = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight += delta.T if self.fan_in_fan_out else delta
+        self._add_to_base(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (exact up to float rounding)."""
+        """Take the update back out of the base weight (exact up to one rounding of the base's dtype)."""
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged; there is nothing to unmerge")
-        delta = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight -= delta.T if self.fan_in_fan_out else delta
+        self._add_to_base(-self.delta_weight())
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -192,12 +247,8 @@ def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
 def _no_match_error(model: nn.Module, target_modules) -> ValueError:
-    names = [n for n, m in model.named_modules() if _adaptable(m)]
+    names = [n for n, m in model.named_modules() if is_adaptable(m)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     close = sorted({c for t in wanted for c in difflib.get_close_matches(str(t), leaves, n=3, cutoff=0.4)})
@@ -216,8 +267,11 @@ def inject_adapters(
     """Replace every Linear/Conv1D that `target_modules` matches with `wrap(layer)`; freeze the rest.
 
     The model surgery shared by `add_lora` and `fused.add_fused_lora` (PEFT calls it
-    `inject_adapter`). Every match is checked before anything changes.
+    `inject_adapter`). Every match is checked and wrapped before anything changes.
     """
+    if target_modules is None:
+        raise ValueError("name target_modules, the layers to adapt: e.g. ['c_attn'] for GPT-2, "
+                         "['q_proj', 'v_proj'] for LLaMA (print(model) lists the layer names)")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules:
@@ -228,14 +282,14 @@ def inject_adapters(
     for name, module in matched:
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already carries LoRA; call merge_lora(model) before adding another")
-        if not _adaptable(module):
+        if not is_adaptable(module):
             raise TypeError(
                 f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
                 "LoRA here adapts linear layers: name those in target_modules"
             )
     flags = {p: p.requires_grad for _, m in matched for p in m.parameters()}
-    try:  # wrap every match before changing the model, so bad r/alpha leave it as it was
-        wrapped = [(name, wrap(module).to(module.weight.device)) for name, module in matched]
+    try:  # wrap every match before changing the model, so bad settings leave it as it was
+        wrapped = [(name, wrap(module)) for name, module in matched]
     except Exception:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -245,30 +299,34 @@ def inject_adapters(
         if id(p) not in adapters:
             p.requires_grad_(False)
     for name, layer in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
     return model
 
 
-def add_lora(
-    model: nn.Module,
-    target_modules: str | Iterable[str],
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-) -> nn.Module:
+def _targeted_config(config, settings: dict, default_targets=None) -> LoRAConfig:
+    """A LoRAConfig from add_lora's arguments: a config, or target_modules, plus keyword settings."""
+    if config is not None and not isinstance(config, LoRAConfig):  # add_lora(model, ["c_attn"], r=8)
+        if "target_modules" in settings:
+            raise TypeError("target_modules given twice (as the second argument and as a keyword)")
+        settings["target_modules"] = config
+        config = None
+    config = make_config(config, **settings)
+    if config.target_modules is None and default_targets is not None:
+        config = replace(config, target_modules=default_targets)
+    return config
+
+
+def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, **settings) -> nn.Module:
     """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
 
-    `target_modules` matches as in PEFT: a list of names matching a module's full name or
-    its dotted suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string
-    taken as a regex on the full name. Returns the model.
+    Either `add_lora(model, LoRAConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))` or
+    the keyword form `add_lora(model, ["c_attn"], r=8, alpha=16)`. `target_modules`
+    matches as in PEFT: a list of names matching a module's full name or its dotted
+    suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string taken as a
+    regex on the full name. Returns the model.
     """
-    return inject_adapters(
-        model, target_modules,
-        lambda layer: LoRALinear.from_linear(layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora),
-    )
+    config = _targeted_config(config, settings)
+    return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -284,9 +342,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, lora in layers.items():
         if not lora.merged:
             lora.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, lora.base_layer)
+        replace_module(model, name, lora.base_layer)
     return model
 
 

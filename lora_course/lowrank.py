@@ -11,15 +11,19 @@ Storing M_r as two thin factors costs (d + k) r numbers instead of d k: this is 
 saving LoRA makes when it writes a weight update as B A.
 
 References: Eckart & Young, "The approximation of one matrix by another of lower rank"
-(1936); Mirsky, "Symmetric gauge functions and unitarily invariant norms" (1960); Roy & Vetterli, "The effective rank: a measure of effective dimensionality"
-(EUSIPCO 2007); Rudelson & Vershynin, "Sampling from large matrices" (2007) for the
-stable rank; Hu et al., "LoRA" (2021), arXiv:2106.09685, Eq. 4 for subspace similarity.
+(1936); Mirsky, "Symmetric gauge functions and unitarily invariant norms" (1960); Roy &
+Vetterli, "The effective rank: a measure of effective dimensionality" (EUSIPCO 2007);
+Rudelson & Vershynin, "Sampling from large matrices" (2007) for the stable rank; Hu et
+al., "LoRA" (2021), arXiv:2106.09685, Eq. 4 for subspace similarity.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
+
+from .validate import check_int
 
 __all__ = [
     "singular_values",
@@ -36,6 +40,8 @@ __all__ = [
     "subspace_similarity",
     "random_subspace_approximation",
     "random_like",
+    "UpdateSpectrum",
+    "update_spectrum",
 ]
 
 _NORMS = ("fro", "spectral")
@@ -68,10 +74,7 @@ def _as_spectrum(S) -> torch.Tensor:
 
 def _check_rank(r, max_rank: int, limit: str, name: str = "r") -> int:
     """r as a checked int in [0, max_rank]; `limit` says where max_rank comes from."""
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"{name} must be an int (a number of singular directions), got {r!r}")
-    if r < 0:
-        raise ValueError(f"{name} must be >= 0, got {name}={r}")
+    r = check_int(name, r, minimum=0, hint="a number of singular directions")
     if r > max_rank:
         raise ValueError(f"{name}={r} exceeds {limit} = {max_rank}; use 0 <= {name} <= {max_rank}")
     return r
@@ -121,19 +124,14 @@ def low_rank_error(S, r: int, norm: str = "fro") -> torch.Tensor:
 
 def storage_cost(d: int, k: int, r: int) -> int:
     """Numbers stored for a rank-r factorisation B (d, r) @ A (r, k): (d + k) r."""
-    for name, n in (("d", d), ("k", k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    d, k = check_int("d", d, minimum=1), check_int("k", k, minimum=1)
     r = _check_rank(r, min(d, k), f"min(d, k) for a {d}x{k} matrix")
     return (d + k) * r
 
 
 def dense_cost(d: int, k: int) -> int:
     """Numbers stored for a dense d x k matrix: d k."""
-    for name, n in (("d", d), ("k", k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return d * k
+    return check_int("d", d, minimum=1) * check_int("k", k, minimum=1)
 
 
 def compression_ratio(d: int, k: int, r: int) -> float:
@@ -197,7 +195,8 @@ def subspace_similarity(U_a, U_b, i: int, j: int) -> float:
     U_a, U_b = _as_matrix(U_a), _as_matrix(U_b)
     if U_a.shape[0] != U_b.shape[0]:
         raise ValueError(
-            f"U_a and U_b must live in the same space (same number of rows), got {tuple(U_a.shape)} and {tuple(U_b.shape)}"
+            f"U_a and U_b must live in the same space (same number of rows), "
+            f"got {tuple(U_a.shape)} and {tuple(U_b.shape)}"
         )
     i = _check_rank(i, U_a.shape[1], "the number of columns of U_a", "i")
     j = _check_rank(j, U_b.shape[1], "the number of columns of U_b", "j")
@@ -226,3 +225,42 @@ def random_like(M, generator: torch.Generator | None = None) -> torch.Tensor:
     M = _as_matrix(M)
     G = torch.randn(M.shape, generator=generator, dtype=M.dtype)
     return G * (torch.linalg.matrix_norm(M) / torch.linalg.matrix_norm(G))
+
+
+@dataclass
+class UpdateSpectrum:
+    """How low-rank one update dW is, next to a random matrix of the same shape and norm."""
+
+    shape: tuple[int, int]
+    r: int  # the "top few" used for the energy fraction
+    S: torch.Tensor  # singular values of dW
+    S_random: torch.Tensor  # singular values of the random baseline
+    energy_top_r: float
+    energy_top_r_random: float
+    effective_rank: float
+    effective_rank_random: float
+    stable_rank: float
+    stable_rank_random: float
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+
+def update_spectrum(dW, r: int = 4, generator: torch.Generator | None = None) -> UpdateSpectrum:
+    """Energy in the top r singular values, effective and stable rank of dW and of random_like(dW)."""
+    S = singular_values(dW)
+    S_rand = singular_values(random_like(dW, generator=generator))
+    r = min(r, S.numel())
+    return UpdateSpectrum(
+        shape=tuple(dW.shape),
+        r=r,
+        S=S,
+        S_random=S_rand,
+        energy_top_r=energy_captured(S, r),
+        energy_top_r_random=energy_captured(S_rand, r),
+        effective_rank=effective_rank(S),
+        effective_rank_random=effective_rank(S_rand),
+        stable_rank=stable_rank(S),
+        stable_rank_random=stable_rank(S_rand),
+    )

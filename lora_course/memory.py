@@ -14,9 +14,7 @@ the frozen weights and the activations remain.
 `peak_memory(fn)` measures what a piece of code really allocates, on CUDA with the caching
 allocator's peak counter and on CPU by tracking every allocation the CPU allocator reports
 to the PyTorch profiler (see its docstring for why). `measure_training_peak` applies it
-to a few AdamW steps of a model built inside the measurement (`train_steps`), and
-`generation_ms` times the other cost a learner compares, greedy generation, with
-`torch.utils.benchmark.Timer`.
+to a few AdamW steps of a model built inside the measurement (`train_steps`).
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
+
+from .validate import check_int
 
 __all__ = [
     "DTYPE_BYTES",
@@ -41,7 +41,6 @@ __all__ = [
     "optimizer_state_bytes",
     "train_steps",
     "measure_training_peak",
-    "generation_ms",
     "format_bytes",
     "lora_trainable_params",
     "compare_budgets",
@@ -156,8 +155,7 @@ def training_budget(
 def lora_trainable_params(d_model: int, n_layers: int, r: int, n_targets: int = 2) -> int:
     """LoRA parameters for `n_targets` square d x d projections per layer (q, v: 2): r (d + d) each."""
     for name, v in {"d_model": d_model, "n_layers": n_layers, "r": r, "n_targets": n_targets}.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, v, minimum=1)
     return n_layers * n_targets * r * (d_model + d_model)
 
 
@@ -194,7 +192,8 @@ _BLOCK_SAVED_ALWAYS = {
 }
 # A linear layer saves its input only to compute its own weight gradient: full fine-tuning
 # saves all of these; LoRA saves the input of an adapted layer (and the r-dim A x) only.
-_LINEAR_INPUTS = {"attn.c_attn": 1, "attn.c_proj": 0, "mlp.c_fc": 1, "mlp.c_proj": 4}  # attn.c_proj's input is counted above
+# (attn.c_proj's input is counted above, with the attention.)
+_LINEAR_INPUTS = {"attn.c_attn": 1, "attn.c_proj": 0, "mlp.c_fc": 1, "mlp.c_proj": 4}
 
 
 def gpt2_activation_bytes(
@@ -375,8 +374,7 @@ def train_steps(model: torch.nn.Module, steps: int = 3, *, batch_size: int = 4, 
     batch (batch_size, seq_len) comes from a generator seeded with `seed`. The model is
     left in eval mode; returns the last step's loss.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_int("steps", steps, minimum=1)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; add_lora(model, ...) or unfreeze some first")
@@ -409,36 +407,14 @@ def measure_training_peak(build: Callable[[], torch.nn.Module], steps: int = 3, 
     return peak_memory(run, device=device)
 
 
-# --------------------------------------------------------------------------- inference time
-
-def generation_ms(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int = 16,
-                  min_run_time: float = 0.2) -> tuple[float, torch.Tensor]:
-    """Median milliseconds of greedy `model.generate(prompt)`, and the tokens it generated.
-
-    Timed with `torch.utils.benchmark.Timer.blocked_autorange`, which repeats the call for
-    at least `min_run_time` seconds and handles warm-up and thread settings. Sampling is
-    off, so every repeat generates the same tokens.
-    """
-    from torch.utils import benchmark
-
-    def generate():
-        with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=0)
-
-    model.eval()
-    tokens = generate()
-    timer = benchmark.Timer(stmt="generate()", globals={"generate": generate})
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3, tokens
-
-
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in `optimizer.state` tensors, measured (AdamW: exp_avg, exp_avg_sq, step).
 
     Optimizers create their state lazily, so this is 0 before the first `step()`.
     """
     if not isinstance(getattr(optimizer, "state", None), dict):
-        raise TypeError(f"expected a torch.optim.Optimizer (something with a .state dict), got {type(optimizer).__name__}")
+        raise TypeError(f"expected a torch.optim.Optimizer (something with a .state dict), "
+                        f"got {type(optimizer).__name__}")
     return sum(
         t.numel() * t.element_size()
         for state in optimizer.state.values()

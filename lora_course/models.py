@@ -38,6 +38,8 @@ __all__ = [
     "shipped_model_path",
     "shipped_heldout_text",
     "sha256_of",
+    "toy_gpt2_config",
+    "toy_gpt2",
 ]
 
 # Hub ids of the models `load_model` accepts by name, with the commit each is pinned to.
@@ -148,10 +150,17 @@ def _from_pretrained(path: str, *, revision: str | None = None, local_files_only
                      cache_dir: str | os.PathLike | None = None):
     """The one loading path for every model: hub ids, local directories, the shipped one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {"revision": revision, "local_files_only": local_files_only, "cache_dir": cache_dir}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the weights-from-disk bar; a hub download keeps its own bars
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
@@ -269,3 +278,34 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
     if verbose:
         print(info.summary())
     return model, tokenizer, info
+
+
+# --------------------------------------------------------------------------- small random GPT-2s
+
+def toy_gpt2_config(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 256,
+                    n_positions: int = 64, **overrides):
+    """A small `GPT2Config` to train on a CPU in seconds, with dropout off.
+
+    No dropout makes every run deterministic and is what `memory.gpt2_activation_bytes`
+    counts (dropout masks would add a little). Token 0 doubles as BOS, EOS and padding.
+    """
+    from transformers import GPT2Config
+
+    return GPT2Config(**{
+        "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "vocab_size": vocab_size,
+        "n_positions": n_positions, "bos_token_id": 0, "eos_token_id": 0,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **overrides,
+    })
+
+
+def toy_gpt2(config=None, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised `GPT2LMHeadModel` of `config` (default `toy_gpt2_config()`), in eval mode.
+
+    The same seed gives the same weights, so two calls give two copies of one "pretrained"
+    base model. The caller's random state is left as it was.
+    """
+    from transformers import GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config if config is not None else toy_gpt2_config()).eval()

@@ -1,4 +1,4 @@
-"""Run-time switches every notebook shares: fast vs full mode, seeding, device choice.
+"""Run-time switches every notebook shares: fast vs full mode, seeding, device choice, progress bars.
 
 Fast mode (`LORA_COURSE_FAST=1`, what `pytest` sets) shrinks the *work* a notebook does
 (steps, sweep sizes, model size) but never the claims it asserts.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["is_fast_mode", "by_mode", "seed_everything", "get_device", "num_threads"]
+__all__ = ["is_fast_mode", "by_mode", "seed_everything", "get_device", "num_threads", "progress_bar"]
 
 
 def is_fast_mode() -> bool:
@@ -56,3 +57,18 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = None, disable: bool = False,
+                 leave: bool = True):
+    """A text tqdm bar that appears only for work longer than a second and ends at 100%.
+
+    Text, not a widget, so that a saved notebook shows the finished bar instead of the
+    widget's first frame; in a notebook it goes to stdout (a normal output), elsewhere to
+    stderr as usual.
+    """
+    from tqdm.std import tqdm
+
+    stream = sys.stdout if "ipykernel" in sys.modules else sys.stderr
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=leave, file=stream, delay=1.0,
+                mininterval=0.5)

@@ -1,5 +1,4 @@
-"""Model skeletons on the meta device (real module structure and shapes, no bytes of weights),
-and the small randomly initialised GPT-2s that lessons train on a CPU.
+"""Model skeletons on the meta device: real module structure and shapes, no bytes of weights.
 
 `torch.device("meta")` makes every tensor a shape without storage, so a 7-billion-parameter
 LLaMA builds in a second and `count_parameters` counts it exactly. Nothing is downloaded:
@@ -19,8 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["GPT2_SIZES", "MODEL_PRESETS", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "llama_13b_config",
-           "meta_model", "meta_gpt2", "meta_llama_7b", "meta_lora_counts", "preset_shape", "toy_gpt2_config",
-           "toy_gpt2"]
+           "meta_model", "meta_gpt2", "meta_llama_7b", "meta_lora_counts", "preset_shape"]
 
 # name: (n_layer, n_embd, n_head)
 GPT2_SIZES = {
@@ -124,34 +122,3 @@ def preset_shape(name: str) -> tuple[int, int, int]:
         layers = getattr(config, "num_hidden_layers", None) or config.n_layer
         _SHAPES[name] = (n_params, d, layers)
     return _SHAPES[name]
-
-
-# --------------------------------------------------------------------------- small real models
-
-def toy_gpt2_config(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 256,
-                    n_positions: int = 64, **overrides):
-    """A small `GPT2Config` to train on a CPU in seconds, with dropout off.
-
-    No dropout makes every run deterministic and is what `memory.gpt2_activation_bytes`
-    counts (dropout masks would add a little). Token 0 doubles as BOS, EOS and padding.
-    """
-    from transformers import GPT2Config
-
-    return GPT2Config(**{
-        "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "vocab_size": vocab_size,
-        "n_positions": n_positions, "bos_token_id": 0, "eos_token_id": 0,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **overrides,
-    })
-
-
-def toy_gpt2(config=None, seed: int = 0) -> nn.Module:
-    """A randomly initialised `GPT2LMHeadModel` of `config` (default `toy_gpt2_config()`), in eval mode.
-
-    The same seed gives the same weights, so two calls give two copies of one "pretrained"
-    base model. The caller's random state is left as it was.
-    """
-    from transformers import GPT2LMHeadModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config if config is not None else toy_gpt2_config()).eval()

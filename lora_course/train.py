@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import Record, batches, collate
 from .memory import optimizer_state_bytes, peak_memory
-from .runtime import get_device, seed_everything
+from .runtime import get_device, progress_bar, seed_everything
+from .validate import check_int, check_positive
 
 __all__ = [
     "TrainConfig",
@@ -35,7 +35,6 @@ __all__ = [
     "text_loss",
     "trainable_parameters",
     "autocast_for",
-    "copy_lora_to_peft",
 ]
 
 
@@ -60,13 +59,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_eval", "memory_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}; 1e-3 suits LoRA, 1e-4 full fine-tuning")
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise ValueError("warmup_steps and eval_every must be >= 0")
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_positive("lr", self.lr, hint="1e-3 suits LoRA, 1e-4 full fine-tuning")
 
 
 @dataclass
@@ -105,26 +101,6 @@ class TrainRecord:
     def trainable_fraction(self) -> float:
         return self.trainable_params / self.total_params if self.total_params else float("nan")
 
-    def summary(self) -> dict:
-        """The headline numbers, one flat dict (for tables)."""
-        return {
-            "method": self.method,
-            "device": self.device,
-            "precision": self.precision,
-            "steps": self.steps,
-            "final train loss": self.losses[-1] if self.losses else float("nan"),
-            "val loss": self.final_val_loss,
-            "trainable params": self.trainable_params,
-            "trainable %": 100 * self.trainable_fraction,
-            "optimizer state (bytes)": self.optimizer_state_bytes,
-            "peak memory (bytes)": self.peak_memory_bytes,
-            "time/step (ms)": 1000 * self.time_per_step,
-            "tokens/s": self.tokens_per_second,
-        }
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer will update (those with requires_grad)."""
@@ -142,7 +118,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batch_size: int = 32, bf16: bool | None = None) -> float:
+def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batch_size: int = 32,
+                    bf16: bool | None = None) -> float:
     """Mean cross-entropy per target token over `records` (prompt tokens not scored)."""
     if not records:
         raise ValueError("no validation records; pass at least one")
@@ -165,7 +142,8 @@ def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batc
 
 
 @torch.no_grad()
-def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, batch_size: int = 16, max_blocks: int | None = None, bf16: bool | None = None) -> float:
+def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, batch_size: int = 16,
+              max_blocks: int | None = None, bf16: bool | None = None) -> float:
     """Mean next-token cross-entropy on a long token stream, cut into blocks.
 
     Used to measure forgetting: the loss on the pretraining model's held-out text
@@ -174,7 +152,8 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
     token_ids = torch.as_tensor(token_ids).flatten()
     n_blocks = (len(token_ids) - 1) // block_size
     if n_blocks < 1:
-        raise ValueError(f"{len(token_ids)} tokens cannot fill one block of {block_size}; pass more text or a smaller block_size")
+        raise ValueError(f"{len(token_ids)} tokens cannot fill one block of {block_size}; "
+                         "pass more text or a smaller block_size")
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     blocks = token_ids[: n_blocks * block_size].view(n_blocks, block_size)  # (N, block)
@@ -268,7 +247,7 @@ def train(
             record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
 
     model.train()
-    bar = tqdm(total=config.steps, desc=config.desc, disable=not config.progress, mininterval=0.5)
+    bar = progress_bar(total=config.steps, desc=config.desc, disable=not config.progress)
     # Peak memory over the first steps: the first step allocates the gradients and the
     # optimizer state, so from then on every step looks the same. These steps run under
     # the memory tracker (slower), so they are left out of the timing when there are others.
@@ -287,36 +266,3 @@ def train(
     record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
     model.eval()
     return record
-
-
-@torch.no_grad()
-def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> int:
-    """Copy every `LoRALinear`'s A and B into the matching layer of a PEFT model.
-
-    Use it right after `add_lora` and `get_peft_model` on two copies of the same base
-    model, so both start from identical adapters and any later difference comes from
-    the implementations. Returns the number of layers copied.
-    """
-    from .lora import lora_layers
-
-    layers = lora_layers(ours)
-    if not layers:
-        raise ValueError("the first model has no LoRALinear layers; call add_lora on it first")
-    inner = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
-    for name, layer in layers.items():
-        try:
-            ref = inner.get_submodule(name)
-            ref_A, ref_B = ref.lora_A[adapter_name].weight, ref.lora_B[adapter_name].weight
-        except (AttributeError, KeyError) as err:
-            raise ValueError(
-                f"the PEFT model has no LoRA adapter {adapter_name!r} at {name}; build it with "
-                "the same target_modules from the same base model"
-            ) from err
-        if ref_A.shape != layer.lora_A.shape or ref_B.shape != layer.lora_B.shape:
-            raise ValueError(
-                f"{name}: PEFT's A {tuple(ref_A.shape)} / B {tuple(ref_B.shape)} do not match ours "
-                f"{tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same r"
-            )
-        ref_A.copy_(layer.lora_A)  # (r, in)
-        ref_B.copy_(layer.lora_B)  # (out, r)
-    return len(layers)

@@ -1,8 +1,13 @@
 """Fixtures shared by the unit tests."""
 
 import pytest
+import torch
 
+from lora_course.data import format_prompt, format_target, make_splits
 from lora_course.runtime import num_threads
+
+# Small splits of the fine-tuning task, for the tests of the loop and of notebook 06's lesson module.
+SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +15,26 @@ def one_thread():
     """Small matrices run fastest on one thread, and a shared 2-core machine is not oversubscribed."""
     with num_threads(1):
         yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer built offline from task sentences (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [format_prompt(r) + format_target(r) for r in SPLITS.test] * 4
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+
+@pytest.fixture(scope="module")
+def base_model(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+

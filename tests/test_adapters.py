@@ -189,7 +189,8 @@ def test_missing_key_leaves_model_unchanged(saved):
 
 
 def test_unexpected_key_is_an_error(saved):
-    edit_weights(saved, lambda state: state.update({"base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": torch.zeros(4, 32)}))
+    extra = {"base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": torch.zeros(4, 32)}
+    edit_weights(saved, lambda state: state.update(extra))
     model = base_model()
     assert_load_rejected(model, saved, match="no place for")
 

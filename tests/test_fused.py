@@ -6,10 +6,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lora_course.fused import FusedLoRALinear, add_fused_lora  # noqa: E402
-from lora_course.lora import LoRALinear, add_lora, count_parameters, merge_lora, trainable_parameters_line  # noqa: E402
-from lora_course.lora import matches_target  # noqa: E402
-from lora_course.skeletons import (gpt2_config, llama_7b_config, meta_gpt2, meta_llama_7b, meta_lora_counts,  # noqa: E402
-                                   meta_model, toy_gpt2, toy_gpt2_config)
+from lora_course.lora import (  # noqa: E402
+    LoRALinear,
+    add_lora,
+    count_parameters,
+    matches_target,  # noqa: E402
+    merge_lora,
+    trainable_parameters_line,
+)
+from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
+from lora_course.skeletons import gpt2_config, llama_7b_config, meta_gpt2, meta_llama_7b, meta_lora_counts, meta_model  # noqa: E402
 
 
 def conv1d(d=16, seed=0):
@@ -110,7 +116,8 @@ def test_gpt2_medium_counts_on_meta():
 
 def test_matches_target_follows_peft_rule():
     assert matches_target("transformer.h.0.attn.c_attn", ["c_attn"])
-    assert matches_target("transformer.h.0.mlp.c_proj", ["c_proj"]) and matches_target("transformer.h.0.attn.c_proj", ["c_proj"])
+    assert matches_target("transformer.h.0.mlp.c_proj", ["c_proj"])
+    assert matches_target("transformer.h.0.attn.c_proj", ["c_proj"])
     assert not matches_target("transformer.h.0.mlp.c_proj", ["attn.c_proj"])
     assert not matches_target("transformer.h.0.attn.xc_attn", ["c_attn"])  # a suffix must start at a dot
     assert matches_target("transformer.h.11.attn.c_attn", r".*\.h\.(0|11)\.attn\.c_attn")  # a string is a regex

@@ -216,7 +216,8 @@ def test_print_trainable_parameters_format(capsys):
     model = add_lora(MLP(), ["up"], r=2)
     print_trainable_parameters(model)
     trainable, total = count_parameters(model)
-    expected = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    share = 100 * trainable / total
+    expected = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
     assert capsys.readouterr().out.strip() == expected == trainable_parameters_line(model)
 
 

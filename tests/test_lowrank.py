@@ -21,6 +21,7 @@ from lora_course.lowrank import (
     storage_cost,
     subspace_similarity,
     truncated_svd,
+    update_spectrum,
 )
 
 SHAPES = [(7, 5), (5, 7), (6, 6)]
@@ -247,3 +248,15 @@ def test_bad_inputs():
         storage_cost(0, 3, 0)
     with pytest.raises(ValueError, match="positive int"):
         dense_cost(3, -1)
+
+
+def test_update_spectrum_low_rank_vs_random():
+    g = torch.Generator().manual_seed(0)
+    dW = torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)  # rank 2
+    s = update_spectrum(dW, r=2, generator=g)
+    assert s.shape == (40, 30) and s.max_rank == 30
+    assert s.energy_top_r == pytest.approx(1.0)
+    assert s.energy_top_r_random < 0.5
+    assert s.effective_rank <= 2.0 + 1e-6 < s.effective_rank_random
+    assert s.stable_rank <= 2.0 + 1e-6 < s.stable_rank_random
+    torch.testing.assert_close(s.S_random.square().sum(), s.S.square().sum())  # same norm

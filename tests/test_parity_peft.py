@@ -13,7 +13,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lora_course import add_lora, count_parameters, lora_layers, merge_lora, trainable_parameters_line
+from lora_course import (
+    add_lora,
+    copy_lora_from_peft,
+    copy_lora_to_peft,
+    count_parameters,
+    lora_layers,
+    merge_lora,
+    trainable_parameters_line,
+)
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -40,18 +48,18 @@ def _paired(base, targets, r, alpha, use_rslora, fan_in_fan_out):
                         use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out, bias="none")
     theirs = get_peft_model(copy.deepcopy(base), config)
     g = torch.Generator().manual_seed(1)
-    for name, layer in lora_layers(ours).items():
-        ref = theirs.base_model.model.get_submodule(name)
-        with torch.no_grad():
-            ref.lora_B["default"].weight.normal_(generator=g)  # make the update matter
-            layer.lora_A.copy_(ref.lora_A["default"].weight)  # (r, in)
-            layer.lora_B.copy_(ref.lora_B["default"].weight)  # (out, r)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=g)  # make the update matter
+    assert copy_lora_from_peft(theirs, ours) == len(lora_layers(ours))
     return ours.eval(), theirs.eval()
 
 
 CASES = [
     pytest.param(tiny_gpt2, ["c_attn"], True, lambda: torch.randint(0, 128, (2, 16)), id="gpt2-c_attn"),
-    pytest.param(tiny_gpt2, ["c_attn", "c_proj"], True, lambda: torch.randint(0, 128, (2, 16)), id="gpt2-c_attn-c_proj"),
+    pytest.param(tiny_gpt2, ["c_attn", "c_proj"], True, lambda: torch.randint(0, 128, (2, 16)),
+                 id="gpt2-c_attn-c_proj"),
     pytest.param(TwoLayer, ["q_proj", "v_proj"], False, lambda: torch.randn(4, 32), id="linear-q-v"),
 ]
 
@@ -101,3 +109,29 @@ def test_default_initialisation_matches_peft_statistics():
     assert torch.count_nonzero(b_theirs) == 0
     assert a_ours.abs().max() <= a_theirs.abs().max() * 1.01
     assert a_ours.std().item() == pytest.approx(a_theirs.std().item(), rel=0.05)
+
+
+def test_copy_lora_to_peft_makes_peft_compute_what_ours_computes():
+    base = tiny_gpt2()
+    ours = add_lora(copy.deepcopy(base), ["c_attn"], r=4, alpha=8)
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():
+            layer.lora_B.normal_()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            fan_in_fan_out=True))
+    x = torch.randint(0, 128, (2, 16))
+    assert (_out(ours, x) - _out(theirs, x)).abs().max() > 1e-3  # PEFT's B is still zero
+    assert copy_lora_to_peft(ours, theirs) == 2
+    assert (_out(ours.eval(), x) - _out(theirs.eval(), x)).abs().max().item() <= 1e-6
+
+
+def test_copy_lora_refuses_mismatched_models():
+    base = tiny_gpt2()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="use the same r"):
+        copy_lora_to_peft(add_lora(copy.deepcopy(base), ["c_attn"], r=2), theirs)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        copy_lora_to_peft(add_lora(copy.deepcopy(base), ["c_fc"], r=4), theirs)
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        copy_lora_from_peft(theirs, copy.deepcopy(base))

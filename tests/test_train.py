@@ -6,36 +6,16 @@ import pytest
 import torch
 
 from lora_course import add_lora
-from lora_course.data import collate, format_prompt, format_target, make_splits
+from lora_course.data import collate, make_splits
 from lora_course.memory import optimizer_state_bytes
 from lora_course.train import TrainConfig, autocast_for, text_loss, train, validation_loss
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE tokenizer built offline from task sentences (no download)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [format_prompt(r) + format_target(r) for r in SPLITS.test] * 4
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="module")
-def base_model(tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config).eval()
-
-
 def quick(**kw):
-    return TrainConfig(**{"steps": 6, "batch_size": 4, "lr": 1e-2, "n_eval": 8, "progress": False, "device": "cpu", **kw})
+    settings = {"steps": 6, "batch_size": 4, "lr": 1e-2, "n_eval": 8, "progress": False, "device": "cpu"}
+    return TrainConfig(**{**settings, **kw})
 
 
 def test_lora_run_trains_only_the_adapters(base_model, tokenizer):
@@ -107,7 +87,8 @@ def test_validation_loss_scores_target_tokens_like_transformers(base_model, toke
     n = [int((collate(tokenizer, [r])["labels"] != -100).sum()) - 1 for r in pair]
     each = [validation_loss(base_model, tokenizer, [r]) for r in pair]
     joint = validation_loss(base_model, tokenizer, pair)
-    assert joint == pytest.approx((each[0] * n[0] + each[1] * n[1]) / sum(n), rel=1e-3)  # masked kernels round differently
+    # masked kernels round differently
+    assert joint == pytest.approx((each[0] * n[0] + each[1] * n[1]) / sum(n), rel=1e-3)
 
 
 def test_text_loss_matches_transformers_on_one_block(base_model):
@@ -146,42 +127,3 @@ def test_autocast_only_on_cuda_by_default():
         assert (x @ x).dtype == torch.float32
     with autocast_for(torch.device("cpu"), bf16=True):
         assert (x @ x).dtype == torch.bfloat16
-
-
-def test_notebook06_checks_accept_the_truth_and_refuse_the_rest(capsys):
-    from lora_course.checks import check_adam_moment_bytes, check_gpt2_c_attn_lora_params, check_task_sentence
-    from lora_course.data import Record
-
-    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)) is True
-    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2) is False
-    assert check_adam_moment_bytes(8 * 1000, n_trainable=1000) is True
-    assert check_adam_moment_bytes(4 * 1000, n_trainable=1000) is False
-    rec = Record(name="zip", kind="generator", args="3")
-    assert check_task_sentence(rec, format_target(rec)) is True
-    capsys.readouterr()
-    assert check_task_sentence(rec, "zip is a generator.") is False
-    verdict = capsys.readouterr().out
-    assert verdict.startswith("Not yet") and "args" in verdict and "name" not in verdict.split("missing")[1]
-
-
-@pytest.mark.parametrize("blank", [None, ...])
-def test_notebook06_checks_say_not_yet_for_a_blank_answer(blank, capsys):
-    from lora_course.checks import check_adam_moment_bytes, check_gpt2_c_attn_lora_params, check_task_sentence
-    from lora_course.data import Record
-
-    assert check_gpt2_c_attn_lora_params(blank) is False
-    assert check_adam_moment_bytes(blank, n_trainable=10) is False
-    assert check_task_sentence(Record(name="zip", kind="generator", args="3"), blank) is False
-    assert capsys.readouterr().out.count("Not yet: fill in") == 3
-
-
-def test_finetune_outputs_view_reports_each_model(base_model, tokenizer):
-    from lora_course.widgets import finetune_outputs_view
-
-    rec = SPLITS.test[0]
-    view = finetune_outputs_view({"a": base_model, "b": base_model}, tokenizer, **rec.__dict__)
-    assert view["record"] == rec
-    assert set(view["outputs"]) == {"a", "b"}
-    out = view["outputs"]["a"]
-    assert out == view["outputs"]["b"]  # same model, greedy: same text
-    assert set(out["slots"]) == set(rec.__dict__) and 0.0 <= out["slot_accuracy"] <= 1.0

@@ -1,11 +1,11 @@
-"""Tests for lora_course.experiments: the controlled rank / alpha experiments of notebook 04."""
+"""Notebook 04's lesson module: the controlled rank / alpha experiments."""
 
 import math
 
 import pytest
 import torch
 
-from lora_course.experiments import (
+from lora_course.lessons.l04_rank_alpha import (
     eckart_young_floor,
     first_step_ratios,
     loglog_slope,
@@ -52,7 +52,8 @@ def test_bad_targets_are_refused(kwargs, match):
 def test_floor_is_the_error_of_the_best_rank_r_matrix(target):
     for r in range(0, target.k + 3):
         best = best_rank_r(target.delta, min(r, 32))
-        assert eckart_young_floor(target, r) == pytest.approx(torch.linalg.matrix_norm(target.delta - best).item(), abs=1e-4)
+        exact = torch.linalg.matrix_norm(target.delta - best).item()
+        assert eckart_young_floor(target, r) == pytest.approx(exact, abs=1e-4)
     assert eckart_young_floor(target, target.k) == 0.0
 
 
@@ -83,7 +84,8 @@ def test_run_records_curves_counts_and_optimizer_memory(target):
     assert run.trainable_params == 4 * (32 + 48)
     other = train_lora(target, 8, alpha=8, lr=1e-2, steps=20)
     # Adam keeps two float32 moments per trainable number (plus a step counter per tensor).
-    per_param = (other.optimizer_state_bytes - run.optimizer_state_bytes) / (other.trainable_params - run.trainable_params)
+    extra_state = other.optimizer_state_bytes - run.optimizer_state_bytes
+    per_param = extra_state / (other.trainable_params - run.trainable_params)
     assert per_param == 8
     assert train_lora(target, 4, lr=1e-2, steps=5, optimizer="sgd").optimizer_state_bytes == 0
 

@@ -1,4 +1,4 @@
-"""Tests for notebook 04's rank / alpha widget: its pure function and its headless shell."""
+"""Notebook 04's lesson module: the rank / alpha widget (its pure function and headless shell) and checkers."""
 
 import math
 import time
@@ -9,16 +9,19 @@ matplotlib.use("Agg")
 
 import pytest
 
-from lora_course.checks import (
+from lora_course.lessons.l04_rank_alpha import (
     check_alpha_for_scaling,
     check_early_stopping,
     check_eckart_young_floor,
     check_fixed_scaling_update_sizes,
     check_smallest_rank,
+    make_low_rank_target,
+    make_regression_task,
+    rank_alpha_view,
+    rank_alpha_widget,
+    train_lora,
 )
-from lora_course.experiments import make_low_rank_target, make_regression_task, train_lora
 from lora_course.lowrank import low_rank_error
-from lora_course.widgets import rank_alpha_view, rank_alpha_widget
 
 
 @pytest.fixture(scope="module")

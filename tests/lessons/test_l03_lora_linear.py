@@ -2,8 +2,12 @@
 
 import pytest
 
-from lora_course.checks import check_lora_forward, check_lora_param_count
-from lora_course.widgets import lora_parameter_budget, lora_parameter_budget_widget
+from lora_course.lessons.l03_lora_linear import (
+    check_lora_forward,
+    check_lora_param_count,
+    lora_parameter_budget,
+    lora_parameter_budget_widget,
+)
 
 
 def test_param_count_check_accepts_the_card_number_only(capsys):
@@ -13,9 +17,14 @@ def test_param_count_check_accepts_the_card_number_only(capsys):
 
 
 def test_forward_check_tells_right_from_wrong(capsys):
-    right = lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + (alpha / r) * (x @ A.T) @ B.T
-    base_only = lambda x, W0, b, A, B, alpha, r: x @ W0.T + b
-    wrong_scale = lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha * (x @ A.T) @ B.T
+    def right(x, W0, b, A, B, alpha, r):
+        return x @ W0.T + b + (alpha / r) * (x @ A.T) @ B.T
+
+    def base_only(x, W0, b, A, B, alpha, r):
+        return x @ W0.T + b
+
+    def wrong_scale(x, W0, b, A, B, alpha, r):
+        return x @ W0.T + b + alpha * (x @ A.T) @ B.T
 
     def raises(*args):
         raise RuntimeError("boom")
@@ -48,3 +57,20 @@ def test_parameter_budget_widget_builds_and_redraws():
     assert [c.description for c in ui.children[:3]] == ["d (out)", "k (in)", "r"]
     ui.children[2].value = 16  # moving the slider re-runs the redraw without error
     assert ui.children[2].value == 16
+
+
+def test_play_shows_the_live_widget_and_a_static_copy_of_its_view(monkeypatch):
+    import ipywidgets
+
+    from lora_course.lessons import common
+
+    shown, drawn = [], []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
+    widget = ipywidgets.interactive(lambda r: drawn.append(r), r=ipywidgets.IntSlider(value=3, min=1, max=8))
+    drawn.clear()  # interactive draws once when it is built
+    common.play(widget)
+    assert shown == [widget] and drawn == [3]  # the static copy uses the sliders' current value
+    widget.children[0].value = 5  # the live widget redraws itself
+    assert drawn == [3, 5]
+    common.play(widget)
+    assert drawn == [3, 5, 5]

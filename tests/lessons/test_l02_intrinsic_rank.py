@@ -1,0 +1,254 @@
+"""Notebook 02's lesson module: the task pair, random-subspace training (d90), the real update dW,
+its rank slider (driven headlessly) and the exercise checkers."""
+
+import copy
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lora_course.lessons import l02_intrinsic_rank as lesson  # noqa: E402
+from lora_course.lessons.l02_intrinsic_rank import (  # noqa: E402
+    SubspaceModel,
+    accuracy,
+    d90_threshold,
+    find_d90,
+    gain_kept,
+    intrinsic_dimension_sweep,
+    make_mlp,
+    make_task_pair,
+    train_classifier,
+    update_rank_view,
+    update_rank_widget,
+    weight_deltas,
+    with_rank_r_updates,
+)
+from lora_course.lowrank import best_rank_r, effective_rank, stable_rank  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task_pair(n_train=300, n_test=300, seed=0)
+
+
+def test_task_pair_is_deterministic_and_related(task):
+    again = make_task_pair(n_train=300, n_test=300, seed=0)
+    assert torch.equal(task.X_train, again.X_train) and torch.equal(task.y_b_test, again.y_b_test)
+    assert task.X_train.shape == (300, 32) and task.n_classes == 10
+    # Related but different: B agrees with A more often than chance (1/10), but not always.
+    assert 0.2 < task.agreement() < 0.95
+    other = make_task_pair(n_train=300, n_test=300, seed=1)
+    assert not torch.equal(task.X_train, other.X_train)
+    # Inputs lie near an 8-dimensional subspace of the 32 features.
+    S = torch.linalg.svdvals(task.X_train - task.X_train.mean(0))
+    assert S[8] < 0.2 * S[7]
+
+
+def test_task_pair_bad_input():
+    with pytest.raises(ValueError, match="n_latent"):
+        make_task_pair(n_features=4, n_latent=8)
+    with pytest.raises(ValueError, match="n_classes"):
+        make_task_pair(n_classes=1)
+
+
+def test_train_classifier_learns_and_respects_frozen_params(task):
+    model = make_mlp(task.n_features, 32, task.n_classes, seed=0)
+    before = accuracy(model, task.X_test, task.y_a_test)
+    losses = train_classifier(model, task.X_train, task.y_a_train, steps=150, lr=3e-3, optimizer="adam", batch_size=64)
+    assert len(losses) == 150 and losses[-1] < losses[0]
+    assert accuracy(model, task.X_test, task.y_a_test) > before + 0.2
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.clone()
+    train_classifier(model, task.X_train, task.y_a_train, steps=5, lr=0.1)
+    assert torch.equal(model[0].weight, frozen)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_classifier(model, task.X_train, task.y_a_train, steps=1, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="no trainable"):
+        train_classifier(model.requires_grad_(False), task.X_train, task.y_a_train, steps=1, lr=0.1)
+
+
+def test_subspace_model_starts_at_theta0_and_only_z_trains(task):
+    model = make_mlp(task.n_features, 16, task.n_classes, seed=0)
+    D = sum(p.numel() for p in model.parameters())
+    sub = SubspaceModel(model, d=7, seed=0)
+    assert sub.D == D and sub.d == 7 and sub.P.shape == (D, 7)
+    torch.testing.assert_close(sub.P.norm(dim=0), torch.ones(7))
+    torch.testing.assert_close(sub(task.X_test), model(task.X_test))  # z = 0: same function
+    assert [name for name, p in sub.named_parameters() if p.requires_grad] == ["z"]
+    train_classifier(sub, task.X_train, task.y_b_train, steps=20, lr=0.1, optimizer="adam", batch_size=64)
+    assert sub.z.abs().sum() > 0
+    # theta moved only inside the span of P: theta - theta0 = P z exactly.
+    torch.testing.assert_close(sub.theta() - sub.theta0, sub.P @ sub.z)
+    # The materialised plain model computes the same function; the original is untouched.
+    plain = sub.materialize()
+    torch.testing.assert_close(plain(task.X_test), sub(task.X_test))
+    torch.testing.assert_close(model(task.X_test), SubspaceModel(model, d=3)(task.X_test))
+
+
+def test_subspace_model_bad_d(task):
+    model = make_mlp(task.n_features, 4, task.n_classes)
+    D = sum(p.numel() for p in model.parameters())
+    for bad in (0, D + 1, 2.5):
+        with pytest.raises(ValueError, match="d must be an int"):
+            SubspaceModel(model, d=bad)
+
+
+def test_sweep_larger_subspace_learns_more(task):
+    model = make_mlp(task.n_features, 16, task.n_classes, seed=0)
+    scores = intrinsic_dimension_sweep(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test,
+                                       dims=[1, 200], steps=150, lr=0.05, batch_size=64)
+    assert set(scores) == {1, 200}
+    assert scores[200] > scores[1] + 0.1
+    with pytest.raises(ValueError, match="dims is empty"):
+        intrinsic_dimension_sweep(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test, [], 1, 0.1)
+
+
+def test_d90_threshold_and_find_d90():
+    assert d90_threshold(0.8) == pytest.approx(0.72)
+    assert d90_threshold(0.8, baseline=0.5) == pytest.approx(0.77)
+    with pytest.raises(ValueError, match="fraction"):
+        d90_threshold(0.8, fraction=0.0)
+    scores = {4: 0.5, 16: 0.7, 64: 0.8, 256: 0.79}
+    assert find_d90(scores, 0.7) == 16
+    assert find_d90(scores, 0.75) == 64
+    assert find_d90(scores, 0.5) == 4
+    assert find_d90(scores, 0.9) is None
+
+
+def _pair():
+    pre = make_mlp(6, 8, 3, seed=0)
+    ft = copy.deepcopy(pre)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in ft:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g))
+    return pre, ft
+
+
+def test_weight_deltas():
+    pre, ft = _pair()
+    deltas = weight_deltas(pre, ft)
+    assert list(deltas) == ["0.weight", "2.weight", "4.weight"]
+    for name, dW in deltas.items():
+        torch.testing.assert_close(dW, ft.get_parameter(name) - pre.get_parameter(name))
+        assert not dW.requires_grad
+    with pytest.raises(ValueError, match="different linear layers"):
+        weight_deltas(pre, make_mlp(6, 8, 3)[:3])
+    with pytest.raises(ValueError, match="shape"):
+        weight_deltas(pre, make_mlp(6, 9, 3))
+
+
+def test_with_rank_r_updates_full_rank_is_finetuned_and_zero_is_pretrained():
+    pre, ft = _pair()
+    deltas = weight_deltas(pre, ft)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(with_rank_r_updates(pre, deltas, 8)(x), ft(x))
+    torch.testing.assert_close(with_rank_r_updates(pre, deltas, 0)(x), pre(x))
+    m2 = with_rank_r_updates(pre, deltas, 2)
+    W = m2[2].weight - pre[2].weight
+    torch.testing.assert_close(W, best_rank_r(deltas["2.weight"], 2))
+    assert torch.linalg.matrix_rank(W) == 2
+    # The pretrained model is not modified.
+    torch.testing.assert_close(pre(x), _pair()[0](x))
+    with pytest.raises(ValueError, match="r must be"):
+        with_rank_r_updates(pre, deltas, -1)
+    with pytest.raises(ValueError, match="does not have"):
+        with_rank_r_updates(pre, {"9.weight": torch.zeros(2, 2)}, 1)
+
+
+def test_gain_kept():
+    assert gain_kept(0.8, 0.5, 0.9) == pytest.approx(0.75)
+    assert gain_kept(0.5, 0.5, 0.9) == 0.0
+    with pytest.raises(ValueError, match="did not improve"):
+        gain_kept(0.5, 0.6, 0.6)
+
+
+@pytest.fixture(scope="module")
+def finetuned_pair():
+    torch.manual_seed(0)
+    task = make_task_pair(n_train=200, n_test=200, seed=0)
+    pre = make_mlp(task.n_features, 16, task.n_classes, seed=0)
+    ft = copy.deepcopy(pre)
+    with torch.no_grad():
+        for m in ft:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_(0.3 * torch.randn(m.weight.shape))
+    return task, pre, ft
+
+
+def test_update_rank_slider(finetuned_pair):
+    task, pre, ft = finetuned_pair
+    deltas = weight_deltas(pre, ft)
+    view = update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=16)
+    assert view["accuracy"] == pytest.approx(accuracy(ft, task.X_test, task.y_b_test))  # r = full rank
+    assert min(deltas[view["layer"]].shape) == 16 and view["energy"] == pytest.approx(1.0)
+    assert update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=1, layer="4.weight")["layer"] == "4.weight"
+    ui = update_rank_widget(pre, deltas, task.X_test, task.y_b_test, accuracy_finetuned=0.5, r=0, max_r=16)
+    assert ui.result["accuracy"] == pytest.approx(accuracy(pre, task.X_test, task.y_b_test))
+    assert ui.result["energy"] == 0.0
+    ui.children[0].value = 3
+    assert ui.result["r"] == 3 and 0.0 < ui.result["energy"] < 1.0
+    with pytest.raises(ValueError, match="layer must be"):
+        update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=1, layer="nope")
+
+
+def test_checkers_accept_right_and_reject_wrong_answers(capsys):
+    assert lesson.check_effective_rank_fn(effective_rank)
+    assert not lesson.check_effective_rank_fn(stable_rank)
+    assert lesson.check_stable_rank_fn(stable_rank)
+    assert not lesson.check_stable_rank_fn(effective_rank)
+    scores = {4: 0.5, 16: 0.7, 64: 0.8}
+    assert lesson.check_d90(scores, 0.7, 16)
+    assert not lesson.check_d90(scores, 0.7, 64)
+    assert lesson.check_d90(scores, 0.9, None)
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_checkers_say_fill_in_for_a_blank_answer(blank, capsys):
+    verdicts = {
+        "effective_rank_fn": lesson.check_effective_rank_fn(blank),
+        "stable_rank_fn": lesson.check_stable_rank_fn(blank),
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert verdicts == dict.fromkeys(verdicts, False)
+    assert len(lines) == len(verdicts)
+    assert all(line.startswith("Not yet: fill in") for line in lines), lines
+
+
+def test_d90_checker_blank_is_ellipsis_because_none_is_an_answer(capsys):
+    scores = {4: 0.5, 16: 0.7, 64: 0.8}
+    assert not lesson.check_d90(scores, 0.7, ...)
+    assert capsys.readouterr().out.startswith("Not yet: fill in")
+    assert not lesson.check_d90(scores, 0.7, None)  # None claims no d got there; 16 did
+    assert lesson.check_d90(scores, 0.9, None)
+    assert not lesson.check_d90(scores, 0.7, 32)
+    assert "not one of the sizes tried" in capsys.readouterr().out
+
+
+def test_function_checkers_treat_not_implemented_as_blank(capsys):
+    def todo(*args):
+        raise NotImplementedError("your code here")
+
+    for checker in (lesson.check_effective_rank_fn, lesson.check_stable_rank_fn):
+        assert not checker(todo)
+        out = capsys.readouterr().out
+        assert out.startswith("Not yet: fill in the body of your function")
+
+
+def test_function_checkers_reject_nan_non_numbers_and_non_functions(capsys):
+    nan = float("nan")
+    assert not lesson.check_effective_rank_fn(lambda S: nan)
+    assert not lesson.check_stable_rank_fn(lambda S: torch.tensor(nan))
+    capsys.readouterr()
+    assert not lesson.check_effective_rank_fn(lambda S: None)  # forgot `return`
+    assert "returned NoneType" in capsys.readouterr().out
+    assert not lesson.check_stable_rank_fn(lambda S: S)  # a whole tensor, not one number
+    assert "return one number" in capsys.readouterr().out
+    assert not lesson.check_stable_rank_fn(2.5)  # called it instead of passing it
+    assert "function itself" in capsys.readouterr().out
