@@ -221,6 +221,7 @@ def _check_init(cls, shapes) -> str:
     for i, (d, k, r, alpha) in enumerate(shapes):
         g = torch.Generator().manual_seed(i)
         given = _pretrained(d, k, g)
+        lib = LoRALinear.from_linear(copy.deepcopy(given), r=r, alpha=alpha)  # before yours freezes `given`
         mine = _build(cls, given, r, alpha)
         _expect_shape("lora_A", mine.lora_A, (r, k), "(r, k): r rows, one column per input")
         _expect_shape("lora_B", mine.lora_B, (d, r), "(d, r): one row per output, r columns")
@@ -237,10 +238,14 @@ def _check_init(cls, shapes) -> str:
             raise _Problem("lora_A and lora_B must train (requires_grad=True).")
         if not math.isclose(float(mine.scaling), alpha / r, rel_tol=1e-6):
             raise _Problem(_scaling_hint(float(mine.scaling) / (alpha / r), r, alpha, "your scaling"))
-        lib = LoRALinear.from_linear(copy.deepcopy(given), r=r, alpha=alpha)
-        if count_parameters(mine) != count_parameters(lib):
-            raise _Problem(f"(trainable, total) parameters are {count_parameters(mine)}; lora_course.LoRALinear "
-                           f"has {count_parameters(lib)} for d={d}, k={k}, r={r}: keep only A and B trainable.")
+        lora = (d + k) * r
+        if count_parameters(mine)[0] != lora:
+            raise _Problem(f"your layer trains {count_parameters(mine)[0]:,d} parameters for d={d}, k={k}, r={r}; "
+                           f"LoRA trains A and B only, (d + k) r = {lora:,d}.")
+        if count_parameters(lib)[0] != lora:
+            raise _library_off(f"trains {count_parameters(lib)[0]:,d} parameters, not (d + k) r = {lora:,d}")
+        if torch.count_nonzero(lib.lora_B) > 0 or not math.isclose(lib.scaling, alpha / r, rel_tol=1e-6):
+            raise _library_off("does not start with B = 0 and scaling alpha / r")
     _check_A_init(cls)
     return (f"on {len(shapes)} random shapes (d, k, r) your layer has A (r, k) uniform in +-1/sqrt(k) as PEFT's, "
             "B (d, r) = 0, the pretrained base shared and frozen, scaling alpha / r, and (d + k) r trainable "
@@ -250,22 +255,25 @@ def _check_init(cls, shapes) -> str:
 def _check_A_init(cls, d: int = 64, k: int = 512, r: int = 16) -> None:
     """A's distribution, on enough entries (r k = 8,192) that its spread is measured to about 1%."""
     bound = 1 / math.sqrt(k)  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(k), 1/sqrt(k))
-    for who, layer in (("your", _build(cls, nn.Linear(k, d), r, 16.0)),
-                       ("the library's", LoRALinear(k, d, r=r, alpha=16))):
-        A = layer.lora_A.detach()
-        if torch.count_nonzero(A) == 0:
-            raise _Problem(f"{who} A is all zeros: with B = 0 as well, neither would ever get a gradient. "
-                           "Start A at random.")
-        std = A.std().item()
-        if A.abs().max() > bound * (1 + 1e-6) or not math.isclose(std, bound / math.sqrt(3), rel_tol=0.1):
-            raise _Problem(f"{who} A has std {std:.3g} and max |A| {A.abs().max():.3g} at k = {k}; PEFT's init, "
-                           "nn.init.kaiming_uniform_(A, a=math.sqrt(5)), is uniform in +-1/sqrt(k): std "
-                           f"{bound / math.sqrt(3):.3g}, max {bound:.3g}.")
+    def off(A: torch.Tensor) -> bool:
+        return A.abs().max() > bound * (1 + 1e-6) or not math.isclose(A.std().item(), bound / math.sqrt(3),
+                                                                      rel_tol=0.1)
+
+    A = _build(cls, nn.Linear(k, d), r, 16.0).lora_A.detach()
+    if torch.count_nonzero(A) == 0:
+        raise _Problem("your A is all zeros: with B = 0 as well, neither would ever get a gradient. "
+                       "Start A at random.")
+    if off(A):
+        raise _Problem(f"your A has std {A.std().item():.3g} and max |A| {A.abs().max():.3g} at k = {k}; PEFT's "
+                       "init, nn.init.kaiming_uniform_(A, a=math.sqrt(5)), is uniform in +-1/sqrt(k): std "
+                       f"{bound / math.sqrt(3):.3g}, max {bound:.3g}.")
+    if off(LoRALinear(k, d, r=r, alpha=16).lora_A.detach()):
+        raise _library_off("does not draw A uniform in +-1/sqrt(k)")
 
 
 def check_forward(cls, shapes=None) -> bool:
-    """Step 2: at step 0 the output is W0 x + b and the library's, only B gets a gradient and it equals
-    the library's; with a non-zero B, outputs and both gradients equal the library's."""
+    """Step 2: at step 0 the output is W0 x + b, dL/dA = 0 and dL/dB is s g (Ax)^T; with a non-zero B,
+    the output and both gradients are LoRA's. Each is compared with the library's too."""
     return _verdict(_check_forward, cls, shapes or random_shapes())
 
 
@@ -275,40 +283,58 @@ def _grads(layer, x, weights):
     return layer.lora_A.grad, layer.lora_B.grad
 
 
+def _reference(base: nn.Linear, A, B, s: float, x, weights):
+    """LoRA's output W0 x + b + s (x A^T) B^T and its gradients in A and B, from the formula itself."""
+    A, B = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    out = F.linear(x, base.weight.detach(), base.bias.detach()) + s * (x @ A.T) @ B.T  # (..., d)
+    (out * weights).sum().backward()
+    return out.detach(), A.grad, B.grad
+
+
+def _library_off(what: str) -> _Problem:
+    return _Problem(f"lora_course.LoRALinear {what}; the library, not your layer, is off here.")
+
+
 def _check_forward(cls, shapes) -> str:
     for i, (d, k, r, alpha) in enumerate(shapes):
         mine, lib, base, x = _pair(cls, d, k, r, alpha, seed=i)
-        with torch.no_grad():
-            want, got = base(x), _forward(mine, x)
-        if got.shape != want.shape:
-            raise _Problem(f"for x of shape {tuple(x.shape)} your forward returned shape {tuple(got.shape)}; "
-                           f"it should be {tuple(want.shape)} (any leading dims, then d = {d}).")
-        if not torch.allclose(got, want, atol=ATOL):
-            raise _Problem(f"at step 0 your output differs from the frozen layer's W0 x + b by up to "
-                           f"{(got - want).abs().max():.2g}; with B = 0 the update is zero.")
-        weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(i))  # dL/dh
+        weights = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(i))  # dL/dh
         for step in ("at step 0", "with a non-zero B"):
             if step != "at step 0":
                 _same_B(mine, lib, seed=i)
-                with torch.no_grad():
-                    got, lib_out = _forward(mine, x), lib(x)
-                if not torch.allclose(got, lib_out, atol=ATOL):
-                    c = _ratio(got - want, lib_out - want)
-                    raise _Problem(_scaling_hint(c, r, alpha, f"{step}, your update (output - W0 x - b)")
-                                   if torch.allclose(got - want, c * (lib_out - want), atol=ATOL) else
-                                   f"{step} your output differs from lora_course.LoRALinear's; compute "
-                                   "(alpha / r) (x A^T) B^T and add it to the base layer's output.")
+            want, want_gA, want_gB = _reference(base, mine.lora_A, mine.lora_B, alpha / r, x, weights)
+            with torch.no_grad():
+                got, frozen_out = _forward(mine, x), base(x)
+            if got.shape != want.shape:
+                raise _Problem(f"for x of shape {tuple(x.shape)} your forward returned shape {tuple(got.shape)}; "
+                               f"it should be {tuple(want.shape)} (any leading dims, then d = {d}).")
+            if not torch.allclose(got, want, atol=ATOL):
+                if step == "at step 0":
+                    raise _Problem(f"at step 0 your output differs from the frozen layer's W0 x + b by up to "
+                                   f"{(got - want).abs().max():.2g}; with B = 0 the update is zero.")
+                c = _ratio(got - frozen_out, want - frozen_out)
+                raise _Problem(_scaling_hint(c, r, alpha, f"{step}, your update (output - W0 x - b)")
+                               if torch.allclose(got - frozen_out, c * (want - frozen_out), atol=ATOL) else
+                               f"{step} your output is not W0 x + b + (alpha / r) (x A^T) B^T; compute the "
+                               "low-rank branch and add it to the base layer's output.")
             gA, gB = _grads(mine, x, weights)
-            lA, lB = _grads(lib, x, weights)
             if mine.base_layer.weight.grad is not None:
-                raise _Problem("W0 got a gradient: the base layer must stay frozen.")
-            for name, got_g, want_g in (("lora_B", gB, lB), ("lora_A", gA, lA)):
+                raise _Problem("your W0 got a gradient: the base layer must stay frozen.")
+            for name, got_g, want_g in (("lora_B", gB, want_gB), ("lora_A", gA, want_gA)):
                 if got_g is None:
                     raise _Problem(f"{name} got no gradient {step}: use self.{name} in your forward.")
                 if not torch.allclose(got_g, want_g, atol=ATOL):
                     raise _Problem(_scaling_hint(_ratio(got_g, want_g), r, alpha, f"{step}, dL/d{name[-1]}")
                                    if want_g.abs().max() > 0 else
                                    f"{step}, dL/d{name[-1]} should be exactly zero (it is s B^T g x^T, and B = 0).")
+            lA, lB = _grads(lib, x, weights)
+            with torch.no_grad():
+                lib_out = lib(x)
+            if not (torch.allclose(lib_out, want, atol=ATOL) and torch.allclose(lA, want_gA, atol=ATOL)
+                    and torch.allclose(lB, want_gB, atol=ATOL)):
+                raise _library_off(f"does not compute W0 x + b + (alpha / r) (x A^T) B^T or its gradients {step}")
+            if lib.base_layer.weight.grad is not None:
+                raise _library_off("lets W0 get a gradient")
     return (f"on {len(shapes)} random shapes, at step 0 your output equals the frozen layer's W0 x + b and "
             "lora_course.LoRALinear's; dL/dA = 0 and dL/dB equals the library's, so only B moves first. "
             "With a non-zero B your outputs and both gradients equal the library's (scaling alpha / r).")
@@ -348,12 +374,14 @@ def _check_merge(cls, shapes) -> str:
         if not callable(getattr(mine, "merge", None)):
             raise _Problem("your class has no merge() yet: attach it with LoRALinear.merge = merge.")
         _same_B(mine, lib, seed=i)
+        W0 = base.weight.detach()
+        want = W0 + (alpha / r) * mine.lora_B.detach() @ mine.lora_A.detach()  # (d, k)
         with torch.no_grad():
             before = _forward(mine, x)
             _call("your merge()", mine.merge)
             lib.merge()
             after = _forward(mine, x)
-        W0, got, want = base.weight, mine.base_layer.weight.detach(), lib.base_layer.weight
+        got = mine.base_layer.weight.detach()
         if not torch.allclose(got, want, atol=ATOL):
             c = _ratio(got - W0, want - W0)
             if abs(c) < 1e-3:
@@ -366,6 +394,8 @@ def _check_merge(cls, shapes) -> str:
             raise _Problem("after merge() your forward still adds the low-rank branch, so the update counts "
                            "twice: set self.merged = True and skip the branch when merged." if twice else
                            "the merged layer's output differs from the unmerged one's.")
+        if not torch.allclose(lib.base_layer.weight, want, atol=ATOL):
+            raise _library_off("does not merge to W0 + (alpha / r) B A")
     return (f"on {len(shapes)} random shapes your merged weight equals W0 + (alpha / r) B A, the same as "
             "lora_course.LoRALinear's merge, and the merged layer's output equals the unmerged one's.")
 
@@ -458,8 +488,10 @@ def _check_swap(swap_fn, cls, names, r, alpha) -> str:
 
 def compare_with_library(cls, d: int = 24, k: int = 40, r: int = 4, alpha: float = 8.0, seed: int = 0) -> dict:
     """Max |difference| between the learner's layer and `lora_course.LoRALinear` on the same weights
-    (same base, same A, the same non-zero B): output, dL/dA, dL/dB, and the merged weight."""
+    (same base, same A, the same non-zero B): output, dL/dA, dL/dB, the merged weight, and the
+    number of trainable parameters."""
     mine, lib, _, x = _pair(cls, d, k, r, alpha, seed)
+    trainable = abs(count_parameters(mine)[0] - count_parameters(lib)[0])
     _same_B(mine, lib, seed)
     weights = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(seed))  # dL/dh
     diffs = {"output": (_forward(mine, x) - lib(x)).abs().max().item()}
@@ -469,6 +501,7 @@ def compare_with_library(cls, d: int = 24, k: int = 40, r: int = 4, alpha: float
         mine.merge()
         lib.merge()
     diffs["merged_weight"] = (mine.base_layer.weight - lib.base_layer.weight).abs().max().item()
+    diffs["trainable_count"] = trainable
     return diffs
 
 

@@ -189,8 +189,9 @@ def test_random_shapes_are_seeded_and_can_show_a_wrong_scaling():
     (NoScaling, check_forward, "the scaling alpha / r is missing"),
     (BNotZero, check_init, "lora_B is not zero at the start"),
     (BaseNotFrozen, check_init, "the base layer still trains"),
+    (BaseNotFrozen, check_forward, "your W0 got a gradient"),
     (CardInitA, check_init, "kaiming_uniform_(A, a=math.sqrt(5))"),
-    (BothZero, check_init, "A is all zeros"),
+    (BothZero, check_init, "your A is all zeros"),
     (TransposedA, check_init, "lora_A has shape"),
     (CopiesTheBase, check_init, "shared, not copied"),
     (MergeForgetsScaling, check_merge, "the scaling alpha / r is missing"),
@@ -236,9 +237,54 @@ def test_swap_check_catches_an_unfrozen_model_a_missed_layer_and_an_extra_one(ca
 
 def test_compare_with_library_is_float32_close_for_the_right_layer_and_not_for_a_wrong_one():
     diffs = compare_with_library(LoRALinear)
-    assert set(diffs) == {"output", "grad_A", "grad_B", "merged_weight"} and max(diffs.values()) < 1e-5
+    assert set(diffs) == {"output", "grad_A", "grad_B", "merged_weight", "trainable_count"}
+    assert max(diffs.values()) < 1e-5
     assert compare_with_library(WrongScalingInForward)["output"] > 1e-2
     assert compare_with_library(MergeForgetsScaling)["merged_weight"] > 1e-2
+    assert compare_with_library(BaseNotFrozen)["trainable_count"] > 0
+
+
+class _LibraryScalesByAlpha(LibLoRALinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaling = self.alpha
+
+
+class _LibraryBNotZero(LibLoRALinear):
+    def reset_lora_parameters(self):
+        super().reset_lora_parameters()
+        nn.init.normal_(self.lora_B, std=0.02)
+
+
+class _LibraryNotFrozen(LibLoRALinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_layer.requires_grad_(True)
+
+
+class _LibraryMergeForgetsScaling(LibLoRALinear):
+    @torch.no_grad()
+    def merge(self):
+        self._add_to_base(self.delta_weight() / self.scaling)
+        self.merged = True
+
+
+@pytest.mark.parametrize("broken, check, words", [
+    (_LibraryScalesByAlpha, check_init, "does not start with B = 0 and scaling alpha / r"),
+    (_LibraryScalesByAlpha, check_forward, "does not compute W0 x + b + (alpha / r)"),
+    (_LibraryBNotZero, check_init, "does not start with B = 0"),
+    (_LibraryBNotZero, check_forward, "at step 0"),
+    (_LibraryNotFrozen, check_init, "trains"),
+    (_LibraryNotFrozen, check_forward, "lets W0 get a gradient"),
+    (_LibraryMergeForgetsScaling, check_merge, "does not merge to W0 + (alpha / r) B A"),
+])
+def test_a_broken_library_fails_the_checks_of_a_right_layer_and_is_named(broken, check, words, monkeypatch, capsys):
+    import lora_course.lessons.l03_lora_linear as lesson
+
+    monkeypatch.setattr(lesson, "LoRALinear", broken)
+    assert check(LoRALinear) is False
+    out = verdict(capsys)
+    assert "the library, not your layer, is off" in out and words in out, out
 
 
 # ----------------------------------------------------------------------------- the picture and the model
