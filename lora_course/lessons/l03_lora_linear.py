@@ -11,6 +11,7 @@ The learner's class is built as `cls(base_layer, r, alpha)` and keeps PEFT's nam
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 
@@ -114,6 +115,18 @@ def _pretrained(d: int, k: int, g: torch.Generator) -> nn.Linear:
     return base
 
 
+def _own_rng(fn):
+    """Run a check on its own seeded random stream: the same verdict every run, and the caller's
+    random state left as it was."""
+    @functools.wraps(fn)
+    def seeded(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return fn(*args, **kwargs)
+
+    return seeded
+
+
 class _Problem(Exception):
     """What is wrong with the learner's code, in words a learner can act on."""
 
@@ -211,6 +224,7 @@ def _verdict(fn, *args) -> bool:
     return report(True, message)
 
 
+@_own_rng
 def check_init(cls, shapes=None) -> bool:
     """Step 1: A (r, k) uniform in +-1/sqrt(k) as PEFT's, B (d, r) = 0, the base frozen and shared,
     scaling alpha / r, and the library's trainable count, on random shapes."""
@@ -271,6 +285,7 @@ def _check_A_init(cls, d: int = 64, k: int = 512, r: int = 16) -> None:
         raise _library_off("does not draw A uniform in +-1/sqrt(k)")
 
 
+@_own_rng
 def check_forward(cls, shapes=None) -> bool:
     """Step 2: at step 0 the output is W0 x + b, dL/dA = 0 and dL/dB is s g (Ax)^T; with a non-zero B,
     the output and both gradients are LoRA's. Each is compared with the library's too."""
@@ -340,6 +355,7 @@ def _check_forward(cls, shapes) -> str:
             "With a non-zero B your outputs and both gradients equal the library's (scaling alpha / r).")
 
 
+@_own_rng
 def check_count(count_fn, cls, shapes=None) -> bool:
     """Step 3: `count_fn(model)` counts the trainable parameters, as the library counts them."""
     if is_blank(count_fn):
@@ -362,6 +378,7 @@ def _check_count(count_fn, cls, shapes) -> str:
             "trainable, the frozen base not counted.")
 
 
+@_own_rng
 def check_merge(cls, shapes=None) -> bool:
     """Step 4: merge() makes the base weight W0 + (alpha / r) B A, as the library's merge does, and the
     merged layer computes what the unmerged one did."""
@@ -444,6 +461,7 @@ def toy_model(d_model: int = 32, seed: int = 0) -> ToyBlock:
     return ToyBlock(d_model).eval()
 
 
+@_own_rng
 def check_swap(swap_fn, cls, names=("attn.q_proj", "attn.v_proj"), r: int = 4, alpha: float = 8.0) -> bool:
     """Step 5: `swap_fn(model, names, r, alpha)` wraps exactly the named layers with `cls`, freezes the
     rest, leaves the output at step 0 unchanged, and trains as many parameters as `add_lora`."""
@@ -486,6 +504,7 @@ def _check_swap(swap_fn, cls, names, r, alpha) -> str:
 
 # ----------------------------------------------------------------------------- the library, compared
 
+@_own_rng
 def compare_with_library(cls, d: int = 24, k: int = 40, r: int = 4, alpha: float = 8.0, seed: int = 0) -> dict:
     """Max |difference| between the learner's layer and `lora_course.LoRALinear` on the same weights
     (same base, same A, the same non-zero B): output, dL/dA, dL/dB, the merged weight, and the
@@ -610,6 +629,7 @@ def _lib_conv1d(d: int, k: int, r: int, alpha: float, seed: int):
     return layer, torch.randn(5, k, generator=g)
 
 
+@_own_rng
 def check_conv1d_forward(forward_fn) -> bool:
     """Exercise: `forward_fn(x, W, b, A, B, scaling)` with W stored as GPT-2's Conv1D stores it,
     (k, d), must compute LoRALinear's output on that layer."""
@@ -644,6 +664,7 @@ def check_conv1d_forward(forward_fn) -> bool:
                         "only W's layout changed, not A's and B's.")
 
 
+@_own_rng
 def check_unmerge(unmerge_fn) -> bool:
     """Exercise: `unmerge_fn(layer)` takes a merged LoRALinear back to W0 and the unmerged forward."""
     if is_blank(unmerge_fn):
@@ -696,13 +717,13 @@ def recovery_task(d: int = 32, k: int = 32, rank: int = 2, n: int = 512, noise: 
     return {"W0": W0, "x": x, "y": y, "delta_star": delta}
 
 
+@_own_rng
 def check_recover_update(fit_fn, r: int = 4, tolerance: float = 0.02) -> bool:
     """Exercise: `fit_fn(W0, x, y, r)` trains LoRA on (x, y) from the frozen W0 and returns the layer;
     its scaling * B A must be dW* to within `tolerance` (relative), with W0 untouched."""
     if is_blank(fit_fn):
         return not_filled_in("your function fit_lora(W0, x, y, r)")
     task = recovery_task()
-    torch.manual_seed(0)
     try:
         with num_threads(1):  # small matrices run fastest on one thread
             layer = _call("your fit_lora(W0, x, y, r)", fit_fn, task["W0"].clone(), task["x"], task["y"], r)

@@ -206,6 +206,16 @@ def test_each_wrong_layer_is_caught_with_a_message_that_says_why(cls, check, wor
     assert out.startswith("Not yet: ") and words in out, out
 
 
+def test_a_check_gives_the_same_verdict_every_run_and_leaves_the_callers_random_state(capsys):
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    assert check_forward(LoRALinear) and check_merge(LoRALinear)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    first = verdict(capsys)
+    assert check_forward(LoRALinear) and check_merge(LoRALinear)
+    assert verdict(capsys) == first
+
+
 def test_a_class_that_does_not_take_base_r_alpha_is_reported_not_raised(capsys):
     class Wrong(nn.Module):
         def __init__(self, d, k):
