@@ -3,9 +3,11 @@ the picture of LoRA, a small model to adapt, the cost of an unmerged adapter, th
 widget (shown with `play`, re-exported from `common`) and the exercise checkers.
 
 The build checks put the learner's class and the library's `lora_course.LoRALinear` around copies
-of the same pretrained `nn.Linear`, give them the same `A` (and later the same `B`) and compare.
-The learner's class is built as `cls(base_layer, r, alpha)` and keeps PEFT's names: `base_layer`,
-`lora_A` (r, k), `lora_B` (d, r), `scaling`, `merged`.
+of the same pretrained `nn.Linear`, on seeded random shapes, give them the same `A` (and later the
+same `B`), and compare both with LoRA's formula: a wrong learner's layer gets a hint at its
+mistake, a wrong library a message that names the library. The learner's class is built as
+`cls(base_layer, r, alpha)` and keeps PEFT's names: `base_layer`, `lora_A` (r, k), `lora_B` (d, r),
+`scaling`, `merged`.
 """
 
 from __future__ import annotations
