@@ -21,7 +21,6 @@ MAX_MARKDOWN_WORDS = 1800
 NOT_YET_CLEAN = {
     "01_svd_and_low_rank.ipynb",
     "02_intrinsic_rank.ipynb",
-    "04_rank_and_alpha.ipynb",
     "05_lora_in_a_transformer.ipynb",
     "06_finetune_gpt2.ipynb",
 }
