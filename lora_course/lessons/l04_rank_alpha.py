@@ -13,12 +13,14 @@ with theory:
 - scaling = alpha / r (LoRA) vs alpha / sqrt(r) (rsLoRA): at a fixed alpha and optimizer
   learning rate, how big the learned update gets, and how fast, as r grows.
 - LoRA+: a larger learning rate for B than for A.
+- lora_dropout: dropout on the adapter's input while training on a small task.
 
 For whitened inputs (x ~ N(0, I)) the regression loss is the matrix loss plus the noise
 variance, E||(dW - dW*) x||^2 / out = ||dW - dW*||_F^2 / out, so the two losses tell the
 same story and the task adds what data does: noise, and overfitting when data are few.
 
-References: Hu et al., "LoRA" (2021), arXiv:2106.09685; Eckart & Young (1936);
+References: Hu et al., "LoRA" (2021), arXiv:2106.09685; Eckart & Young (1936); Baldi &
+Hornik, "Neural networks and principal component analysis" (1989), no spurious minima;
 Kalajdzievski, "rsLoRA" (2023), arXiv:2312.03732; Hayou et al., "LoRA+: Efficient Low
 Rank Adaptation of Large Models" (2024), arXiv:2402.12354.
 """
@@ -37,8 +39,8 @@ from ..lora import LoRAConfig, LoRALinear, count_parameters
 from ..lowrank import low_rank_error, singular_values
 from ..memory import optimizer_state_bytes
 from ..runtime import num_threads
-from ..validate import check_int, check_positive, is_int, is_number
-from .common import is_blank, not_filled_in, report
+from ..validate import check_int, check_positive, is_number
+from .common import call_learner_fn, close_to, is_blank, not_filled_in, play, report
 
 __all__ = [
     "LowRankTarget",
@@ -47,6 +49,7 @@ __all__ = [
     "make_low_rank_target",
     "make_regression_task",
     "eckart_young_floor",
+    "no_finetuning_loss",
     "train_lora",
     "rank_sweep",
     "scaling_sweep",
@@ -55,11 +58,14 @@ __all__ = [
     "first_step_ratios",
     "rank_alpha_view",
     "rank_alpha_widget",
+    "play",
     "check_eckart_young_floor",
-    "check_alpha_for_scaling",
-    "check_smallest_rank",
+    "check_scaling",
+    "measured_first_step_ratio",
+    "check_first_step_ratio",
     "check_fixed_scaling_update_sizes",
-    "check_early_stopping",
+    "dropout_penalty_mc",
+    "check_dropout_penalty",
 ]
 
 
@@ -110,6 +116,7 @@ class LoRARun:
     lr: float  # learning rate of A
     lr_B: float  # learning rate of B (= lr unless LoRA+)
     use_rslora: bool
+    lora_dropout: float  # dropout on the adapter's input during training (0: none)
     optimizer: str
     steps: int
     losses: list[float]  # training loss at each step, before its update  (steps,)
@@ -118,11 +125,12 @@ class LoRARun:
     final_error: float  # ||dW - dW*||_F at the end
     relative_error: float  # final_error / ||dW*||_F
     floor: float  # the Eckart-Young floor for this r: the best any rank-r dW can do
+    delta: torch.Tensor  # (out, in) the learned dW = scaling * B A
     delta_singular_values: torch.Tensor  # (r,) singular values of the learned dW
     trainable_params: int  # r * (in + out)
     optimizer_state_bytes: int  # measured from the optimizer's state tensors (lora_course.memory)
-    test_loss: float | None = None  # regression task only: test MSE
-    train_loss: float | None = None  # regression task only: final training MSE
+    test_loss: float | None = None  # regression task only: test MSE, dropout off
+    train_loss: float | None = None  # regression task only: final training MSE, dropout off
     layer: LoRALinear | None = field(default=None, repr=False)
 
 
@@ -183,6 +191,11 @@ def eckart_young_floor(target: LowRankTarget, r: int) -> float:
     return float(low_rank_error(target.singular_values, min(r, target.k), norm="fro"))
 
 
+def no_finetuning_loss(task: RegressionTask) -> float:
+    """Test MSE of the frozen layer alone (dW = 0): what fine-tuning has to beat."""
+    return (task.X_test @ task.target.W0.T - task.Y_test).square().mean().item()  # (n_test, out)
+
+
 def train_lora(
     target: LowRankTarget,
     r: int,
@@ -195,6 +208,7 @@ def train_lora(
     optimizer: str = "adam",
     schedule: str = "cosine",
     task: RegressionTask | None = None,
+    lora_dropout: float = 0.0,
     seed: int = 0,
     keep_layer: bool = False,
 ) -> LoRARun:
@@ -205,7 +219,8 @@ def train_lora(
     mean squared error on its training set (full batch). `alpha` defaults to 2 r (so the
     scaling is 2 at every rank). `lr_B` gives B its own learning rate (LoRA+); by default
     B uses `lr`. `optimizer` is "adam" or "sgd"; `schedule` is "cosine" (decay to 0, to
-    settle exactly at the optimum) or "constant".
+    settle exactly at the optimum) or "constant". `lora_dropout` (task only) drops the
+    adapter's input during training; the final train and test losses are measured without it.
     """
     if task is not None and task.target is not target:
         raise ValueError("task was built for a different target; pass task.target as target")
@@ -218,7 +233,9 @@ def train_lora(
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
 
-    config = LoRAConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora)  # checks r and alpha
+    if lora_dropout and task is None:
+        raise ValueError("lora_dropout acts on the layer's input, which the matrix loss never sees; pass a task")
+    config = LoRAConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=lora_dropout)  # checks them
     with num_threads(1):  # tiny matrices: one thread is fastest and spares a shared CPU
         torch.manual_seed(seed)  # A's random init
         base = nn.Linear(target.in_features, target.out_features, bias=False)
@@ -254,14 +271,17 @@ def train_lora(
             losses, errors, norms = (torch.stack(stats).T.tolist())
             test_loss = train_loss = None
             if task is not None:
+                layer.eval()  # dropout off: the trained layer as it would be used
                 test_loss = (layer(task.X_test) - task.Y_test).square().mean().item()
                 train_loss = (layer(task.X_train) - task.Y_train).square().mean().item()
         target_norm = torch.linalg.matrix_norm(target.delta).item()
         return LoRARun(
             r=r, alpha=alpha, scaling=layer.scaling, lr=lr, lr_B=lr_B, use_rslora=use_rslora,
-            optimizer=optimizer, steps=steps, losses=losses[:-1], errors=errors, update_norms=norms,
+            lora_dropout=lora_dropout, optimizer=optimizer, steps=steps,
+            losses=losses[:-1], errors=errors, update_norms=norms,
             final_error=errors[-1], relative_error=errors[-1] / target_norm,
             floor=eckart_young_floor(target, r),
+            delta=dW,
             delta_singular_values=singular_values(dW)[:r],
             trainable_params=count_parameters(layer)[0],
             optimizer_state_bytes=optimizer_state_bytes(opt),
@@ -414,43 +434,13 @@ def check_eckart_young_floor(answer: float, singular_values, r: int) -> bool:
                             f"after the first {r}: the directions a rank-{r} update must leave out.")
     if abs(answer - expected ** 2) <= 1e-3 * max(1.0, expected ** 2):
         return report(False, "that is the squared error; take the square root.")
+    kept = math.sqrt(sum(s * s for s in S[:r]))
+    if abs(answer - kept) <= 1e-3 * max(1.0, kept):
+        return report(False, f"that is the size of what a rank-{r} update keeps; the floor is what it must leave out.")
+    if abs(answer - sum(S[r:])) <= 1e-3 * max(1.0, sum(S[r:])):
+        return report(False, "errors in orthogonal directions add as squares: square, sum, then take the root.")
     return report(False, f"you said {answer:.4f}. Keep the top {r} singular values; the error is "
                          "the root of the sum of squares of the ones left out.")
-
-
-def check_alpha_for_scaling(answer: float, r: int, scaling: float, use_rslora: bool = False) -> bool:
-    """Exercise: which alpha gives this scaling at rank r (alpha / r, or alpha / sqrt(r) with
-    rsLoRA)? Checked against a real LoRALinear built with the learner's alpha."""
-    rule = "alpha / sqrt(r)" if use_rslora else "alpha / r"
-    if is_blank(answer):
-        return not_filled_in(f"the alpha that gives scaling {rule} = {scaling:g} at r={r}")
-    try:
-        layer = LoRALinear(r, r, r=r, alpha=answer, use_rslora=use_rslora)
-    except (TypeError, ValueError) as e:
-        return report(False, f"LoRALinear refused alpha={answer!r}: {e}")
-    if abs(layer.scaling - scaling) <= 1e-6 * scaling:
-        return report(True, f"alpha={answer:g} gives scaling {rule} = {layer.scaling:g} at r={r}.")
-    return report(False, f"alpha={answer:g} gives scaling {layer.scaling:g}, not {scaling:g}; "
-                         f"solve scaling = {rule} for alpha.")
-
-
-def check_smallest_rank(answer: int, singular_values, max_relative_error: float) -> bool:
-    """Exercise: the smallest r whose Eckart-Young floor is at most `max_relative_error` times
-    ||dW*||_F, for a target with these singular values."""
-    S = [float(s) for s in singular_values]
-    total = sum(s * s for s in S) ** 0.5
-    floors = [float(low_rank_error(S, r, norm="fro")) / total for r in range(len(S) + 1)]
-    expected = next(r for r, f in enumerate(floors) if f <= max_relative_error)
-    if is_blank(answer):
-        return not_filled_in("my_rank: an int rank")
-    if is_int(answer) and answer == expected:
-        return report(True, f"r={expected}: its floor is {floors[expected]:.3f} of ||dW*||, and "
-                            f"r={expected - 1} leaves {floors[expected - 1]:.3f}." if expected > 0
-                      else "r=0: the target is already that small.")
-    if is_int(answer) and 0 <= answer <= len(S):
-        side = "too small: its floor is" if answer < expected else f"more than needed; already r={expected} reaches"
-        return report(False, f"r={answer} is {side} {floors[min(answer, expected)]:.3f} of ||dW*||.")
-    return report(False, f"you said {answer!r}; answer with an int rank between 0 and {len(S)}.")
 
 
 def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, step: int = 10) -> bool:
@@ -487,18 +477,131 @@ def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, st
                          f"and read update_norms[{step}].")
 
 
-def check_early_stopping(answer, task, r: int = 64, steps: int = 50, lr: float = 3e-2) -> bool:
-    """Exercise: test MSE of a rank-r LoRA trained for only `steps` steps on `task` (a small
-    RegressionTask), checked by re-running it; the verdict compares it with no fine-tuning."""
-    if is_blank(answer):
-        return not_filled_in(f"the test MSE of rank {r} after {steps} steps")
-    if not is_number(answer):
-        return report(False, f"you said {answer!r}; give the test MSE (a number) of rank {r} after {steps} steps.")
-    run = train_lora(task.target, r, lr=lr, steps=steps, task=task)
-    base = (task.X_test @ task.target.W0.T - task.Y_test).square().mean().item()  # W0 alone, no fine-tuning
-    if abs(answer - run.test_loss) > 1e-2 * run.test_loss:
-        return report(False, f"you said {answer:.3f}; train_lora(target, {r}, lr={lr:g}, steps={steps}, task=...) "
-                             "and read its test_loss.")
-    verdict = ("still worse than" if run.test_loss > base else "better than")
-    return report(True, f"r={r} after {steps} steps tests at {run.test_loss:.2f}, {verdict} no fine-tuning "
-                        f"({base:.2f}) on these {task.n_train} examples.")
+def _call_on_cases(fn, cases) -> tuple[list[float] | None, str | None]:
+    """The learner's `fn(*case)` for every case: (values, None), or (None, the verdict for the first problem)."""
+    values = []
+    for case in cases:
+        value, problem = call_learner_fn(fn, *case)
+        if problem:
+            return None, problem
+        values.append(value)
+    return values, None
+
+
+def check_scaling(fn) -> bool:
+    """Exercise: `fn(alpha, r, use_rslora)` returns the factor on B A, checked against a real
+    `LoRALinear` built with the same settings, on a grid where the common slips differ."""
+    cases = [(16, 4, False), (16, 4, True), (8, 64, False), (8, 64, True), (1, 1, True), (32, 16, True)]
+    got, problem = _call_on_cases(fn, cases)
+    if problem:
+        return report(False, problem)
+    want = [LoRALinear(r, r, r=r, alpha=alpha, use_rslora=rs).scaling for alpha, r, rs in cases]
+    if all(close_to(g, x, 1e-6) for g, x in zip(got, want)):
+        return report(True, "your scaling matches LoRALinear's at every rank, alpha and rule: alpha / r, "
+                            "or alpha / sqrt(r) with rsLoRA.")
+    rs_rows = [i for i, (_, _, rs) in enumerate(cases) if rs]
+    plain_rows = [i for i, (_, _, rs) in enumerate(cases) if not rs]
+    if all(close_to(got[i], want[i], 1e-6) for i in plain_rows):
+        return report(False, "right for use_rslora=False only; with rsLoRA the rank enters through its square root.")
+    if all(close_to(got[i], want[i], 1e-6) for i in rs_rows):
+        return report(False, "right with rsLoRA only; plain LoRA divides alpha by r itself.")
+    if all(close_to(g * x, 1.0, 1e-6) for g, x in zip(got, want)):
+        return report(False, "your function returns the inverse: a larger alpha must give a larger scaling.")
+    (alpha, r, rs), g, x = next((c, g, x) for c, g, x in zip(cases, got, want) if not close_to(g, x, 1e-6))
+    return report(False, f"at alpha={alpha}, r={r}, use_rslora={rs} your function gives {g:g}, but LoRALinear "
+                         f"scales B A by {x:g}.")
+
+
+def measured_first_step_ratio(target: LowRankTarget, r: int, optimizer: str, p: float,
+                              alpha: float = 8.0) -> float:
+    """||dW_1|| with scaling alpha / r**p over ||dW_1|| with alpha / r, same alpha, seed and lr,
+    measured by one training step each (alpha / r**p is alpha * r**(1 - p) under alpha / r)."""
+    lr = 1e-3 if optimizer == "adam" else 0.5
+    new = train_lora(target, r, alpha * r ** (1 - p), lr, 1, optimizer=optimizer, schedule="constant")
+    old = train_lora(target, r, alpha, lr, 1, optimizer=optimizer, schedule="constant")
+    return new.update_norms[1] / old.update_norms[1]
+
+
+def check_first_step_ratio(fn, target: LowRankTarget) -> bool:
+    """Exercise: `fn(r, optimizer, p)` predicts ||dW_1|| under scaling alpha / r**p divided by
+    ||dW_1|| under alpha / r (same alpha, lr and seed), checked against one-step runs on `target`."""
+    cases = [(r, opt, p) for opt in ("adam", "sgd") for p in (0.5, 0.0) for r in (2, 8, 32)]
+    got, problem = _call_on_cases(fn, cases)
+    if problem:
+        return report(False, problem)
+    want = [measured_first_step_ratio(target, r, opt, p) for r, opt, p in cases]
+
+    def fits(rows, values):
+        return all(close_to(values[i], want[i], 1e-2) for i in rows)
+
+    every = range(len(cases))
+    adam = [i for i, c in enumerate(cases) if c[1] == "adam"]
+    sgd = [i for i, c in enumerate(cases) if c[1] == "sgd"]
+    half = [i for i, c in enumerate(cases) if c[2] == 0.5]
+    if fits(every, got):
+        return report(True, "your ratios match the measured first steps for Adam and SGD at p = 0.5 (rsLoRA) and "
+                            "p = 0: Adam's step carries the scaling once, SGD's twice.")
+    if fits(adam, got) and fits(sgd, [g * g for g in got]):
+        return report(False, "right for Adam, too small for SGD: with SGD the gradient of B already carries "
+                             "the scaling, and dW = scaling * B A multiplies by it again.")
+    if fits(sgd, got) and fits(adam, [math.sqrt(abs(g)) for g in got]):
+        return report(False, "right for SGD, too large for Adam: Adam divides each gradient by its own size, "
+                             "so its first step on B does not depend on the scaling.")
+    if fits(every, [1 / g if g else float("inf") for g in got]):
+        return report(False, "upside down: that is alpha / r over alpha / r**p. For p < 1 the new rule's "
+                             "scaling is the larger one.")
+    if fits(half, got):
+        return report(False, "right at p = 0.5 only; write the ratio for any power p of r in the scaling.")
+    (r, opt, p), g, x = next((c, g, x) for c, g, x in zip(cases, got, want) if not close_to(g, x, 1e-2))
+    return report(False, f"at r={r}, {opt}, p={p:g} you predict {g:.3g}; one measured step gives {x:.3g}. "
+                         "Write the scaling ratio first, then ask how often it multiplies the first step.")
+
+
+def dropout_penalty_mc(delta: torch.Tensor, X: torch.Tensor, p: float, masks: int = 4000,
+                       seed: int = 0) -> float:
+    """How much `LoRALinear`'s own dropout raises the mean squared error of an adapter whose update
+    is `delta` (out, in), on inputs `X` (n, in): averaged over `masks` random masks, no formula."""
+    out_features, in_features = delta.shape
+    r = min(out_features, in_features)
+    layer = LoRALinear(in_features, out_features, r=r, alpha=r, lora_dropout=p, bias=False)  # scaling 1
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, r), (r,), (r, in)
+    with torch.no_grad():
+        layer.lora_B.copy_(U * S)  # (out, r)
+        layer.lora_A.copy_(Vh)  # (r, in): B A = delta
+        torch.manual_seed(seed)
+        Xs = X.float().expand(masks, *X.shape)  # (masks, n, in): a fresh dropout mask for every copy
+        adapter = layer(Xs) - layer.base_layer(Xs)  # (masks, n, out) = delta drop(x)
+        clean = X.float() @ delta.float().T  # (n, out) = delta x
+        return (adapter - clean).square().mean().item()
+
+
+def check_dropout_penalty(fn) -> bool:
+    """Exercise: `fn(delta, X, p)` returns how much dropout p on the adapter's input raises the
+    expected mean squared error, for an update `delta` (out, in) on inputs `X` (n, in)."""
+    g = torch.Generator().manual_seed(4)
+    delta = torch.randn(5, 7, generator=g, dtype=torch.float64)  # (out, in)
+    X = torch.randn(11, 7, generator=g, dtype=torch.float64) * torch.linspace(0.3, 3.0, 7, dtype=torch.float64)
+    per_column = delta.square().sum(0) * X.square().mean(0)  # (in,): ||dW[:, j]||^2 * mean(x_j^2)
+    ps = [0.1, 0.5]
+    got, problem = _call_on_cases(fn, [(delta.clone(), X.clone(), p) for p in ps])  # copies: fn may edit them
+    if problem:
+        return report(False, problem)
+
+    def fits(values):
+        return all(close_to(g, x, 1e-4) for g, x in zip(got, values))
+
+    out, n = delta.shape[0], X.shape[0]
+    want = [p / (1 - p) * per_column.sum().item() / out for p in ps]
+    if fits(want):
+        return report(True, "dropout adds p / (1 - p) * sum_j ||dW[:, j]||^2 x_j^2, averaged: a penalty that "
+                            "pulls dW toward 0, hardest on the columns of the largest inputs.")
+    if fits([p * per_column.sum().item() / out for p in ps]):
+        return report(False, "close: the kept inputs are divided by 1 - p, which makes each dropped entry's "
+                             "variance larger than p.")
+    if fits([p / (1 - p) * delta.square().sum().item() * X.square().mean().item() / out for p in ps]):
+        return report(False, "each column of dW is weighted by the size of its own input feature, "
+                             "not by the average over all features.")
+    if fits([w * out for w in want]) or fits([w * n for w in want]) or fits([w * out * n for w in want]):
+        return report(False, "right shape, wrong normaliser: the error is a mean over examples and outputs.")
+    return report(False, f"at p=0.5 you say {got[1]:.4g}. Write drop(x) = x + (drop(x) - x): the error splits "
+                         "into the error without dropout plus the variance of dW (drop(x) - x).")

@@ -185,3 +185,58 @@ def test_task_for_another_target_is_refused():
         train_lora(a, 2, task=make_regression_task(b, 16))
     with pytest.raises(ValueError, match="n_train"):
         make_regression_task(a, 0)
+
+
+# ----------------------------------------------------------------------------- lora_dropout and the first-step law
+
+def test_dropout_needs_a_task_and_is_off_when_measuring(target):
+    with pytest.raises(ValueError, match="pass a task"):
+        train_lora(target, 2, lora_dropout=0.1)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        train_lora(target, 2, lora_dropout=1.0, task=make_regression_task(target, 16))
+    task = make_regression_task(target, n_train=64, n_test=256, seed=2)
+    run = train_lora(target, 4, lr=3e-2, steps=50, task=task, lora_dropout=0.3, keep_layer=True)
+    assert run.lora_dropout == 0.3 and not run.layer.training  # measured in eval mode: dropout off
+    again = (run.layer(task.X_test) - task.Y_test).square().mean().item()
+    assert again == pytest.approx(run.test_loss, rel=1e-6)  # deterministic: no mask at test time
+    assert run.test_loss == pytest.approx(0.25 + run.final_error ** 2 / target.out_features, rel=0.05)
+
+
+def test_dropout_shrinks_the_update_on_few_examples(target):
+    task = make_regression_task(target, n_train=64, noise_std=0.5, seed=3)
+    plain = train_lora(target, 16, lr=3e-2, steps=200, task=task)
+    dropped = train_lora(target, 16, lr=3e-2, steps=200, task=task, lora_dropout=0.2)
+    assert dropped.update_norms[-1] < 0.95 * plain.update_norms[-1]
+    assert dropped.train_loss > plain.train_loss  # it fits the training set less ...
+    assert dropped.test_loss < plain.test_loss  # ... and generalises better
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_penalty_formula_matches_loralinears_own_dropout(p):
+    """Exercise 5's answer, checked against LoRALinear's dropout by Monte Carlo over masks."""
+    from lora_course.lessons.l04_rank_alpha import dropout_penalty_mc
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 9, generator=g)  # (out, in)
+    X = torch.randn(20, 9, generator=g) * torch.linspace(0.2, 2.0, 9)  # (n, in), features of unequal size
+    formula = p / (1 - p) * (delta.square().sum(0) * X.square().mean(0)).sum().item() / delta.shape[0]
+    assert dropout_penalty_mc(delta, X, p, masks=20000) == pytest.approx(formula, rel=0.02)
+    assert dropout_penalty_mc(delta, X, 0.0, masks=10) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_no_finetuning_loss_is_noise_plus_the_whole_target(target):
+    from lora_course.lessons.l04_rank_alpha import no_finetuning_loss
+
+    task = make_regression_task(target, n_train=8, n_test=8192, noise_std=0.5)
+    expected = 0.25 + target.delta.square().sum().item() / target.out_features
+    assert no_finetuning_loss(task) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("optimizer, power", [("adam", 1), ("sgd", 2)])
+def test_measured_first_step_ratio_is_the_scaling_ratio_to_the_optimizers_power(target, optimizer, power):
+    from lora_course.lessons.l04_rank_alpha import measured_first_step_ratio
+
+    for r in (4, 16):
+        for p in (0.0, 0.5, 1.0):
+            ratio = measured_first_step_ratio(target, r, optimizer, p)
+            assert ratio == pytest.approx((r ** (1 - p)) ** power, rel=1e-3)
