@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["report", "is_blank", "not_filled_in", "call_learner_fn", "sample_spectra", "close_to", "play"]
+__all__ = ["report", "is_blank", "not_filled_in", "call_learner", "call_learner_fn", "sample_spectra", "close_to",
+           "play"]
 
 
 def report(ok: bool, message: str) -> bool:
@@ -29,15 +30,22 @@ def not_filled_in(what: str) -> bool:
     return report(False, f"fill in {what}, then run this cell again.")
 
 
-def call_learner_fn(fn, *args):
-    """Call the learner's function on `args`; returns (number, None) or (None, verdict message)."""
+def call_learner(fn, *args):
+    """Call the learner's function on `args`; returns (whatever it returned, None) or (None, verdict message)."""
     try:
-        out = fn(*args)
+        return fn(*args), None
     except NotImplementedError:
         return None, ("fill in the body of your function (it still raises NotImplementedError), "
                       "then run this cell again.")
     except Exception as e:  # the learner's code raised: say what, don't crash the notebook
         return None, f"your function raised {type(e).__name__}: {e}"
+
+
+def call_learner_fn(fn, *args):
+    """Call the learner's function on `args`; returns (number, None) or (None, verdict message)."""
+    out, problem = call_learner(fn, *args)
+    if problem:
+        return None, problem
     try:
         return float(out), None
     except (TypeError, ValueError, RuntimeError):

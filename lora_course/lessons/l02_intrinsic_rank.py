@@ -16,7 +16,8 @@ read-out: related tasks, as sentiment and topic labels of the same text are.
 
 LoRA's bet (Hu et al. 2021, arXiv:2106.09685, section 4) is that dW = W_ft - W0 has a low
 intrinsic rank; `with_rank_r_updates` rebuilds the model with each dW cut to rank r, so
-the notebook can show how much of the fine-tuning gain each r keeps.
+the notebook can show how much of the fine-tuning gain each r keeps, and
+`energy_in_input_directions` shows how much of a layer's dW its inputs alone confine.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from torch.func import functional_call
 
 from ..lowrank import best_rank_r, effective_rank, energy_captured, singular_values, stable_rank
 from ..runtime import progress_bar
-from .common import call_learner_fn, close_to, is_blank, not_filled_in, report, sample_spectra
+from ..validate import check_int, is_int
+from .common import call_learner, call_learner_fn, close_to, is_blank, not_filled_in, play, report, sample_spectra
 
 __all__ = ["TaskPair", "make_task_pair", "make_mlp", "train_classifier", "accuracy", "SubspaceModel",
            "intrinsic_dimension_sweep", "d90_threshold", "find_d90", "weight_deltas", "with_rank_r_updates",
-           "gain_kept", "update_rank_view", "update_rank_widget", "check_d90", "check_effective_rank_fn",
-           "check_stable_rank_fn"]
+           "energy_in_input_directions", "gain_kept", "update_rank_view", "update_rank_widget", "play",
+           "check_find_d90_fn", "check_d90", "check_effective_rank_fn", "check_stable_rank_fn"]
 
 
 # ----------------------------------------------------------------------------- the task pair
@@ -314,6 +316,23 @@ def with_rank_r_updates(pretrained: nn.Module, deltas: dict[str, torch.Tensor], 
     return model
 
 
+@torch.no_grad()
+def energy_in_input_directions(dW: torch.Tensor, inputs: torch.Tensor, q: int) -> float:
+    """Share of ||dW||_F^2 that lies in the top-q right singular directions of the layer's inputs.
+
+    dW (out, in) and inputs (n, in), one row per example. The gradient of a linear layer is
+    a sum of outer products delta x^T, so an update trained on these inputs lies near their span.
+    """
+    if dW.ndim != 2 or inputs.ndim != 2 or dW.shape[1] != inputs.shape[1]:
+        raise ValueError(f"dW (out, in) and inputs (n, in) must share `in`; got {tuple(dW.shape)} and "
+                         f"{tuple(inputs.shape)}")
+    q = check_int("q", q, minimum=1, maximum=min(inputs.shape), hint="a number of input directions")
+    _, _, Vh = torch.linalg.svd(inputs.to(dW.dtype), full_matrices=False)  # Vh (m, in)
+    inside = dW @ Vh[:q].T  # (out, q): dW's components along the top-q input directions
+    total = dW.square().sum()
+    return float(inside.square().sum() / total) if total > 0 else 1.0
+
+
 def gain_kept(score_r: float, score_pretrained: float, score_finetuned: float) -> float:
     """(score_r - score_pretrained) / (score_finetuned - score_pretrained): 1.0 = all of the gain."""
     gain = score_finetuned - score_pretrained
@@ -399,6 +418,67 @@ def check_stable_rank_fn(stable_rank_fn) -> bool:
         stable_rank_fn, stable_rank, "your function stable_rank_fn(S)",
         hint="||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.",
         success="sum s_i^2 / s_1^2: how many directions of the largest size the energy would fill.")
+
+
+# Sweeps ({d: accuracy}) and thresholds that tell the usual slips apart, in this order: one that
+# dips after crossing (the largest d that gets there is not d90), one whose best d is not the
+# smallest to get there, one exactly on the threshold, one not sorted by d, one that never gets there.
+_D90_CASES = [
+    ({1: 0.30, 4: 0.52, 16: 0.70, 64: 0.81, 256: 0.80, 1024: 0.79}, 0.75),
+    ({4: 0.50, 16: 0.76, 64: 0.85, 256: 0.80}, 0.75),
+    ({8: 0.60, 32: 0.75, 128: 0.90}, 0.75),
+    ({256: 0.80, 64: 0.78, 16: 0.40, 1024: 0.82}, 0.75),
+    ({2: 0.10, 8: 0.20, 32: 0.30}, 0.50),
+]
+
+
+def _d90_slips(scores: dict, threshold: float) -> dict[str, int | None]:
+    """The d that common wrong searches return, each with the hint that explains it."""
+    reached = [d for d, acc in scores.items() if acc >= threshold]
+    return {
+        "an accuracy exactly at the threshold counts as reaching it: compare with >=, not >.":
+            min([d for d, acc in scores.items() if acc > threshold], default=None),
+        "you returned the first d in the dict's order; a dict keeps the order its keys were added, not "
+        "sorted order. Take the smallest d among those that reach the threshold.": reached[0] if reached else None,
+        "that is the largest d that gets there; d90 is the smallest.": max(reached, default=None),
+        "that is the d with the best accuracy, not the smallest d that reaches the threshold.":
+            max(scores, key=scores.get),
+    }
+
+
+def check_find_d90_fn(find_d90_fn) -> bool:
+    """Exercise: `find_d90_fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy})
+    whose accuracy reaches `threshold`, or None if no d does."""
+    if is_blank(find_d90_fn):
+        return not_filled_in("your function find_d90_fn(scores, threshold)")
+    if not callable(find_d90_fn):
+        return report(False, f"pass your function itself (the name, without calling it), not {find_d90_fn!r}.")
+    for scores, threshold in _D90_CASES:
+        got, problem = call_learner(find_d90_fn, dict(scores), threshold)
+        where = f"for scores = {scores} and threshold {threshold}"
+        want = find_d90(scores, threshold)
+        if problem:
+            if problem.startswith("fill in"):
+                return report(False, problem)
+            none_hint = "; no d reaches the threshold here, so return None" if want is None else ""
+            return report(False, f"{problem} ({where}){none_hint}.")
+        if (got is None and want is None) or (is_int(got) and got == want):
+            continue
+        if want is None:
+            return report(False, f"{where} you returned {got!r}, but no d reaches the threshold: return None, "
+                                 "so that a sweep that fell short is not mistaken for a d90.")
+        if got is None:
+            return report(False, f"{where} you returned None, but d = {want} reaches it.")
+        if not is_int(got):
+            if got in scores.values():
+                return report(False, f"{where} you returned {got!r}, an accuracy; return the subspace size d.")
+            return report(False, f"{where} you returned {got!r}; return d as an int, one of the keys of scores.")
+        for hint, slip in _d90_slips(scores, threshold).items():
+            if got == slip:
+                return report(False, f"{where} you returned {got!r}: {hint}")
+        return report(False, f"{where} you returned {got!r}. Keep the d whose accuracy is >= the threshold, "
+                             "then take the smallest of them.")
+    return report(True, "the smallest d that reaches the threshold, and None when the sweep falls short.")
 
 
 def check_d90(scores: dict, threshold: float, answer) -> bool:

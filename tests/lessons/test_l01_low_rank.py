@@ -8,7 +8,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lora_course.lessons import l01_low_rank as lesson  # noqa: E402
-from lora_course.lessons.l01_low_rank import load_photo, photo_rank_view, photo_rank_widget  # noqa: E402
+from lora_course.lessons.l01_low_rank import (  # noqa: E402
+    fit_rank_r_factors,
+    load_photo,
+    photo_rank_view,
+    photo_rank_widget,
+)
 from lora_course.lowrank import best_rank_r, low_rank_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see tests/conftest.py
@@ -118,3 +123,140 @@ def test_rank_for_energy_hint_matches_the_mistake(capsys):
     assert "too few" in out and "squared" not in out
     assert not lesson.check_rank_for_energy(S, 0.9, "3")
     assert "an int rank" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the trained competitor
+
+@pytest.fixture(scope="module")
+def noisy_low_rank():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 9, generator=g, dtype=torch.float64)
+    return M + 0.1 * torch.randn(12, 9, generator=g, dtype=torch.float64)  # (12, 9)
+
+
+def test_fit_gradients_are_those_of_half_the_squared_error(noisy_low_rank):
+    M, r, lr, scale = noisy_low_rank, 2, 0.2, 0.1
+    fit = fit_rank_r_factors(M, r, steps=1, lr=lr, momentum=0.0, init_scale=scale, seed=3)
+    g = torch.Generator().manual_seed(3)
+    B = (scale * torch.randn(12, r, generator=g, dtype=M.dtype)).requires_grad_()
+    A = (scale * torch.randn(r, 9, generator=g, dtype=M.dtype)).requires_grad_()
+    (0.5 * (M - B @ A).square().sum()).backward()
+    step = lr / torch.linalg.matrix_norm(M)
+    torch.testing.assert_close(fit.B, B.detach() - step * B.grad)
+    torch.testing.assert_close(fit.A, A.detach() - step * A.grad)
+    assert fit.errors[0] == pytest.approx(torch.linalg.matrix_norm(M - B.detach() @ A.detach()).item())
+
+
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_fit_approaches_the_eckart_young_floor_and_never_beats_it(noisy_low_rank, r):
+    M = noisy_low_rank
+    S = torch.linalg.svdvals(M)
+    floor = low_rank_error(S, r).item()
+    for seed in range(3):
+        fit = fit_rank_r_factors(M, r, seed=seed)
+        assert fit.B.shape == (12, r) and fit.A.shape == (r, 9) and len(fit.errors) == 1501
+        assert fit.error == pytest.approx(torch.linalg.matrix_norm(M - fit.B @ fit.A).item())
+        assert min(fit.errors) >= floor * (1 - 1e-12)
+        assert fit.error <= 1.01 * floor
+        # The two notebook asserts can fail: a floor off by one rank either way is missed or beaten.
+        assert fit.error > 1.01 * low_rank_error(S, r + 1).item()
+        assert fit.error < low_rank_error(S, r - 1).item()
+
+
+def test_fit_is_seeded(noisy_low_rank):
+    a, b = fit_rank_r_factors(noisy_low_rank, 2, steps=5), fit_rank_r_factors(noisy_low_rank, 2, steps=5)
+    assert a.errors == b.errors and torch.equal(a.B, b.B)
+    assert fit_rank_r_factors(noisy_low_rank, 2, steps=5, seed=1).errors != a.errors
+
+
+def test_fit_bad_input(noisy_low_rank):
+    M = noisy_low_rank
+    with pytest.raises(ValueError, match="r must be"):
+        fit_rank_r_factors(M, 0)
+    with pytest.raises(ValueError, match="r must be"):
+        fit_rank_r_factors(M, 10)
+    with pytest.raises(ValueError, match="steps"):
+        fit_rank_r_factors(M, 1, steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        fit_rank_r_factors(M, 1, lr=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        fit_rank_r_factors(M, 1, momentum=1.0)
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        fit_rank_r_factors(M[0], 1)
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        fit_rank_r_factors(torch.ones(3, 3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="zero matrix"):
+        fit_rank_r_factors(torch.zeros(3, 3), 1)
+    with pytest.raises(RuntimeError, match="diverged"):
+        fit_rank_r_factors(M, 2, lr=50.0)
+
+
+# ----------------------------------------------------------------------------- the truncated-SVD exercise
+
+def _svd_parts(M):
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def _right(M, r):
+    U, S, Vh = _svd_parts(M)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def _right_full_matrices_float32(M, r):
+    U, S, Vh = torch.linalg.svd(M.float())  # full_matrices=True and float32 are fine too
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+@pytest.mark.parametrize("fn", [_right, _right_full_matrices_float32, best_rank_r])
+def test_best_rank_r_checker_accepts_right_answers(fn, capsys):
+    assert lesson.check_best_rank_r_fn(fn)
+    assert capsys.readouterr().out.startswith("Correct:")
+
+
+def _no_singular_values(M, r):
+    U, S, Vh = _svd_parts(M)
+    return U[:, :r] @ Vh[:r]
+
+
+def _smallest_directions(M, r):
+    U, S, Vh = _svd_parts(M)
+    return M * 0 if r == 0 else (U[:, -r:] * S[-r:]) @ Vh[-r:]
+
+
+def _transposed_vh(M, r):
+    U, S, Vh = _svd_parts(M)
+    return (U[:, :r] * S[:r]) @ Vh[:, :r].T
+
+
+@pytest.mark.parametrize("fn, hint", [
+    (_no_singular_values, "left out the singular values"),
+    (_smallest_directions, "smallest"),
+    (_transposed_vh, "already transposed"),
+    (lambda M, r: _right(M, min(r + 1, min(M.shape))), "off by one"),
+    (lambda M, r: M, "M itself"),
+    (lambda M, r: _svd_parts(M), "factors"),
+    (lambda M, r: _right(M, r)[:, :1], "shape"),
+    (lambda M, r: 2 * _right(M, r), "off by"),
+])
+def test_best_rank_r_checker_explains_wrong_answers(fn, hint, capsys):
+    assert not lesson.check_best_rank_r_fn(fn)
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet:") and hint in out, out
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_best_rank_r_checker_blank(blank, capsys):
+    assert not lesson.check_best_rank_r_fn(blank)
+    assert capsys.readouterr().out.startswith("Not yet: fill in your function")
+
+
+def test_best_rank_r_checker_not_implemented_raises_and_non_functions(capsys):
+    def todo(M, r):
+        raise NotImplementedError
+
+    assert not lesson.check_best_rank_r_fn(todo)
+    assert capsys.readouterr().out.startswith("Not yet: fill in the body of your function")
+    assert not lesson.check_best_rank_r_fn(lambda M, r: M[99])
+    assert "raised IndexError" in capsys.readouterr().out
+    assert not lesson.check_best_rank_r_fn(_right(torch.eye(2), 1))
+    assert "function itself" in capsys.readouterr().out

@@ -4,6 +4,7 @@ its rank slider (driven headlessly) and the exercise checkers."""
 import copy
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -252,3 +253,87 @@ def test_function_checkers_reject_nan_non_numbers_and_non_functions(capsys):
     assert "return one number" in capsys.readouterr().out
     assert not lesson.check_stable_rank_fn(2.5)  # called it instead of passing it
     assert "function itself" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- where the update lies
+
+def test_energy_in_input_directions():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.zeros(50, 4)
+    inputs[:, :2] = torch.randn(50, 2, generator=g)  # the inputs span the first two coordinates only
+    dW = torch.tensor([[3.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # energy 9 inside, 16 outside
+    assert lesson.energy_in_input_directions(dW, inputs, 2) == pytest.approx(9 / 25)
+    assert lesson.energy_in_input_directions(dW, inputs, 4) == pytest.approx(1.0)
+    assert lesson.energy_in_input_directions(torch.zeros(2, 4), inputs, 1) == 1.0
+    with pytest.raises(ValueError, match="share `in`"):
+        lesson.energy_in_input_directions(dW, inputs[:, :3], 2)
+    with pytest.raises(ValueError, match="q must be"):
+        lesson.energy_in_input_directions(dW, inputs, 5)
+
+
+# ----------------------------------------------------------------------------- the d90 exercise
+
+def _sorted_search(scores, threshold):
+    for d, acc in sorted(scores.items()):
+        if acc >= threshold:
+            return d
+    return None
+
+
+def _first_in_dict_order(scores, threshold):
+    return next((d for d, acc in scores.items() if acc >= threshold), None)
+
+
+def _numpy_int(scores, threshold):
+    d = _sorted_search(scores, threshold)
+    return None if d is None else np.int64(d)
+
+
+@pytest.mark.parametrize("fn", [find_d90, _sorted_search, _numpy_int])
+def test_find_d90_checker_accepts_right_answers(fn, capsys):
+    assert lesson.check_find_d90_fn(fn)
+    assert capsys.readouterr().out.startswith("Correct:")
+
+
+@pytest.mark.parametrize("fn, hint", [
+    (lambda s, t: min([d for d, a in s.items() if a > t], default=None), ">=, not >"),
+    (_first_in_dict_order, "dict's order"),
+    (lambda s, t: max([d for d, a in s.items() if a >= t], default=None), "largest d"),
+    (lambda s, t: max(s, key=s.get), "best accuracy"),
+    (lambda s, t: min([d for d, a in s.items() if a >= t], default=0), "return None"),
+    (lambda s, t: min(d for d, a in s.items() if a >= t), "return None"),  # raises on an empty list
+    (lambda s, t: s[find_d90(s, t)] if find_d90(s, t) else None, "an accuracy"),
+    (lambda s, t: None if find_d90(s, t) is None else float(find_d90(s, t)), "as an int"),
+    (lambda s, t: None, "reaches it"),
+])
+def test_find_d90_checker_explains_wrong_answers(fn, hint, capsys):
+    assert not lesson.check_find_d90_fn(fn)
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet:") and hint in out, out
+
+
+def test_find_d90_checker_blank_and_not_a_function(capsys):
+    def todo(scores, threshold):
+        raise NotImplementedError
+
+    for blank in (None, ...):
+        assert not lesson.check_find_d90_fn(blank)
+        assert capsys.readouterr().out.startswith("Not yet: fill in your function")
+    assert not lesson.check_find_d90_fn(todo)
+    assert capsys.readouterr().out.startswith("Not yet: fill in the body of your function")
+    assert not lesson.check_find_d90_fn(16)
+    assert "function itself" in capsys.readouterr().out
+
+
+def test_call_learner_returns_any_output_or_a_verdict():
+    from lora_course.lessons.common import call_learner
+
+    assert call_learner(lambda x: (x, None), 3) == ((3, None), None)
+
+    def todo():
+        raise NotImplementedError
+
+    out, problem = call_learner(todo)
+    assert out is None and problem.startswith("fill in the body")
+    out, problem = call_learner(lambda: 1 / 0)
+    assert out is None and problem.startswith("your function raised ZeroDivisionError")
