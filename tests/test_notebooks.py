@@ -23,7 +23,6 @@ NOT_YET_CLEAN = {
     "02_intrinsic_rank.ipynb",
     "03_lora_linear_from_scratch.ipynb",
     "04_rank_and_alpha.ipynb",
-    "05_lora_in_a_transformer.ipynb",
     "06_finetune_gpt2.ipynb",
 }
 

@@ -1,4 +1,7 @@
-"""Notebook 05 (LoRA in a transformer): its pictures, the memory-budget sliders and the exercise checkers."""
+"""Notebook 05 (LoRA in a transformer): its pictures, the memory-budget sliders and the exercise checkers.
+
+`play` (from `common`) is re-exported here, so that the notebook imports its own lesson module only.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ from ..lora import LoRALinear, add_lora
 from ..memory import compare_budgets
 from ..skeletons import MODEL_PRESETS, llama_7b_config, meta_lora_counts, preset_shape
 from ..validate import is_int
-from .common import is_blank, not_filled_in, report
+from .common import is_blank, not_filled_in, play, report
 
 __all__ = ["MEMORY_TARGETS", "BUDGET_COLORS", "draw_gpt2_block", "row_runs", "adam_steps", "forward_flops",
            "draw_budgets", "draw_peaks", "memory_budget_view", "memory_budget_widget", "check_matches",
-           "check_fused_delta", "check_llama_qkvo_params"]
+           "check_fused_delta", "check_llama_qkvo_params", "play"]
 
 
 # ----------------------------------------------------------------------------- a GPT-2 block, drawn
