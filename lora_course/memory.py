@@ -38,6 +38,7 @@ __all__ = [
     "gpt2_activation_bytes",
     "gpt2_training_budget",
     "peak_memory",
+    "PeakMemory",
     "optimizer_state_bytes",
     "train_steps",
     "measure_training_peak",
@@ -303,28 +304,66 @@ def _filtered_stderr_fd():
                 sys.stderr.write("".join(kept))
 
 
-def _cpu_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+class PeakMemory:
+    """Peak bytes allocated between `start()` and `stop()`, above what was allocated at the start.
 
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _filtered_stderr_fd():
-        prof.start()
+    The measurement behind `peak_memory`, split in two for code that cannot wrap the work in
+    one function (e.g. a training loop's callbacks). CUDA: the caching allocator's peak
+    counter. CPU: the PyTorch profiler's allocation events (see `peak_memory`).
+    """
+
+    def __init__(self, device=None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                f"peak_memory measures 'cuda' or 'cpu', got {self.device.type!r}; "
+                "on Apple MPS run the measurement on the CPU (device='cpu')"
+            )
+        self._started = False
+
+    def start(self) -> "PeakMemory":
+        if self._started:
+            raise RuntimeError("this PeakMemory is already measuring; stop() it first")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._stderr = _filtered_stderr_fd()
+            self._stderr.__enter__()
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.start()
+        self._started = True
+        return self
+
+    def stop(self) -> int:
+        """End the measurement and return the peak bytes."""
+        if not self._started:
+            raise RuntimeError("this PeakMemory was not started; call start() first")
+        self._started = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(torch.cuda.max_memory_allocated(self.device) - self._base, 0)
+        from torch.autograd import DeviceType
+
         try:
-            result = fn()
+            self._profiler.stop()
         finally:
-            prof.stop()
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
-    events.sort(key=lambda t: t[0])
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return result, peak
+            self._stderr.__exit__(None, None, None)
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in self._profiler.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        )
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return peak
 
 
 def peak_memory(fn: Callable[[], Any], device=None) -> tuple[Any, int]:
@@ -347,22 +386,12 @@ def peak_memory(fn: Callable[[], Any], device=None) -> tuple[Any, int]:
     for an exact CPU figure, let `fn` create what it frees (e.g. build the model and the
     optimizer inside it, or call `zero_grad(set_to_none=True)` before measuring).
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
+    tracker = PeakMemory(device).start()
+    try:
         result = fn()
-        torch.cuda.synchronize(device)
-        return result, max(torch.cuda.max_memory_allocated(device) - start, 0)
-    if device.type == "cpu":
-        return _cpu_peak(fn)
-    raise ValueError(
-        f"peak_memory measures 'cuda' or 'cpu', got {device.type!r}; "
-        "on Apple MPS run the measurement on the CPU (device='cpu')"
-    )
+    finally:
+        peak = tracker.stop()
+    return result, peak
 
 
 def train_steps(model: torch.nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,

@@ -257,6 +257,7 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
         loaded = _from_pretrained(target, local_files_only=True)
         source, loaded_from = kind, target
     model, tokenizer = loaded
+    _name_the_loss(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -308,4 +309,12 @@ def toy_gpt2(config=None, seed: int = 0) -> torch.nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(config if config is not None else toy_gpt2_config()).eval()
+        return _name_the_loss(GPT2LMHeadModel(config if config is not None else toy_gpt2_config()).eval())
+
+
+def _name_the_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Tell transformers that GPT-2's LM head uses the causal-LM loss (its class name does not say
+    "ForCausalLM", so transformers would guess that loss and warn about it)."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model

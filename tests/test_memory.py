@@ -176,3 +176,21 @@ def test_profiler_notices_are_filtered_but_other_stderr_is_kept(capfd):
     assert "a message of the learner's own" in err
     assert "Memory block of unknown size" not in err and "profiler_start" not in err
     assert peak < 1_000  # the free of the old block is not subtracted, the new 40 bytes are counted
+
+
+def test_peak_memory_tracker_split_in_start_and_stop():
+    from lora_course.memory import PeakMemory
+
+    tracker = PeakMemory("cpu").start()
+    x = torch.ones(1_000_000)  # 4 MB allocated while measuring
+    del x
+    peak = tracker.stop()
+    assert 4_000_000 <= peak < 5_000_000
+    with pytest.raises(RuntimeError, match="not started"):
+        tracker.stop()
+    tracker.start()
+    with pytest.raises(RuntimeError, match="already measuring"):
+        tracker.start()
+    tracker.stop()
+    with pytest.raises(ValueError, match="MPS"):
+        PeakMemory("mps")

@@ -1,0 +1,210 @@
+"""Fine-tune GPT-2 with LoRA (or fully) on the course's task, from a terminal.
+
+    python -m lora_course.finetune                                   # shipped tiny GPT-2, LoRA r=8 on c_attn
+    python -m lora_course.finetune --model gpt2 --steps 1000         # real GPT-2 from your cache or the hub
+    python -m lora_course.finetune --model gpt2-random --steps 2 --precision bf16   # 124M shape, smoke run
+    python -m lora_course.finetune --method full --lr 2e-3
+
+The same experiment as notebook 06, through the same code: `load_model`, `add_lora`,
+`train` and `evaluate_task`. It prints a progress bar, then a summary table, and saves the
+adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`) together
+with `run.json`, the numbers it measured. `--model gpt2` falls back to the shipped model,
+with a message, where GPT-2's weights cannot be had; `--model gpt2-random` builds GPT-2
+124M from its config with random weights (speed and smoke runs; its task scores mean
+nothing). Bad input exits with status 2 and one line saying what to change, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .adapters import save_adapter
+from .data import evaluate_task, make_splits
+from .lora import LoRAConfig, add_lora, count_parameters, lora_layers
+from .models import load_model, toy_gpt2
+from .runtime import get_device, seed_everything
+from .skeletons import gpt2_config
+from .train import TrainConfig, train
+
+__all__ = ["main", "parse_args", "UsageError"]
+
+MODELS = ("tiny-gpt2", "gpt2", "gpt2-medium", "gpt2-random")
+DEFAULT_LR = {("lora", True): 1e-2, ("lora", False): 1e-3, ("full", True): 2e-3, ("full", False): 1e-4}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: the message says what to change."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, like every other bad input here
+        self.exit(2, f"error: {message} (python -m lora_course.finetune --help lists the options)\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="python -m lora_course.finetune", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-gpt2",
+                   help=f"one of {', '.join(MODELS)}, or a folder saved with save_pretrained (default tiny-gpt2)")
+    p.add_argument("--method", choices=("lora", "full"), default="lora", help="LoRA or full fine-tuning")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--targets", default="c_attn", help="comma-separated target_modules (default c_attn)")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-2 LoRA / 2e-3 full on the shipped model, 1e-3 / 1e-4 on GPT-2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best there is)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16 autocast or fp32 (default: bf16 on CUDA, else fp32); weights and LoRA factors stay fp32")
+    p.add_argument("--eval-records", type=int, default=None,
+                   help="test records scored by greedy decoding at the end (default 32; 0 for gpt2-random)")
+    p.add_argument("--out", default=None, help="folder for the adapter and run.json (default runs/<model>-<method>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _output_folder(args) -> Path:
+    """The folder to write to, checked before any work: writable, and not holding a run unless --overwrite."""
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).name}-{args.method}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} already holds files; pass --overwrite to replace them or choose another folder")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, so no folder can be made there; choose another folder")
+    try:  # a real probe (permissions, read-only file systems), removed at once
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {existing} ({err.strerror}); choose a folder you can write to")
+    return out
+
+
+def _build_model(args, device):
+    """(model, tokenizer, a sentence saying what was loaded, whether it is the shipped model)."""
+    if args.model == "gpt2-random":
+        _, tokenizer, _ = load_model("tiny-gpt2", device="cpu", verbose=False)  # its BPE ids all fit GPT-2's vocab
+        model = toy_gpt2(gpt2_config("small"), seed=args.seed).to(device)
+        return model, tokenizer, "Built GPT-2 124M's shape with random weights (gpt2-random).", False
+    if args.model not in MODELS and not Path(args.model).is_dir():
+        raise UsageError(f"unknown --model {args.model!r}: use one of {', '.join(MODELS)}, "
+                         "or a folder saved with save_pretrained")
+    model, tokenizer, info = load_model(args.model, device=device, fast=False, verbose=False)
+    return model, tokenizer, info.summary(), info.is_shipped
+
+
+def _adapt(model, args):
+    """The model to train, LoRA'd or not; a clear UsageError for settings that cannot work."""
+    if args.method == "full":
+        return model.requires_grad_(True)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        config = LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets, use_rslora=args.rslora)
+        return add_lora(model, config)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+def run(args) -> dict:
+    """Check everything, train, evaluate, save; returns the record written to run.json."""
+    if args.eval_records is None:
+        args.eval_records = 0 if args.model == "gpt2-random" else 32
+    for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--eval-records", args.eval_records, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    out = _output_folder(args)
+    try:
+        device = get_device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {args.device}: {str(err).splitlines()[0]}") from None
+    bf16 = (device.type == "cuda") if args.precision is None else args.precision == "bf16"
+
+    seed_everything(args.seed)
+    base, tokenizer, loaded, shipped = _build_model(args, device)
+    print(loaded)
+    model = _adapt(base, args)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[(args.method, shipped)]
+    splits = make_splits()
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=str(device),
+                         bf16=bf16, progress=not args.no_progress, desc=f"{args.method} {Path(args.model).name}")
+    t0 = time.perf_counter()
+    record = train(model, tokenizer, splits.train, splits.validation, config)
+    wall = time.perf_counter() - t0
+    scores = {}
+    if args.eval_records:
+        test = list(splits.test[: args.eval_records])
+        scores = {k: v for k, v in evaluate_task(model, tokenizer, test).items() if isinstance(v, float)}
+
+    trainable, total = count_parameters(model)
+    summary = {
+        "model": args.model, "loaded": loaded, "method": record.method, "device": record.device,
+        "precision": record.precision, "steps": record.steps, "batch_size": record.batch_size, "lr": lr,
+        "trainable_params": trainable, "total_params": total, "final_train_loss": record.losses[-1],
+        "val_loss": record.final_val_loss, "tokens_per_second": record.tokens_per_second,
+        "peak_memory_bytes": record.peak_memory_bytes, "optimizer_state_bytes": record.optimizer_state_bytes,
+        "wall_seconds": wall, "test_scores": scores, "seed": args.seed,
+    }
+    if args.method == "lora":
+        summary["lora"] = asdict(next(iter(lora_layers(model).values())).config)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.method == "lora":
+        save_adapter(model, out, base_model_name_or_path=args.model)
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    rows = [
+        ("model", s["loaded"]),
+        ("method", f"{s['method']} ({s['precision']}, {s['device']})"),
+        ("trainable parameters", f"{s['trainable_params']:,d} of {s['total_params']:,d} "
+                                 f"({100 * s['trainable_params'] / s['total_params']:.3f}%)"),
+        ("steps x batch, lr", f"{s['steps']} x {s['batch_size']}, {s['lr']:g}"),
+        ("final train loss / val loss", f"{s['final_train_loss']:.3f} / {s['val_loss']:.3f}"),
+        ("tokens per second", f"{s['tokens_per_second']:,.0f}"),
+        ("peak memory (training steps)", f"{s['peak_memory_bytes'] / 1e6:,.1f} MB"),
+        ("optimizer state", f"{s['optimizer_state_bytes'] / 1e6:,.2f} MB"),
+    ]
+    rows += [(f"test {k.replace('_', ' ')}", f"{v:.3f}") for k, v in s["test_scores"].items()]
+    rows.append(("saved to", f"{out}{os.sep}" + (" (PEFT adapter + run.json)" if "lora" in s else " (run.json)")))
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
