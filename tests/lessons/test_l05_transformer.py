@@ -1,20 +1,112 @@
-"""Notebook 05's lesson module: the memory-budget widget's numbers and the exercise checkers."""
+"""Notebook 05's lesson module: the pictures' numbers, the memory widget's logic and the exercise checkers."""
 
+import re
+
+import matplotlib
 import pytest
+import torch
 
-from lora_course.fused import add_fused_lora
-from lora_course.lessons.l05_transformer import (
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lora_course.fused import FusedLoRALinear, add_fused_lora  # noqa: E402
+from lora_course.layers import Conv1D  # noqa: E402
+from lora_course.lessons.l05_transformer import (  # noqa: E402
     MEMORY_TARGETS,
-    check_full_finetune_bytes,
-    check_fused_untouched_rows,
+    adam_steps,
+    check_fused_delta,
     check_llama_qkvo_params,
+    check_matches,
+    draw_budgets,
+    draw_gpt2_block,
+    draw_peaks,
+    forward_flops,
     memory_budget_view,
+    row_runs,
 )
-from lora_course.lora import add_lora
-from lora_course.skeletons import MODEL_PRESETS, meta_lora_counts, preset_shape
+from lora_course.lora import add_lora, merge_lora  # noqa: E402
+from lora_course.memory import training_budget  # noqa: E402
+from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
+from lora_course.skeletons import MODEL_PRESETS, meta_gpt2, meta_lora_counts, preset_shape  # noqa: E402
 
 LLAMA_7B = 6_738_415_616
 
+
+@pytest.fixture
+def verdict(capsys):
+    """Call a checker's result and its printed line: assert the verdict, return the line."""
+    def check(result, expected):
+        out = capsys.readouterr().out
+        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
+        return out
+    return check
+
+
+# ----------------------------------------------------------------------------- the pictures
+
+def _meta_adapted(adapt):
+    model = meta_gpt2("small")
+    with torch.device("meta"):
+        adapt(model)
+    return model
+
+
+def test_block_picture_marks_exactly_the_adapted_rows():
+    qv = _meta_adapted(lambda m: add_fused_lora(m, ["c_attn"], enable_lora=(True, False, True), r=8))
+    assert draw_gpt2_block(qv) == {"transformer.h.0.attn.c_attn": [(0, 768), (1536, 2304)]}
+    q = _meta_adapted(lambda m: add_fused_lora(m, ["c_attn"], enable_lora=(True, False, False), r=4))
+    assert draw_gpt2_block(q, block=11) == {"transformer.h.11.attn.c_attn": [(0, 768)]}
+    whole = _meta_adapted(lambda m: add_lora(m, ["c_attn", "mlp.c_fc"], r=8))
+    assert draw_gpt2_block(whole) == {"transformer.h.0.attn.c_attn": [(0, 2304)],
+                                      "transformer.h.0.mlp.c_fc": [(0, 3072)]}
+    assert draw_gpt2_block(meta_gpt2("small")) == {}
+    plt.close("all")
+
+
+def test_the_drawn_rows_are_the_rows_a_trained_fused_layer_changes():
+    layer = FusedLoRALinear.from_linear(Conv1D(3 * 48, 48), r=4, alpha=8, enable_lora=(True, False, True))
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(0))
+    assert (layer.lora_B == 0).all()
+    adam_steps(layer, x)
+    assert (layer.lora_B != 0).all()  # one step moves every entry of B
+    with torch.no_grad():
+        moved = (layer(x) != layer.base_layer(x)).flatten(0, 1).any(dim=0)
+    assert row_runs(moved) == [(0, 48), (96, 144)]
+
+
+@pytest.mark.parametrize("mask, runs", [
+    ([], []), ([False, False], []), ([True], [(0, 1)]), ([False, True, True, False, True], [(1, 3), (4, 5)]),
+    ([True, True, True], [(0, 3)]),
+])
+def test_row_runs(mask, runs):
+    assert row_runs(torch.tensor(mask, dtype=torch.bool)) == runs
+
+
+def test_budget_bars_are_drawn_part_by_part_end_to_end():
+    budgets = {"card": training_budget(7_000_000_000), "LoRA": training_budget(LLAMA_7B + 4_194_304, 4_194_304)}
+    fig, ax = plt.subplots()
+    drawn = draw_budgets(ax, {k: {p: v / 1e9 for p, v in b.parts().items()} for k, b in budgets.items()})
+    assert drawn["card"] == {"weights": (0.0, 14.0), "gradients": (14.0, 14.0), "optimizer": (28.0, 56.0)}
+    left, width = drawn["LoRA"]["optimizer"]
+    assert abs((left + width) * 1e9 - budgets["LoRA"].total) < 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["weights", "gradients", "optimizer"]
+    draw_peaks({"run": {"measured peak": 2e6, "predicted peak": 2.1e6}}, "title")
+    plt.close("all")
+
+
+def test_forward_flops_merged_equals_base_and_unmerged_adds_the_adapter_matmuls():
+    config = toy_gpt2_config()
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    base = forward_flops(toy_gpt2(config), ids)
+    unmerged = add_lora(toy_gpt2(config), ["c_attn"], r=4)
+    merged = merge_lora(add_lora(toy_gpt2(config), ["c_attn"], r=4))
+    assert forward_flops(merged, ids) == base
+    d = config.n_embd
+    assert forward_flops(unmerged, ids) - base == config.n_layer * 2 * ids.numel() * 4 * (d + 3 * d)
+
+
+# ----------------------------------------------------------------------------- the memory widget
 
 def test_memory_widget_logic_headless():
     v = memory_budget_view("LLaMA-7B", r=8, targets="q, v", precision="fp16")
@@ -33,29 +125,6 @@ def test_memory_widget_logic_headless():
         memory_budget_view(targets="everything")
     with pytest.raises(ValueError, match="unknown model"):
         memory_budget_view(model="LLaMA-1T")
-
-
-def test_notebook_05_checks(capsys):
-    def verdict(result, expected):
-        out = capsys.readouterr().out
-        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
-        return out
-
-    verdict(check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)), True)
-    verdict(check_llama_qkvo_params(4_194_304), False)
-    verdict(check_full_finetune_bytes(16 * 124_439_808), True)
-    verdict(check_full_finetune_bytes(12 * 124_439_808), False)
-    verdict(check_fused_untouched_rows(768, 1536), True)
-    verdict(check_fused_untouched_rows(0, 768), False)
-    # A blank answer (None or ...) or a non-int gets "Not yet" with what to do, never a crash.
-    for blank in (None, ...):
-        assert "fill in" in verdict(check_llama_qkvo_params(blank), False)
-        assert "fill in" in verdict(check_full_finetune_bytes(blank), False)
-        assert "fill in" in verdict(check_fused_untouched_rows(blank, 1536), False)
-        assert "fill in" in verdict(check_fused_untouched_rows(768, blank), False)
-    assert "int" in verdict(check_llama_qkvo_params("16 million"), False)
-    assert "int" in verdict(check_full_finetune_bytes(1.99e9), False)
-    verdict(check_llama_qkvo_params(True), False)
 
 
 # Which layers each MEMORY_TARGETS entry adapts: GPT-2's q, k, v are slices of c_attn, o is attn.c_proj.
@@ -91,3 +160,101 @@ def test_widget_closed_form_equals_meta_device_count(model):
         view = memory_budget_view(model, r=8, targets=targets)
         assert view["trainable"] == counts["trainable"], (model, targets)
         assert counts["base"] == n_params
+
+
+# ----------------------------------------------------------------------------- exercise 1: target_modules
+
+def _raises(*args):
+    raise NotImplementedError
+
+
+def test_check_matches_blank_right_and_wrong(verdict):
+    def peft_rule(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(name == t or name.endswith("." + t) for t in target_modules)
+
+    def substring(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(t in name for t in target_modules)
+
+    def no_dot(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(name.endswith(t) for t in target_modules)
+
+    def suffix_only(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(name.endswith("." + t) for t in target_modules)
+
+    def searches(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.search(target_modules, name) is not None
+        return peft_rule(name, target_modules)
+
+    def re_match(name, target_modules):
+        if isinstance(target_modules, str):
+            return re.match(target_modules, name) is not None
+        return peft_rule(name, target_modules)
+
+    def string_as_list(name, target_modules):
+        targets = [target_modules] if isinstance(target_modules, str) else target_modules
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    def characters(name, target_modules):  # iterates a string's characters as if they were names
+        return any(name == t or name.endswith("." + t) for t in target_modules)
+
+    assert "all 9 cases agree with PEFT" in verdict(check_matches(peft_rule), True)
+    assert "fill in" in verdict(check_matches(_raises), False)
+    assert "fill in" in verdict(check_matches(...), False)
+    assert "not any substring" in verdict(check_matches(substring), False)
+    assert "begin right after a dot" in verdict(check_matches(no_dot), False)
+    assert "top-level module" in verdict(check_matches(suffix_only), False)
+    assert "re.fullmatch" in verdict(check_matches(searches), False)
+    assert "re.match only anchors the start" in verdict(check_matches(re_match), False)
+    assert "a single string is a regex" in verdict(check_matches(string_as_list), False)
+    assert "not a list of names (or of characters)" in verdict(check_matches(characters), False)
+    assert "raised KeyError" in verdict(check_matches(lambda name, t: {}[name]), False)
+
+
+# ----------------------------------------------------------------------------- exercise 2: a fused layer's dW
+
+def _fused_delta(lora_A, lora_B, enable_lora, scaling, *, scale=True, packed=False, same_A=False, rows_only=False):
+    enabled = [i for i, on in enumerate(enable_lora) if on]
+    r, s = lora_A.shape[0] // len(enabled), lora_B.shape[0] // len(enabled)
+    n_rows = len(enabled) * s if rows_only else len(enable_lora) * s
+    dW = lora_A.new_zeros(n_rows, lora_A.shape[1])
+    for j, (A_i, B_i, i) in enumerate(zip(lora_A.split(r), lora_B.split(s), enabled)):
+        at = j if (packed or rows_only) else i
+        dW[at * s:(at + 1) * s] = (scaling if scale else 1.0) * B_i @ (lora_A[:r] if same_A else A_i)
+    return dW
+
+
+def test_check_fused_delta_blank_right_and_wrong(verdict):
+    assert "equal to FusedLoRALinear.delta_weight" in verdict(check_fused_delta(_fused_delta), True)
+    assert "fill in" in verdict(check_fused_delta(_raises), False)
+    assert "fill in" in verdict(check_fused_delta(None), False)
+    assert "left out scaling" in verdict(check_fused_delta(lambda *a: _fused_delta(*a, scale=False)), False)
+    assert "one after another" in verdict(check_fused_delta(lambda *a: _fused_delta(*a, packed=True)), False)
+    assert "only the enabled slices' 12 rows" in verdict(
+        check_fused_delta(lambda *a: _fused_delta(*a, rows_only=True)), False)
+    assert "next block of r rows of lora_A" in verdict(
+        check_fused_delta(lambda *a: _fused_delta(*a, same_A=True)), False)
+    assert "must be exactly zero" in verdict(
+        check_fused_delta(lambda A, B, e, s: _fused_delta(A, B, e, s) + 1e-3), False)
+    assert "raised RuntimeError" in verdict(check_fused_delta(lambda A, B, e, s: s * B @ A), False)
+    assert "return a tensor" in verdict(check_fused_delta(lambda *a: 0.0), False)
+
+
+# ----------------------------------------------------------------------------- exercise 3: a count
+
+def test_check_llama_qkvo_params(verdict):
+    verdict(check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)), True)
+    assert "half the count" in verdict(check_llama_qkvo_params(32 * 4 * 16 * 4096), False)
+    assert "count layers and targets" in verdict(check_llama_qkvo_params(4_194_304), False)
+    for blank in (None, ...):
+        assert "fill in" in verdict(check_llama_qkvo_params(blank), False)
+    assert "int" in verdict(check_llama_qkvo_params("16 million"), False)
+    verdict(check_llama_qkvo_params(True), False)
