@@ -17,7 +17,7 @@ from ..lora import LoRALinear, add_lora
 from ..memory import compare_budgets
 from ..skeletons import MODEL_PRESETS, llama_7b_config, meta_lora_counts, preset_shape
 from ..validate import is_int
-from .common import is_blank, not_filled_in, play, report
+from .common import call_learner, is_blank, not_filled_in, play, report
 
 __all__ = ["MEMORY_TARGETS", "BUDGET_COLORS", "draw_gpt2_block", "row_runs", "adam_steps", "forward_flops",
            "draw_budgets", "draw_peaks", "memory_budget_view", "memory_budget_widget", "check_matches",
@@ -265,13 +265,7 @@ def _call(fn, *args):
     """Run the learner's function: (its result, None), or (None, a verdict message) if it is blank or raised."""
     if is_blank(fn) or not callable(fn):
         return None, "fill in your function (define it in the cell above), then run this cell again."
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, ("fill in the body of your function (it still raises NotImplementedError), "
-                      "then run this cell again.")
-    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-        return None, f"your function raised {type(e).__name__}: {e}"
+    return call_learner(fn, *args)
 
 
 def _peft_matches(name: str, target_modules) -> bool:
