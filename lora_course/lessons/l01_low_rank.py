@@ -24,7 +24,7 @@ from ..lowrank import (
     rank_for_energy,
     storage_cost,
 )
-from ..validate import check_int, check_positive
+from ..validate import check_int, check_positive, is_int
 from .common import call_learner, call_learner_fn, close_to, is_blank, not_filled_in, play, report, sample_spectra
 
 __all__ = ["FactorFit", "fit_rank_r_factors", "load_photo", "photo_rank_view", "photo_rank_widget", "play",
@@ -251,6 +251,12 @@ def check_break_even_rank(d: int, k: int, answer) -> bool:
     if answer == expected:
         return report(True, f"r = {expected}: (d + k) r = {storage_cost(d, k, expected):,d} < d k = "
                             f"{dense_cost(d, k):,d}, and one more rank would not be.")
+    if is_int(answer) and answer > expected:
+        return report(False, f"at r = {answer} the factors hold (d + k) r = {(d + k) * answer:,d} numbers, "
+                             f"no fewer than the d k = {dense_cost(d, k):,d} of the matrix itself.")
+    if is_int(answer) and 0 <= answer < expected:
+        return report(False, f"r = {answer} is still smaller than the matrix, but a larger r is too: "
+                             "find the largest whole r with (d + k) r < d k.")
     return report(False, f"you said {answer!r}. Solve (d + k) r < d k for the largest whole r "
                          f"(d = {d}, k = {k}).")
 

@@ -199,7 +199,7 @@ def _scaling_mistakes(r: int, alpha: float) -> list[tuple[float, str]]:
             (math.sqrt(r), "that is rsLoRA's alpha / sqrt(r); plain LoRA scales by alpha / r"),
             (1 / s, "the scaling alpha / r is missing"),
             (s, "the scaling alpha / r is applied twice"),
-            (-1, "the sign is flipped: the update is added, not subtracted")]
+            (-1, "the sign is flipped: add the update, do not subtract it")]
 
 
 def _scaling_hint(c: float, r: int, alpha: float, what: str) -> str:

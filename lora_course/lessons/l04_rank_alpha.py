@@ -471,10 +471,9 @@ def check_fixed_scaling_update_sizes(answer, target, ranks, lr: float = 1e-3, st
                             "the shrinking under a fixed alpha was alpha / r's doing. What is left comes from A: "
                             "dW = scaling * B A adds up r random rank-one pieces.")
     if close(sizes, measured(lambda r: 8)):
-        return report(False, "those are section 3's sizes at a fixed alpha = 8; set alpha = 2 * r at each rank.")
-    return report(False, f"these are not the sizes after {step} steps; train each rank with "
-                         f"train_lora(target, r, 2 * r, {lr:g}, {step}, schedule='constant') "
-                         f"and read update_norms[{step}].")
+        return report(False, "those are section 4's sizes at a fixed alpha = 8; set alpha = 2 * r at each rank.")
+    return report(False, f"these are not the sizes after {step} steps; train each rank with alpha = 2 * r, "
+                         f"lr={lr:g} and a constant schedule, and read ||dW||_F after step {step}.")
 
 
 def _call_on_cases(fn, cases) -> tuple[list[float] | None, str | None]:

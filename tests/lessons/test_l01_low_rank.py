@@ -260,3 +260,12 @@ def test_best_rank_r_checker_not_implemented_raises_and_non_functions(capsys):
     assert "raised IndexError" in capsys.readouterr().out
     assert not lesson.check_best_rank_r_fn(_right(torch.eye(2), 1))
     assert "function itself" in capsys.readouterr().out
+
+
+def test_break_even_hint_says_which_way_the_answer_is_off(capsys):
+    assert not lesson.check_break_even_rank(600, 512, 277)  # (600 + 512) 277 = 308,024 > 307,200
+    assert "308,024" in capsys.readouterr().out
+    assert not lesson.check_break_even_rank(600, 512, 100)
+    assert "a larger r is too" in capsys.readouterr().out
+    assert not lesson.check_break_even_rank(600, 512, "276")
+    assert "Solve (d + k) r < d k" in capsys.readouterr().out

@@ -127,7 +127,7 @@ def test_fixed_scaling_checker_reruns_the_experiment(target, capsys):
     assert not check_fixed_scaling_update_sizes(fixed_alpha, target, ranks)
     assert "alpha = 2 * r" in verdict(capsys)
     assert not check_fixed_scaling_update_sizes([2 * x for x in right], target, ranks)
-    assert "update_norms[10]" in verdict(capsys)
+    assert "after step 10" in verdict(capsys)
     assert not check_fixed_scaling_update_sizes([0.1], target, ranks)  # one number for three ranks
     assert "3 ranks" in verdict(capsys)
     assert not check_fixed_scaling_update_sizes("big", target, ranks)
