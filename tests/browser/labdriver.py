@@ -231,7 +231,9 @@ _STATE_JS = """() => {
   panel.content.widgets.forEach((cell, index) => {
     if (cell.model.type !== 'code') return;
     const prompt = cell.node.querySelector('.jp-InputPrompt');
-    const errors = cell.model.outputs.toJSON().filter(o => o.output_type === 'error')
+    // A cell tagged raises-exception is meant to raise (nbval's rule too).
+    const expected = (cell.model.getMetadata('tags') || []).includes('raises-exception');
+    const errors = expected ? [] : cell.model.outputs.toJSON().filter(o => o.output_type === 'error')
       .map(o => o.ename + ': ' + o.evalue);
     cells.push({index, count: cell.model.executionCount, prompt: prompt ? prompt.textContent : '', errors});
   });
