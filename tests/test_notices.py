@@ -1,0 +1,152 @@
+"""quiet_library_notices hides exactly the listed library notices, and nothing else."""
+
+import contextlib
+import logging
+import re
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lora_course.notices import NOTICES, Notice, quiet_library_notices
+
+GRADIENT_CHECKPOINTING = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
+LOSS_TYPE = "`loss_type=None` was set in the config but it is unrecognized. Using the default loss: `ForCausalLMLoss`."
+
+
+@contextlib.contextmanager
+def _recording(quiet: bool):
+    """Records every warning shown (DeprecationWarnings aside: hidden outside __main__
+    anyway), with quiet_library_notices() in front if `quiet`; the logger filters it adds
+    are removed on exit, the warning filters by catch_warnings."""
+    loggers = [logging.getLogger(n.source) for n in NOTICES if n.category is None]
+    saved = [list(lg.filters) for lg in loggers]
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            for category in (DeprecationWarning, PendingDeprecationWarning):
+                warnings.simplefilter("ignore", category)
+            if quiet:
+                quiet_library_notices()
+            yield shown
+    finally:
+        for lg, filters in zip(loggers, saved):
+            lg.filters[:] = filters
+
+
+@pytest.fixture
+def quieted():
+    with _recording(quiet=True) as shown:
+        yield shown
+
+
+def _warn_from(module: str, message: str, category: type[Warning]) -> None:
+    """A warning as if `module` had raised it (the module part of the filter is what is tested)."""
+    warnings.warn_explicit(message, category, filename=f"{module.replace('.', '/')}.py", lineno=1, module=module,
+                           registry={})
+
+
+def _texts(shown) -> list[str]:
+    return [str(w.message) for w in shown]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_records():
+    """What reaches transformers' handlers (its root logger does not propagate to pytest's)."""
+    handler = _Records()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    yield handler.messages
+    root.removeHandler(handler)
+
+
+def test_listed_warnings_are_gone(quieted):
+    _warn_from("transformers.modeling_utils", GRADIENT_CHECKPOINTING, FutureWarning)
+    assert _texts(quieted) == []
+
+
+def test_other_warnings_still_show(quieted):
+    _warn_from("lora_course.lora", GRADIENT_CHECKPOINTING, FutureWarning)  # same text, our module
+    _warn_from("transformers.modeling_utils", "`use_cache=True` is incompatible", FutureWarning)  # other text
+    _warn_from("transformers.modeling_utilsx", GRADIENT_CHECKPOINTING, FutureWarning)  # a module that only starts alike
+    _warn_from("transformers.modeling_utils", GRADIENT_CHECKPOINTING, UserWarning)  # other category
+    warnings.warn("an unrelated warning from a test", UserWarning)
+    assert len(quieted) == 5, _texts(quieted)
+
+
+def test_listed_log_record_is_dropped_and_others_pass(quieted, transformers_records):
+    source = logging.getLogger("transformers.modeling_utils")
+    source.warning(LOSS_TYPE)
+    source.warning("`loss_type=ForMaskedLM` was set in the config")  # the same logger, another message
+    logging.getLogger("transformers.generation.utils").warning(LOSS_TYPE)  # the same text, another logger
+    assert transformers_records == ["`loss_type=ForMaskedLM` was set in the config", LOSS_TYPE]
+
+
+def test_calling_twice_adds_nothing(quieted):
+    filters = list(warnings.filters)
+    loggers = {n.source: len(logging.getLogger(n.source).filters) for n in NOTICES if n.category is None}
+    quiet_library_notices()
+    assert warnings.filters == filters
+    assert {name: len(logging.getLogger(name).filters) for name in loggers} == loggers
+
+
+def test_only_the_notices_passed_are_silenced(quieted):
+    mine = Notice(r"lora_course\.lora\Z", "a notice of ours", UserWarning, "for this test")
+    quiet_library_notices([mine])
+    _warn_from("lora_course.lora", "a notice of ours, silenced", UserWarning)
+    _warn_from("lora_course.lora", "another notice of ours", UserWarning)
+    assert _texts(quieted) == ["another notice of ours"]
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _notices_of_the_notebooks_calls(tmp_path, quiet: bool) -> list[str]:
+    """Warnings and transformers log records from library calls the notebooks make: PEFT's
+    get_peft_model and save_pretrained (offline), and a forward with labels."""
+    if hasattr(transformers.utils.logging.warning_once, "cache_clear"):
+        transformers.utils.logging.warning_once.cache_clear()  # a once-only notice may show again
+    handler = _Records()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        with _recording(quiet) as shown:
+            model = _tiny_gpt2()
+            lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+            lora.save_pretrained(tmp_path)
+            x = torch.zeros((1, 8), dtype=torch.long)  # (B, T)
+            model(input_ids=x, labels=x)
+    finally:
+        root.removeHandler(handler)
+    return _texts(shown) + handler.messages
+
+
+def test_the_libraries_real_notices_are_gone(tmp_path):
+    """With this machine's transformers and PEFT, those calls print nothing once quieted
+    (whichever of the listed notices this version prints without it)."""
+    assert _notices_of_the_notebooks_calls(tmp_path / "quiet", quiet=True) == []
+
+
+def test_the_libraries_real_notices_show_without_it(tmp_path):
+    """The calls above do print notices when nobody quiets them: each is one the list
+    names (so the quieted run is not empty by luck, and a new notice is noticed)."""
+    notices = _notices_of_the_notebooks_calls(tmp_path / "loud", quiet=False)
+    assert notices, "the notebooks' library calls printed no notice: the quieted test proves nothing here"
+    for text in notices:
+        assert any(re.match(n.message, text) for n in NOTICES), f"a notice NOTICES does not know: {text!r}"
