@@ -26,6 +26,9 @@ NOTICES = (
     Notice("transformers.modeling_utils", r"`loss_type=None` was set in the config but it is unrecognized", None,
            "GPT-2's class name names no loss type, so transformers says it uses ForCausalLMLoss: the loss it "
            "would have picked"),
+    Notice("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community", None,
+           "bitsandbytes (imported by PEFT when installed) looks for an optional fast CPU kernel in the `kernels` "
+           "package and falls back to its own CPU code, which computes the same 4-bit products"),
 )
 
 

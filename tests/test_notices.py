@@ -3,6 +3,8 @@
 import contextlib
 import logging
 import re
+import subprocess
+import sys
 import warnings
 
 import peft
@@ -150,3 +152,36 @@ def test_the_libraries_real_notices_show_without_it(tmp_path):
     assert notices, "the notebooks' library calls printed no notice: the quieted test proves nothing here"
     for text in notices:
         assert any(re.match(n.message, text) for n in NOTICES), f"a notice NOTICES does not know: {text!r}"
+
+
+def _import_peft_stderr(quiet: bool) -> str:
+    """What a fresh interpreter prints to stderr while importing PEFT (which imports
+    bitsandbytes when it is installed), with quiet_library_notices() first if `quiet`."""
+    code = ("from lora_course.notices import quiet_library_notices; quiet_library_notices()\n" if quiet else "")
+    code += "import peft\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_importing_peft_prints_nothing_once_quieted():
+    assert _import_peft_stderr(quiet=True) == ""
+
+
+def test_what_importing_peft_prints_without_it_is_listed():
+    """Without the quieting, any import-time notice (bitsandbytes' missing-kernel warning on
+    CPUs with AVX-512 bf16) is one NOTICES names; with bitsandbytes absent there is none."""
+    for line in filter(None, _import_peft_stderr(quiet=False).splitlines()):
+        assert any(re.match(n.message, line) for n in NOTICES), f"a notice NOTICES does not know: {line!r}"
+
+
+def test_bitsandbytes_kernel_notice_is_dropped(quieted):
+    handler = _Records()
+    source = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    source.addHandler(handler)
+    try:
+        source.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        source.warning("another bitsandbytes notice")
+    finally:
+        source.removeHandler(handler)
+    assert handler.messages == ["another bitsandbytes notice"]
