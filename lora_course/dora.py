@@ -26,13 +26,46 @@ from torch import nn
 from .layers import transpose
 from .lora import LoRAConfig, LoRALinear, make_config
 
-__all__ = ["DoRALinear", "dora_weight_norm", "dora_layers"]
+__all__ = ["DoRALinear", "dora_weight_norm", "dora_delta", "dora_merge", "dora_unmerge", "dora_layers"]
 
 
 def dora_weight_norm(W0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """||W0 + delta|| over the input dimension: one norm per output row.  W0, delta: (out, in) -> (out,)"""
     W = W0 + delta.to(W0.dtype)
     return torch.linalg.norm(W, dim=1).to(W.dtype)
+
+
+def dora_delta(x: torch.Tensor, result: torch.Tensor, *, W0: torch.Tensor, bias: torch.Tensor | None,
+               lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+               dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """What DoRA adds to a base output `result` (..., out) = W0 x + b for input x (..., in).
+
+    (m / n - 1) W0 x + (m / n) s B A x with n = ||W0 + s B A||_row detached. `dropped`: the
+    input after LoRA dropout, if dropout is active (then W0 x is recomputed on it, as PEFT does).
+    """
+    with torch.no_grad():
+        norm = dora_weight_norm(W0, (lora_B.to(W0.dtype) @ lora_A.to(W0.dtype)) * scaling)  # (out,)
+    scale = (magnitude / norm).to(result.dtype)  # (out,): gradient flows into m only
+    if dropped is None:
+        dropped, base = x, (result if bias is None else result - bias)  # W0 x, reusing the base output
+    else:
+        base = F.linear(dropped, W0)
+    lora = F.linear(F.linear(dropped.to(lora_A.dtype), lora_A), lora_B) * scaling  # (..., r) -> (..., out)
+    return (scale - 1) * base + scale * lora.to(result.dtype)
+
+
+@torch.no_grad()
+def dora_merge(W0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', n): the merged weight W' = (m / n) (W0 + delta), all (out, in) in fp32, and the norm n (out,) to unmerge."""
+    W0, delta = W0.float(), delta.float()
+    norm = dora_weight_norm(W0, delta)
+    return (magnitude.float() / norm)[:, None] * (W0 + delta), norm
+
+
+@torch.no_grad()
+def dora_unmerge(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """W0 = W' / (m / n) - delta, with the n saved at merge time (W' alone does not give it back)."""
+    return W.float() / (magnitude.float() / norm)[:, None] - delta.float()
 
 
 class DoRALinear(LoRALinear):
@@ -70,33 +103,23 @@ class DoRALinear(LoRALinear):
 
     def dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output `result` (..., out) for input `x` (..., in)."""
-        scale = self.dora_scale().to(result.dtype)  # (out,)
-        dropped = self.lora_dropout(x)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            base = result if bias is None else result - bias  # W0 x, reusing the base output
-        else:  # dropout changes x, so W0 x is recomputed on the dropped input, as PEFT does
-            base = F.linear(dropped, self.W0)
-        lora = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling  # (..., out)
-        return (scale - 1) * base + scale * lora.to(result.dtype)
+        active = not isinstance(self.lora_dropout, nn.Identity) and self.training
+        return dora_delta(x, result, W0=self.W0, bias=self.base_layer.bias, lora_A=self.lora_A, lora_B=self.lora_B,
+                          magnitude=self.lora_magnitude_vector, scaling=self.scaling,
+                          dropped=self.lora_dropout(x) if active else None)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W' = (m / n) * (W0 + scaling * B A), shape (out, in): the weight one plain layer would hold."""
-        W0 = self.W0.float()
-        delta = self.delta_weight().float()
-        return (self.lora_magnitude_vector.float() / dora_weight_norm(W0, delta))[:, None] * (W0 + delta)
+        return dora_merge(self.W0, self.delta_weight(), self.lora_magnitude_vector)[0]
 
     @torch.no_grad()
     def merge(self) -> None:
         """Replace the base weight by W' (one matmul at inference); the norm is kept to unmerge."""
         if self.merged:
             raise RuntimeError("this DoRALinear is already merged; call unmerge() before merging again")
-        W0 = self.W0.float()
-        delta = self.delta_weight().float()
-        norm = dora_weight_norm(W0, delta)
-        self._set_base(((self.lora_magnitude_vector.float() / norm)[:, None] * (W0 + delta)))
-        self._merged_norm = norm
+        merged, self._merged_norm = dora_merge(self.W0, self.delta_weight(), self.lora_magnitude_vector)
+        self._set_base(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -104,8 +127,7 @@ class DoRALinear(LoRALinear):
         """Recover W0 = W' / (m / n) - scaling * B A with the norm saved at merge (W' alone cannot give it)."""
         if not self.merged:
             raise RuntimeError("this DoRALinear is not merged; there is nothing to unmerge")
-        scale = self.lora_magnitude_vector.float() / self._merged_norm  # (out,)
-        self._set_base(self.W0.float() / scale[:, None] - self.delta_weight().float())
+        self._set_base(dora_unmerge(self.W0, self.delta_weight(), self.lora_magnitude_vector, self._merged_norm))
         self._merged_norm = None
         self.merged = False
 
