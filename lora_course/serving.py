@@ -29,7 +29,7 @@ from .dora import dora_delta, dora_merge, dora_unmerge
 from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
 from .lora import lora_layers, lora_scaling, matches_target
 
-__all__ = ["BASE", "MultiAdapterLinear", "MultiAdapterModel"]
+__all__ = ["BASE", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -316,3 +316,39 @@ class MultiAdapterModel(nn.Module):
         """`model.generate`, with one adapter name per row if `adapter_names` is given (greedy or sampling)."""
         with self._rows(adapter_names, self._batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)
+
+
+def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: str, mixed_names: Sequence,
+                    max_new_tokens: int = 16, rounds: int = 3, min_run_time: float = 0.1) -> dict[str, float]:
+    """Milliseconds per generated token (one decoding step of the whole batch), greedy, for:
+
+    "base" (no adapter), "merged" (`adapter` folded into W), "unmerged" (`adapter` beside W),
+    "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and the median
+    kept, so a busy machine slows them alike. The server's active adapter is restored.
+    """
+    from .timing import median_ms
+
+    server._check_name(adapter)
+    before = server.active_adapter
+    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(prompt))
+
+    def timed(names=None) -> float:
+        return median_ms(lambda: server.generate(prompt, adapter_names=names, **kw), min_run_time) / max_new_tokens
+
+    server.eval()
+    times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": [], "mixed": []}
+    try:
+        for _ in range(rounds):
+            server.set_adapter(None)
+            times["base"].append(timed())
+            server.set_adapter(adapter)
+            times["unmerged"].append(timed())
+            server.merge_adapter()
+            times["merged"].append(timed())
+            server.unmerge_adapter()
+            times["mixed"].append(timed(list(mixed_names)))
+    finally:
+        server.unmerge_adapter()
+        server.set_adapter(before)
+    return {mode: sorted(ts)[len(ts) // 2] for mode, ts in times.items()}

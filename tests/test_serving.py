@@ -196,3 +196,16 @@ def test_pissa_adapter_needs_conversion(setup, tmp_path):
 def test_a_model_with_lora_layers_is_refused(setup):
     with pytest.raises(ValueError, match="already carries LoRA"):
         MultiAdapterModel(setup[2]["sql"])
+
+
+def test_serving_latency_times_every_mode_and_restores_the_server(setup):
+    from lora_course.serving import serving_latency
+
+    server = _server(setup)
+    server.set_adapter("chat")
+    ms = serving_latency(server, _x(rows=2)[:, :4], "sql", ["sql", None], max_new_tokens=2, rounds=1,
+                         min_run_time=0.01)
+    assert set(ms) == {"base", "merged", "unmerged", "mixed"} and all(v > 0 for v in ms.values())
+    assert server.active_adapter == "chat" and server.merged_adapter is None
+    with pytest.raises(KeyError):
+        serving_latency(server, _x(rows=2), "nope", [None, None])
