@@ -86,6 +86,9 @@ class MultiAdapterLinear(nn.Module):
         result = self.base_layer(x)  # (batch, ..., out): once for the whole batch
         rows = self.row_adapters
         if rows is not None:
+            if len(rows) != x.shape[0]:
+                raise ValueError(f"the mixed batch names {len(rows)} rows' adapters but the input has {x.shape[0]} "
+                                 "rows; give one name (or None) per row")
             out = result.clone()
             for name in dict.fromkeys(rows):  # each adapter once, in order of first use
                 if name not in self.scaling:  # None / "__base__", or an adapter that skips this layer
@@ -277,6 +280,14 @@ class MultiAdapterModel(nn.Module):
     def unmerge_adapter(self) -> None:
         for layer in self.layers().values():
             layer.unmerge()
+
+    def mixed_batch(self, adapter_names: Sequence):
+        """A context in which every forward runs row i with `adapter_names[i]` (None or "__base__": no adapter).
+
+        `with server.mixed_batch(["sql", None]): data.generate(server, tokenizer, records)` serves
+        any code that calls the model; `server(x, adapter_names=...)` is the one-call form.
+        """
+        return self._rows(adapter_names, None)
 
     @contextmanager
     def _rows(self, adapter_names: Sequence | None, batch_size: int | None):
