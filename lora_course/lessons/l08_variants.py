@@ -6,7 +6,7 @@ a glance which adapter wrote which row:
 
     sentence   sorted is a function that takes two arguments.      (notebook 06's target)
     call       sorted(a, b)  # function
-    question   What does the function sorted do with two arguments?
+    question   What is sorted? A function with two arguments.
 
 `play` (from `common`) is re-exported, so that the notebook imports its own lesson module only.
 """
@@ -14,6 +14,7 @@ a glance which adapter wrote which row:
 from __future__ import annotations
 
 import random
+import re
 from typing import Sequence
 
 import ipywidgets as w
@@ -42,13 +43,25 @@ def style_target(record: Record, style: str) -> str:
     if style == "call":
         return f" {record.name}({', '.join('abc'[:int(record.args)])})  # {record.kind}"
     if style == "question":
-        return f" What does the {record.kind} {record.name} do with {ARGS_IN_WORDS[record.args]}?"
+        return f" What is {record.name}? A {record.kind} with {ARGS_IN_WORDS[record.args]}."
     raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
-def style_matches(text: str, record: Record, style: str) -> bool:
-    """Did the model write exactly the `style` answer for `record`?"""
-    return text.strip() == style_target(record, style).strip()
+# The shape of each style's answer, whatever the fields: which style a text is written in.
+_FORMS = {
+    "sentence": re.compile(r"\S+ is an? \w+ that takes [\w ]+\.$"),
+    "call": re.compile(r"\S+\([a-c, ]*\)\s+# \w+$"),
+    "question": re.compile(r"What is \S+\? An? \w+ with [\w ]+\.$"),
+}
+
+
+def style_matches(text: str, record: Record, style: str, exact: bool = True) -> bool:
+    """Did the model write the `style` answer for `record` (exact), or any answer in that style (exact=False)?"""
+    if style not in _FORMS:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if exact:
+        return text.strip() == style_target(record, style).strip()
+    return _FORMS[style].fullmatch(text.strip()) is not None
 
 
 def style_batches(tokenizer, records: Sequence[Record], style: str, batch_size: int, seed: int = 0):
@@ -93,16 +106,16 @@ def train_style_adapter(model: nn.Module, tokenizer, records: Sequence[Record], 
     return losses
 
 
-def style_scores(server: MultiAdapterModel, tokenizer, records: Sequence[Record],
-                 adapters: Sequence[str | None]) -> dict[str | None, dict[str, float]]:
-    """For each adapter (None: the base model), the share of `records` it answers exactly in each style."""
+def style_scores(server: MultiAdapterModel, tokenizer, records: Sequence[Record], adapters: Sequence[str | None],
+                 exact: bool = False) -> dict[str | None, dict[str, float]]:
+    """For each adapter (None: the base model), the share of `records` it answers in each style (`style_matches`)."""
     before = server.active_adapter
     scores = {}
     try:
         for adapter in adapters:
             server.set_adapter(adapter)
             texts = generate(server, tokenizer, records, max_new_tokens=24)
-            scores[adapter] = {s: sum(style_matches(t, r, s) for t, r in zip(texts, records)) / len(records)
+            scores[adapter] = {s: sum(style_matches(t, r, s, exact) for t, r in zip(texts, records)) / len(records)
                                for s in STYLES}
     finally:
         server.set_adapter(before)
@@ -139,19 +152,19 @@ def draw_style_scores(scores: dict, ax=None):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center")
     ax.set_xticks(range(len(STYLES)), STYLES)
     ax.set_yticks(range(len(names)), ["base" if a is None else a for a in names])
-    ax.set(xlabel="style of the answer", ylabel="adapter", title="exact answers, by adapter and style")
+    ax.set(xlabel="style of the answer", ylabel="adapter", title="answers in each style, by adapter")
     return ax
 
 
 def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Record]) -> w.interactive:
     """Three rows of one batch, each with its own adapter (or none): pick them and see what each row gets."""
     records = list(records)[:3]
-    options = [("none", None)] + [(a, a) for a in server.adapters]
+    options = ["none", *server.adapters]  # "none": the base model alone
 
-    def show(row_1=server.adapters[0], row_2=server.adapters[1 % len(server.adapters)], row_3=None):
+    def show(row_1=server.adapters[0], row_2=server.adapters[1 % len(server.adapters)], row_3="none"):
         from IPython.display import HTML, display
 
-        names = [row_1, row_2, row_3]
+        names = [None if n == "none" else n for n in (row_1, row_2, row_3)]
         texts = row_texts(server, tokenizer, records, names)
         cells = "".join(
             f"<tr><td>{i + 1}</td><td><code>{format_prompt(r).strip()}</code></td><td>{n or 'none'}</td>"
@@ -159,10 +172,10 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
         display(HTML("<table><tr><th>row</th><th>prompt</th><th>adapter</th><th>answer</th></tr>"
                      f"{cells}</table><p>one batch, one forward per token: {names}</p>"))
 
-    controls = {f"row_{i}": w.ToggleButtons(options=options, description=f"row {i}") for i in (1, 2, 3)}
-    defaults = show.__defaults__
-    for (key, control), value in zip(controls.items(), defaults):
-        control.value = value
+    controls = {}
+    for key, value in zip(("row_1", "row_2", "row_3"), show.__defaults__):
+        controls[key] = w.SelectionSlider(options=options, value=value, description=key.replace("_", " "),
+                                          continuous_update=False)
     return w.interactive(show, **controls)
 
 
