@@ -234,8 +234,15 @@ def test_levels_equal_bitsandbytes_tables(bnb_functional):
     assert torch.equal(dynamic_levels(), bnb_functional.create_dynamic_map())
 
 
-@pytest.mark.parametrize("block_size", [64, 128, 1024])
+@pytest.mark.parametrize("block_size", [32, 64, 128, 1024])
 def test_codes_and_values_equal_bitsandbytes(bnb_functional, block_size):
+    """Codes and absmax always; values wherever a block lies within one row.
+
+    bitsandbytes 0.50's CPU dequantize kernel mishandles blocks that straddle two rows
+    (e.g. block 128 on rows of 192: its round trip is then twice as far from the weight
+    as ours), so values are compared where rows are a multiple of the block.
+    """
+    compared = 0
     for name, W in _bnb_cases().items():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             w = W.to(dtype)
@@ -243,7 +250,10 @@ def test_codes_and_values_equal_bitsandbytes(bnb_functional, block_size):
             ours = quantize_nf4(w, block_size)
             assert torch.equal(ours.packed, packed.flatten()), (name, dtype)
             assert torch.equal(ours.absmax, state.absmax), (name, dtype)
-            assert torch.equal(ours.dequantize(), bnb_functional.dequantize_4bit(packed, state)), (name, dtype)
+            if W.shape[-1] % block_size == 0:
+                assert torch.equal(ours.dequantize(), bnb_functional.dequantize_4bit(packed, state)), (name, dtype)
+                compared += 1
+    assert compared >= 3
 
 
 def test_double_quantization_equals_bitsandbytes(bnb_functional):
