@@ -119,7 +119,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
         "lora_alpha": alpha,
         "target_modules": _target_names(model, layers),
         "lora_dropout": max(dropouts),
-        "fan_in_fan_out": all(is_conv1d(layer.base_layer) for layer in layers.values()),
+        "fan_in_fan_out": all(is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
+                              for layer in layers.values()),  # a 4-bit base remembers if it was a Conv1D
         "bias": "none",
         "use_rslora": rslora.pop(),
         "use_dora": _one_setting(layers, "use_dora"),

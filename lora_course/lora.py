@@ -223,6 +223,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor) -> None:
         """W0 += delta (out, in), computed in fp32 and rounded once to the base's dtype."""
+        if getattr(self.base_layer, "is_quantized", False):  # a 4-bit base (quant.Linear4bit): dequantize, add, round
+            self.base_layer.add_to_weight(transpose(delta.float(), self.fan_in_fan_out))
+            return
         W = self.base_layer.weight
         W.copy_((W.float() + transpose(delta.float(), self.fan_in_fan_out)).to(W.dtype))
 
@@ -326,7 +329,8 @@ def _targeted_config(config, settings: dict, default_targets=None) -> LoRAConfig
     return config
 
 
-def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, **settings) -> nn.Module:
+def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, *,
+             quantize_base: str | None = None, **settings) -> nn.Module:
     """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
 
     Either `add_lora(model, LoRAConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))` or
@@ -334,9 +338,19 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
     matches as in PEFT: a list of names matching a module's full name or its dotted
     suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string taken as a
     regex on the full name. Returns the model.
+
+    `quantize_base="nf4"` is QLoRA: every linear layer of the frozen base (but the output
+    head) is stored in 4-bit NF4 with double quantization (`lora_course.quant`), and the
+    adapters train on top in full precision.
     """
     config = _targeted_config(config, settings)
-    return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
+    if quantize_base is None:
+        return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
+    from .quant import quantize_base_layer, quantize_model
+
+    quantize = quantize_base_layer(quantize_base)  # checks the setting before anything changes
+    inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(quantize(layer), config))
+    return quantize_model(model, quant_type=quantize_base)  # the frozen layers LoRA does not wrap
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -363,6 +377,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for m in model.modules():  # a 4-bit base layer (quant.Linear4bit) keeps its frozen weight as codes, not a parameter
+        if getattr(m, "is_quantized", False):
+            total += m.in_features * m.out_features
     return trainable, total
 
 

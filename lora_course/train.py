@@ -164,7 +164,7 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
     for start in range(0, n_blocks, batch_size):
         x = blocks[start : start + batch_size].to(device)
         with autocast_for(device, bf16):
-            logits = model(input_ids=x).logits  # (B, block, V)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits  # (B, block, V); no padding here
         total += nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
         ).item()
