@@ -244,9 +244,12 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
 def launch(nproc: int, args: list[str], **run_kwargs) -> subprocess.CompletedProcess:
     """Run `torchrun_command(nproc, args)` with one intra-op thread per process (and no OMP notice).
 
+    The processes import this same `lora_course` (its folder goes first on PYTHONPATH).
     Returns the finished process (text output captured unless `run_kwargs` say otherwise).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path}
     run_kwargs = {"capture_output": True, "text": True, "env": env, **run_kwargs}
     return subprocess.run(torchrun_command(nproc, args), **run_kwargs)
 
