@@ -40,8 +40,9 @@ def draw_bytes(record: dict):
     for i, m in enumerate(measured):
         ax.annotate(f"{m / 1e6:.3g} MB", (i - 0.2, m), ha="center", va="bottom", fontsize=9)
     ax.set(xticks=list(x), xticklabels=names, yscale="log", ylabel="bytes all-reduced per step",
-           title=f"DDP traffic per step, {record['world_size']} processes")
-    ax.legend(loc="lower left", fontsize=8)
+           title=f"DDP traffic per step, {record['world_size']} processes",
+           ylim=(min(measured) / 10, max(measured) * 10))
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 
