@@ -412,8 +412,6 @@ def _local_bytes(tensors) -> int:
 
 def _fsdp_runs(args, rank: _Rank) -> dict:
     """FSDP1 with flat buffers (the error), then FSDP2 fully_shard per block, trained and measured."""
-    import warnings
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
@@ -424,9 +422,7 @@ def _fsdp_runs(args, rank: _Rank) -> dict:
     out = {}
     model, tokenizer = _build(args, "lora", rank.device)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # FSDP1's deprecation notice: we show FSDP1 only to fail
-            FullyShardedDataParallel(model, use_orig_params=False, device_id=rank.device)
+        FullyShardedDataParallel(model, use_orig_params=False, device_id=rank.device)
         out["fsdp1_flat_error"] = None
     except ValueError as err:
         out["fsdp1_flat_error"] = str(err).strip().splitlines()[0]

@@ -47,7 +47,8 @@ def test_torchrun_two_processes_steps_3(tmp_path):
 
 
 def test_unused_module_and_fsdp(tmp_path):
-    record, _ = _launch(tmp_path, 2, "--steps", "2", "--methods", "lora", "--unused", "--fsdp")
+    record, done = _launch(tmp_path, 2, "--steps", "2", "--methods", "lora", "--unused", "--fsdp")
+    assert done.stderr == ""
     unused = record["unused"]
     assert "find_unused_parameters=True" in unused["error"]
     found, frozen = unused["find_unused_parameters=True"], unused["frozen skipped adapters"]
