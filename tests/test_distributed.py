@@ -142,3 +142,21 @@ def test_scale_table_gpt2_row_by_hand():
         assert rows[model, "lora"]["allreduce_bytes"] < 0.01 * rows[model, "full"]["allreduce_bytes"]
         assert rows[model, "lora"]["ratio"] < rows[model, "full"]["ratio"]
     assert rows["LLaMA-7B", "lora"]["trainable"] == 4_194_304
+
+
+def test_launcher_checks_then_runs_torchrun(tmp_path):
+    out = tmp_path / "launched.json"
+    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", "--nproc", "2", "--steps", "1",
+                           "--methods", "lora", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["world_size"] == 2
+
+
+def test_bad_input_under_torchrun_itself_one_line_from_rank_0(tmp_path):
+    """Under torchrun every rank exits 2 before joining a group; rank 0 says why, torchrun then reports the exit."""
+    done = launch(2, ["--batch-size", "400", "--out", str(tmp_path / "x.json")], timeout=300)
+    assert done.returncode != 0 and not (tmp_path / "x.json").exists()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: 2 processes x --batch-size 400 = 800 records per step, but the task has 608 training "
+                     "records to shard; use fewer processes or a smaller --batch-size"]
+    assert "exitcode  : 2" in done.stderr
