@@ -129,3 +129,12 @@ def test_bad_settings_are_refused():
         LoRALinear(8, 8, r=2, use_dora=True)
     with pytest.raises(ValueError, match="exceeds"):
         DoRALinear(8, 4, r=5)
+
+
+def test_a_model_mixing_dora_and_plain_layers_cannot_be_one_peft_config(tmp_path):
+    model = add_lora(toy_gpt2(), ["c_attn"], r=2, use_dora=True)
+    add_lora(model, ["c_fc"], r=2)
+    assert len(dora_layers(model)) == 2 and all(p.requires_grad for n, p in model.named_parameters()
+                                                if "lora_magnitude" in n)  # adding more LoRA keeps m trainable
+    with pytest.raises(AdapterError, match="use_dora"):
+        save_adapter(model, tmp_path / "mixed")

@@ -147,3 +147,14 @@ def test_conversion_errors():
         from lora_course.fused import add_fused_lora
 
         add_fused_lora(copy.deepcopy(base), r=2, init_lora_weights="pissa")
+
+
+def test_adapters_whose_init_changes_the_base_otherwise_are_refused(tmp_path):
+    base = toy_gpt2()
+    folder = save_adapter(add_lora(copy.deepcopy(base), ["c_attn"], r=2), tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "olora"}))
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match="init_lora_weights='olora'"):
+        load_adapter(model, folder)
+    assert not lora_layers(model)

@@ -209,3 +209,24 @@ def test_serving_latency_times_every_mode_and_restores_the_server(setup):
     assert server.active_adapter == "chat" and server.merged_adapter is None
     with pytest.raises(KeyError):
         serving_latency(server, _x(rows=2), "nope", [None, None])
+
+
+def test_adapters_saved_by_peft_load_into_the_server(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = setup[0]
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                                 use_dora=True, fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(5))
+    peft_model.eval().save_pretrained(str(tmp_path / "peft-dora"))
+    server = _server(setup, names=("sql",))
+    server.load_adapter(tmp_path / "peft-dora", "peft-dora")
+    x = _x(rows=2)
+    with torch.no_grad():
+        server.set_adapter("peft-dora")
+        assert (server(x).logits - peft_model(x).logits).abs().max().item() <= 1e-5
+        mixed = server(x, adapter_names=["peft-dora", "sql"]).logits
+        assert (mixed[:1] - peft_model(x[:1]).logits).abs().max().item() <= 1e-5

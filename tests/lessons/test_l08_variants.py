@@ -26,9 +26,17 @@ from lora_course.lessons.l08_variants import (  # noqa: E402
     train_style_adapter,
 )
 from lora_course.models import load_model  # noqa: E402
+from lora_course.runtime import num_threads  # noqa: E402
 from lora_course.serving import MultiAdapterModel  # noqa: E402
 
 RECORD = Record(name="sorted", kind="function", args="2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices: one thread is fastest (and far faster than two on a busy machine)."""
+    with num_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
