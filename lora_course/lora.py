@@ -45,7 +45,7 @@ __all__ = [
 
 # init_lora_weights, as in PEFT: True (A Kaiming-uniform, B = 0), False (B random too, so the layer
 # does not start at W0: for demos only), or one of these named schemes.
-NAMED_INITS = ("gaussian",)  # A ~ N(0, 1/r^2), B = 0
+NAMED_INITS = ("gaussian", "pissa")  # gaussian: A ~ N(0, 1/r^2), B = 0; pissa: from W0's SVD (pissa.py)
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ class LoRALinear(nn.Module):
     `base_layer`, as in PEFT.
     """
 
+    supports_dora = False  # DoRA lives in dora.DoRALinear
+
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
                  bias: bool = True, base_layer: nn.Module | None = None, **settings):
         super().__init__()
@@ -146,8 +148,9 @@ class LoRALinear(nn.Module):
                 f"{out_features}x{in_features} weight; a rank-{config.r} update cannot exist there. "
                 f"Use r <= {min(in_features, out_features)} (LoRA wants r much smaller)."
             )
-        if config.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not available in this LoRALinear")
+        if config.use_dora and not self.supports_dora:
+            raise NotImplementedError(f"use_dora=True (DoRA) is not available in {type(self).__name__}; "
+                                      "use lora_course.dora.DoRALinear (add_lora(..., use_dora=True) picks it)")
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias)
         self.base_layer = base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
@@ -170,6 +173,9 @@ class LoRALinear(nn.Module):
         if isinstance(layer, LoRALinear):
             raise TypeError("this layer already carries LoRA; merge_lora() it first or train the existing adapter")
         in_features, out_features = linear_features(layer)
+        if cls is LoRALinear and make_config(config, **settings).use_dora:  # DoRA: the subclass in dora.py
+            from .dora import DoRALinear
+            cls = DoRALinear
         return cls(in_features, out_features, config, base_layer=layer, **settings)
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -179,6 +185,9 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """`init_lora_weights=True`: A as PEFT's default (nn.Linear's Kaiming-uniform, a=sqrt(5)), B = 0."""
         init = self.config.init_lora_weights
+        if init == "pissa":  # A, B from W0's top-r singular triplets; the base keeps the residual
+            from .pissa import pissa_init
+            return pissa_init(self)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
@@ -297,7 +306,8 @@ def inject_adapters(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
-    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                for n, p in m.named_parameters() if not n.startswith("base_layer.")}  # A, B (and DoRA's m)
     for p in model.parameters():  # freeze the base model; adapters added earlier keep their setting
         if id(p) not in adapters:
             p.requires_grad_(False)

@@ -179,3 +179,16 @@ def test_greedy_generation_batched_equals_one_by_one(tokenizer):
     single = [data.generate(model, tokenizer, [r], max_new_tokens=6)[0] for r in recs]
     assert batched == single
     assert len(batched) == 4 and all(isinstance(t, str) for t in batched)
+
+
+def test_shard_batches_splits_each_batch_into_equal_contiguous_slices():
+    from lora_course.data import shard_batches
+
+    batch = {"input_ids": torch.arange(12).view(6, 2), "labels": torch.arange(12).view(6, 2)}
+    shards = [next(shard_batches(iter([batch]), rank, 3)) for rank in range(3)]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
+    assert all(len(s["labels"]) == 2 for s in shards)
+    with pytest.raises(ValueError, match="equal shards"):
+        next(shard_batches(iter([batch]), 0, 4))
+    with pytest.raises(ValueError, match="rank must be"):
+        next(shard_batches(iter([batch]), 3, 3))
