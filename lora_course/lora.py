@@ -349,6 +349,9 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
     from .quant import quantize_base_layer, quantize_model
 
     quantize = quantize_base_layer(quantize_base)  # checks the setting before anything changes
+    if config.init_lora_weights == "pissa":  # its SVD would rewrite W0, which a 4-bit layer only stores rounded
+        raise ValueError("init_lora_weights='pissa' with quantize_base is not built here: PiSSA needs the SVD of the "
+                         "full-precision weight before the residual is quantized; use quantize_base=None")
     inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(quantize(layer), config))
     return quantize_model(model, quant_type=quantize_base)  # the frozen layers LoRA does not wrap
 

@@ -38,3 +38,12 @@ def base_model(tokenizer):
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
     return GPT2LMHeadModel(config).eval()
 
+
+@pytest.fixture
+def verdict(capsys):
+    """A checker's result and its printed line: assert the verdict ("Correct" / "Not yet"), return the line."""
+    def check(result, expected):
+        out = capsys.readouterr().out
+        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
+        return out
+    return check

@@ -380,6 +380,8 @@ def test_qlora_bad_settings_change_nothing():
         add_lora(model, ["c_attn"], r=4, quantize_base="nf3")
     with pytest.raises(ValueError, match="matched no module"):
         add_lora(model, ["q_proj"], r=4, quantize_base="nf4")
+    with pytest.raises(ValueError, match="pissa"):
+        add_lora(model, ["c_attn"], r=4, quantize_base="nf4", init_lora_weights="pissa")
     assert not quantized_layers(model) and not lora_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -416,5 +418,14 @@ def test_merging_into_a_4bit_base_requantizes_and_adds_error():
         layer.unmerge()
         assert layer.merged is False
     model = add_lora(toy_gpt2(), ["c_attn"], r=4, quantize_base="nf4")
+    merge_lora(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit) and not lora_layers(model)
+
+
+def test_dora_on_a_4bit_base_trains_and_merges_by_requantizing():
+    torch.manual_seed(0)
+    model = add_lora(toy_gpt2(), ["c_attn"], r=4, alpha=8, quantize_base="nf4", use_dora=True)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.config.use_dora and isinstance(layer.base_layer, Linear4bit)
     merge_lora(model)
     assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit) and not lora_layers(model)

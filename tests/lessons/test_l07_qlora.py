@@ -23,16 +23,6 @@ from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
 from lora_course.quant import BLOCK_SIZES, bits_per_parameter, nf4_levels  # noqa: E402
 
 
-@pytest.fixture
-def verdict(capsys):
-    """Call a checker's result and its printed line: assert the verdict, return the line."""
-    def check(result, expected):
-        out = capsys.readouterr().out
-        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
-        return out
-    return check
-
-
 @pytest.fixture(scope="module")
 def weights():
     torch.manual_seed(0)
