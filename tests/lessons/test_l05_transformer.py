@@ -33,16 +33,6 @@ from lora_course.skeletons import MODEL_PRESETS, meta_gpt2, meta_lora_counts, pr
 LLAMA_7B = 6_738_415_616
 
 
-@pytest.fixture
-def verdict(capsys):
-    """Call a checker's result and its printed line: assert the verdict, return the line."""
-    def check(result, expected):
-        out = capsys.readouterr().out
-        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
-        return out
-    return check
-
-
 # ----------------------------------------------------------------------------- the pictures
 
 def _meta_adapted(adapt):

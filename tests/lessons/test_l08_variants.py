@@ -57,15 +57,6 @@ def server(shipped, tmp_path_factory):
     return server.eval()
 
 
-@pytest.fixture
-def verdict(capsys):
-    def check(result, expected):
-        out = capsys.readouterr().out
-        assert result is expected and out.startswith("Correct" if expected else "Not yet"), out
-        return out
-    return check
-
-
 def test_styles_write_every_field_and_their_forms_tell_them_apart():
     assert style_target(RECORD, "sentence") == " sorted is a function that takes two arguments."
     assert style_target(RECORD, "call") == " sorted(a, b)  # function"
