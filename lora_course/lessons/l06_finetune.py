@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import ipywidgets as w
 import torch
-from IPython.display import display
+from IPython.display import HTML, display
 from torch import nn
 
 from ..data import ApiRecord, evaluate_task, format_prompt, generate, slot_phrases, slots_realized
@@ -145,7 +145,7 @@ def finetune_compare_widget(models: dict, tokenizer, records, index: int = 0, mo
         view = finetune_outputs_view({model: models[model]}, tokenizer, records[record])
         out = view["outputs"][model]
         marks = " ".join(f"{k} {'&#10003;' if ok else '&#10007;'}" for k, ok in out["slots"].items())
-        display(w.HTML(
+        display(HTML(
             f"<b>record {record}</b>: <code>{html.escape(format_prompt(records[record]).strip())}</code><br>"
             f"<b>{html.escape(model)}</b> (slot accuracy {out['slot_accuracy']:.2f}): "
             f"<code>{html.escape(out['text'])}</code><br><small>{marks}</small>"))
