@@ -3,6 +3,9 @@
 The library (what you would import outside the course), one concept per module:
 
     lora        LoRAConfig, LoRALinear, add_lora, merge_lora, counting (the from-scratch LoRA)
+    dora        DoRA: a trainable magnitude on LoRA's normalised direction (use_dora=True)
+    pissa       PiSSA: A, B from W0's top singular triplets (init_lora_weights="pissa"), and its LoRA conversion
+    serving     many named adapters on one base: switch, merge, mixed batches, delete
     fused       LoRA on chosen slices of a fused projection (q and v of GPT-2's c_attn)
     adapters    adapters in PEFT's on-disk format, and copying adapters to and from PEFT models
     layers      the linear layers LoRA wraps (nn.Linear, GPT-2's Conv1D) and model surgery by name
@@ -21,6 +24,7 @@ notebook's widgets, exercise checkers, toy data and lesson-only experiments.
 """
 
 from .adapters import AdapterError, copy_lora_from_peft, copy_lora_to_peft, load_adapter, save_adapter
+from .dora import DoRALinear
 from .fused import FusedLoRALinear, add_fused_lora
 from .lora import (
     LoRAConfig,
@@ -39,6 +43,7 @@ from .lora import (
 from .memory import optimizer_state_bytes, peak_memory, training_budget
 from .models import load_model, shipped_model_path
 from .runtime import by_mode, get_device, is_fast_mode, num_threads, seed_everything
+from .serving import MultiAdapterModel
 
 __all__ = [
     "LoRAConfig",
@@ -70,4 +75,6 @@ __all__ = [
     "is_fast_mode",
     "num_threads",
     "seed_everything",
+    "DoRALinear",
+    "MultiAdapterModel",
 ]

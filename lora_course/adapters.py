@@ -79,6 +79,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         A, B = _peft_tensors(layer)
         state[f"{_PREFIX}{name}.lora_A.weight"] = A.cpu()
         state[f"{_PREFIX}{name}.lora_B.weight"] = B.cpu()
+        if getattr(layer, "lora_magnitude_vector", None) is not None:  # DoRA's m (out,); PEFT's key has no .weight
+            state[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu().clone()
     return state
 
 
@@ -117,16 +119,25 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
         "lora_alpha": alpha,
         "target_modules": _target_names(model, layers),
         "lora_dropout": max(dropouts),
-        "fan_in_fan_out": all(is_conv1d(layer.base_layer) for layer in layers.values()),
+        "fan_in_fan_out": all(is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
+                              for layer in layers.values()),  # a 4-bit base remembers if it was a Conv1D
         "bias": "none",
         "use_rslora": rslora.pop(),
-        "use_dora": False,
+        "use_dora": _one_setting(layers, "use_dora"),
         "modules_to_save": None,
-        "init_lora_weights": True,
+        "init_lora_weights": _one_setting(layers, "init_lora_weights"),  # "pissa": loaders redo the SVD
         "rank_pattern": {n: ra[0] for n, ra in rank_alpha.items() if ra[0] != r},
         "alpha_pattern": {n: ra[1] for n, ra in rank_alpha.items() if ra[1] != alpha},
         "inference_mode": True,
     }
+
+
+def _one_setting(layers: dict[str, LoRALinear], name: str):
+    """The value of config setting `name` shared by every layer (PEFT's config holds one)."""
+    values = {getattr(layer.config, name) for layer in layers.values()}
+    if len(values) > 1:
+        raise AdapterError(f"layers differ in {name} ({sorted(map(str, values))}); PEFT's config holds one for all")
+    return values.pop()
 
 
 def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None) -> Path:
@@ -161,12 +172,13 @@ def _read_config(path: Path) -> dict:
         if key not in config:
             raise AdapterError(f"{file} lacks {key!r}; it is not a complete PEFT LoRA config")
     unsupported = {
-        "use_dora": bool(config.get("use_dora")),
         "bias": config.get("bias", "none") != "none",
         "modules_to_save": bool(config.get("modules_to_save")),
         "layers_to_transform": config.get("layers_to_transform") is not None,
         "lora_bias": bool(config.get("lora_bias")),
     }
+    init = config.get("init_lora_weights", True)
+    unsupported[f"init_lora_weights={init!r}"] = not (isinstance(init, bool) or init in ("gaussian", "pissa"))
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise AdapterError(f"this adapter uses {bad}, which lora_course does not implement; load it with PEFT instead")
@@ -210,6 +222,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     weights = _read_weights(path)
     r0, alpha0 = config["r"], config["lora_alpha"]
     rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    init = "pissa" if config.get("init_lora_weights") == "pissa" else True  # "pissa": redo the SVD, as PEFT does
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     existing = lora_layers(model)
     if existing:
@@ -228,8 +242,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         r = _pattern_value(config.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha0)
         key_a, key_b = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
-        expected |= {key_a, key_b}
-        for key in (key_a, key_b):
+        key_m = f"{_PREFIX}{name}.lora_magnitude_vector"  # DoRA's magnitude m (out,)
+        expected |= {key_a, key_b} | ({key_m} if use_dora else set())
+        for key in (key_a, key_b) + ((key_m,) if use_dora else ()):
             if key not in weights:
                 raise AdapterError(f"the adapter has no {key!r}: it was saved for a different model or target_modules "
                                    f"({len(weights)} tensors in the file)")
@@ -243,11 +258,16 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 f"{name}: adapter holds lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this model's layer "
                 f"needs ({r}, {in_f}) and ({out_f}, {r}) for r={r}: the adapter belongs to a model of another shape"
             )
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        M = weights[key_m] if use_dora else None
+        if M is not None and tuple(M.shape) != (out_f,):
+            raise AdapterError(f"{name}: DoRA magnitude {tuple(M.shape)} but the layer has {out_f} outputs: "
+                               "the adapter belongs to a model of another shape")
+        if not all(torch.isfinite(t).all() for t in (A, B) + ((M,) if M is not None else ())):
             raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
         if isinstance(module, LoRALinear):
             A, B = _into_existing(name, module, A, B, r, alpha, rslora)
-        plan.append((name, module, A, B, r, alpha))
+            _check_variant(name, module, use_dora, init)
+        plan.append((name, module, A, B, r, alpha, M))
     unexpected = sorted(set(weights) - expected)
     if unexpected:
         raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
@@ -256,15 +276,28 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     # Every check passed: now change the model.
     if not existing:
         model.requires_grad_(False)
-    for name, module, A, B, r, alpha in plan:
+    for name, module, A, B, r, alpha, M in plan:
         if not isinstance(module, LoRALinear):
-            layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
+            layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
+                                           use_dora=use_dora, init_lora_weights=init)
             replace_module(model, name, layer)
             module = layer
         with torch.no_grad():
             module.lora_A.copy_(A)
             module.lora_B.copy_(B)
+            if M is not None:
+                module.lora_magnitude_vector.copy_(M)
     return model
+
+
+def _check_variant(name, layer: LoRALinear, use_dora: bool, init) -> None:
+    """An adapter loaded into an existing LoRA layer must be of the same kind (DoRA or not, PiSSA or not)."""
+    if use_dora != layer.config.use_dora:
+        raise AdapterError(f"{name}: the adapter has use_dora={use_dora} but the model's layer has "
+                           f"use_dora={layer.config.use_dora}; load it into a model without LoRA")
+    if (init == "pissa") != (layer.config.init_lora_weights == "pissa"):
+        raise AdapterError(f"{name}: a PiSSA adapter needs a PiSSA layer (its base holds the residual) and "
+                           "a plain adapter a plain one; load it into a model without LoRA")
 
 
 def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):

@@ -48,6 +48,7 @@ __all__ = [
     "encode_example",
     "collate",
     "batches",
+    "shard_batches",
     "generate",
     "evaluate_task",
     "ApiRecord",
@@ -374,6 +375,22 @@ def batches(tokenizer, records: Sequence[Record], batch_size: int, seed: int = 0
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield collate(tokenizer, [records[i] for i in order[start : start + batch_size]])
+
+
+def shard_batches(batches: Iterator[dict[str, torch.Tensor]], rank: int, world_size: int
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """Rank `rank`'s contiguous slice of every batch (data parallelism: each process gets 1/world_size).
+
+    Every batch's size must divide by `world_size`, so that all ranks see equally many rows.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    for batch in batches:
+        n = len(batch["input_ids"])
+        if n % world_size:
+            raise ValueError(f"a batch of {n} rows does not split into {world_size} equal shards")
+        size = n // world_size
+        yield {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
 
 
 @torch.no_grad()

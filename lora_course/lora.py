@@ -45,7 +45,7 @@ __all__ = [
 
 # init_lora_weights, as in PEFT: True (A Kaiming-uniform, B = 0), False (B random too, so the layer
 # does not start at W0: for demos only), or one of these named schemes.
-NAMED_INITS = ("gaussian",)  # A ~ N(0, 1/r^2), B = 0
+NAMED_INITS = ("gaussian", "pissa")  # gaussian: A ~ N(0, 1/r^2), B = 0; pissa: from W0's SVD (pissa.py)
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ class LoRALinear(nn.Module):
     `base_layer`, as in PEFT.
     """
 
+    supports_dora = False  # DoRA lives in dora.DoRALinear
+
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
                  bias: bool = True, base_layer: nn.Module | None = None, **settings):
         super().__init__()
@@ -146,8 +148,9 @@ class LoRALinear(nn.Module):
                 f"{out_features}x{in_features} weight; a rank-{config.r} update cannot exist there. "
                 f"Use r <= {min(in_features, out_features)} (LoRA wants r much smaller)."
             )
-        if config.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not available in this LoRALinear")
+        if config.use_dora and not self.supports_dora:
+            raise NotImplementedError(f"use_dora=True (DoRA) is not available in {type(self).__name__}; "
+                                      "use lora_course.dora.DoRALinear (add_lora(..., use_dora=True) picks it)")
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias)
         self.base_layer = base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
@@ -170,6 +173,9 @@ class LoRALinear(nn.Module):
         if isinstance(layer, LoRALinear):
             raise TypeError("this layer already carries LoRA; merge_lora() it first or train the existing adapter")
         in_features, out_features = linear_features(layer)
+        if cls is LoRALinear and make_config(config, **settings).use_dora:  # DoRA: the subclass in dora.py
+            from .dora import DoRALinear
+            cls = DoRALinear
         return cls(in_features, out_features, config, base_layer=layer, **settings)
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -179,6 +185,9 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """`init_lora_weights=True`: A as PEFT's default (nn.Linear's Kaiming-uniform, a=sqrt(5)), B = 0."""
         init = self.config.init_lora_weights
+        if init == "pissa":  # A, B from W0's top-r singular triplets; the base keeps the residual
+            from .pissa import pissa_init
+            return pissa_init(self)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
@@ -214,6 +223,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor) -> None:
         """W0 += delta (out, in), computed in fp32 and rounded once to the base's dtype."""
+        if getattr(self.base_layer, "is_quantized", False):  # a 4-bit base (quant.Linear4bit): dequantize, add, round
+            self.base_layer.add_to_weight(transpose(delta.float(), self.fan_in_fan_out))
+            return
         W = self.base_layer.weight
         W.copy_((W.float() + transpose(delta.float(), self.fan_in_fan_out)).to(W.dtype))
 
@@ -294,7 +306,8 @@ def inject_adapters(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
-    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                for n, p in m.named_parameters() if not n.startswith("base_layer.")}  # A, B (and DoRA's m)
     for p in model.parameters():  # freeze the base model; adapters added earlier keep their setting
         if id(p) not in adapters:
             p.requires_grad_(False)
@@ -316,7 +329,8 @@ def _targeted_config(config, settings: dict, default_targets=None) -> LoRAConfig
     return config
 
 
-def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, **settings) -> nn.Module:
+def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, *,
+             quantize_base: str | None = None, **settings) -> nn.Module:
     """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
 
     Either `add_lora(model, LoRAConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))` or
@@ -324,9 +338,19 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
     matches as in PEFT: a list of names matching a module's full name or its dotted
     suffix (`"c_attn"` matches `transformer.h.0.attn.c_attn`), or a string taken as a
     regex on the full name. Returns the model.
+
+    `quantize_base="nf4"` is QLoRA: every linear layer of the frozen base (but the output
+    head) is stored in 4-bit NF4 with double quantization (`lora_course.quant`), and the
+    adapters train on top in full precision.
     """
     config = _targeted_config(config, settings)
-    return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
+    if quantize_base is None:
+        return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
+    from .quant import quantize_base_layer, quantize_model
+
+    quantize = quantize_base_layer(quantize_base)  # checks the setting before anything changes
+    inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(quantize(layer), config))
+    return quantize_model(model, quant_type=quantize_base)  # the frozen layers LoRA does not wrap
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -353,6 +377,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for m in model.modules():  # a 4-bit base layer (quant.Linear4bit) keeps its frozen weight as codes, not a parameter
+        if getattr(m, "is_quantized", False):
+            total += m.in_features * m.out_features
     return trainable, total
 
 

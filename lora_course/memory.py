@@ -439,14 +439,20 @@ def measure_training_peak(build: Callable[[], torch.nn.Module], steps: int = 3, 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in `optimizer.state` tensors, measured (AdamW: exp_avg, exp_avg_sq, step).
 
-    Optimizers create their state lazily, so this is 0 before the first `step()`.
+    Optimizers create their state lazily, so this is 0 before the first `step()`. Sharded
+    state (FSDP2's DTensors) counts this process's shard only.
     """
     if not isinstance(getattr(optimizer, "state", None), dict):
         raise TypeError(f"expected a torch.optim.Optimizer (something with a .state dict), "
                         f"got {type(optimizer).__name__}")
     return sum(
-        t.numel() * t.element_size()
+        _local(t).numel() * t.element_size()
         for state in optimizer.state.values()
         for t in state.values()
         if torch.is_tensor(t)
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t

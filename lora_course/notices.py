@@ -29,6 +29,11 @@ NOTICES = (
     Notice("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community", None,
            "bitsandbytes (imported by PEFT when installed) looks for an optional fast CPU kernel in the `kernels` "
            "package and falls back to its own CPU code, which computes the same 4-bit products"),
+    Notice("transformers.modeling_utils",
+           r"We strongly recommend passing in an `attention_mask`[^\n]*\nYou may ignore this warning if your "
+           r"`pad_token_id` \((\d+)\) is identical to the `bos_token_id` \(\1\)", None,
+           "only the variant for a pad token that is also BOS/EOS: generate() is given the mask, drops an all-ones "
+           "one, and at a decode step whose newest token is a finished row's EOS (= pad) advises passing one"),
 )
 
 

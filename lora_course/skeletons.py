@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["GPT2_SIZES", "MODEL_PRESETS", "gpt2_config", "gpt3_175b_config", "llama_7b_config", "llama_13b_config",
-           "meta_model", "meta_gpt2", "meta_llama_7b", "meta_lora_counts", "preset_shape"]
+           "meta_model", "meta_gpt2", "meta_llama_7b", "meta_lora_counts", "preset_shape", "llama_70b_config"]
 
 # name: (n_layer, n_embd, n_head)
 GPT2_SIZES = {
@@ -97,6 +97,14 @@ def llama_13b_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)
+
+
+def llama_70b_config():
+    """A 70B LLaMA shape (Llama 2 70B, Touvron et al., 2023b): 80 layers, d 8192, 64 heads (8 for k, v), MLP 28672."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8)
 
 
 # Models the memory widget offers; each is built on the meta device and counted when first asked.

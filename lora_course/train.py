@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .data import Record, batches, collate
+from .data import Record, batches, collate, shard_batches
 from .memory import optimizer_state_bytes, peak_memory
 from .runtime import get_device, progress_bar, seed_everything
 from .validate import check_int, check_positive
@@ -57,6 +57,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     memory_steps: int = 2  # steps run under the peak-memory tracker (the rest are timed)
     desc: str = "train"
+    shard: tuple[int, int] | None = None  # (rank, world_size): train on this rank's slice of each global batch
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_eval", "memory_steps"):
@@ -165,7 +166,7 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
     for start in range(0, n_blocks, batch_size):
         x = blocks[start : start + batch_size].to(device)
         with autocast_for(device, bf16):
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits  # (B, block, V)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits  # (B, block, V); no padding here
         total += nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
         ).item()
@@ -240,7 +241,12 @@ def train(
     seed_everything(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    data = batches(tokenizer, train_records, config.batch_size, seed=config.seed)
+    if config.shard is None:
+        data = batches(tokenizer, train_records, config.batch_size, seed=config.seed)
+    else:  # every rank draws the same global batch of batch_size x world_size and keeps its own rows
+        rank, world = config.shard
+        data = shard_batches(batches(tokenizer, train_records, config.batch_size * world, seed=config.seed),
+                             rank, world)
     val_records = val_records[: config.n_eval]
 
     def synchronize():

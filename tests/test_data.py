@@ -214,3 +214,16 @@ def test_api_splits_are_seeded_distinct_draws():
         make_splits(task="api", n_train=0)
     with pytest.raises(ValueError, match="unknown task"):
         make_splits(task="e2e")
+
+
+def test_shard_batches_splits_each_batch_into_equal_contiguous_slices():
+    from lora_course.data import shard_batches
+
+    batch = {"input_ids": torch.arange(12).view(6, 2), "labels": torch.arange(12).view(6, 2)}
+    shards = [next(shard_batches(iter([batch]), rank, 3)) for rank in range(3)]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
+    assert all(len(s["labels"]) == 2 for s in shards)
+    with pytest.raises(ValueError, match="equal shards"):
+        next(shard_batches(iter([batch]), 0, 4))
+    with pytest.raises(ValueError, match="rank must be"):
+        next(shard_batches(iter([batch]), 3, 3))

@@ -185,3 +185,14 @@ def test_bitsandbytes_kernel_notice_is_dropped(quieted):
     finally:
         source.removeHandler(handler)
     assert handler.messages == ["another bitsandbytes notice"]
+
+
+def test_pad_equals_eos_attention_mask_advice_is_dropped_and_the_general_one_shows(quieted, transformers_records):
+    source = logging.getLogger("transformers.modeling_utils")
+    advice = ("We strongly recommend passing in an `attention_mask` since your input_ids may be padded. See "
+              "https://huggingface.co/docs/transformers/troubleshooting#incorrect-output-when-padding-tokens-arent-masked.")
+    source.warning(advice + "\nYou may ignore this warning if your `pad_token_id` (0) is identical to the "
+                   "`bos_token_id` (0), `eos_token_id` (0), or the `sep_token_id` (None), and your input is not "
+                   "padded.")
+    source.warning(advice)  # a pad token of its own: padding without a mask is a real mistake, so it shows
+    assert transformers_records == [advice]

@@ -369,8 +369,13 @@ class NotebookPage:
             control.locator("[role=slider]").first.focus()
             keys = ["ArrowRight", "ArrowLeft"]  # the second one if the slider sits at its maximum
         elif kind == "dropdown":
-            control.locator("select").focus()
-            keys = ["ArrowDown", "ArrowUp"]
+            # Choose the next option (the previous one at the end), as a click in the open list
+            # does: headless Chromium does not change a closed <select> on arrow keys.
+            select = control.locator("select")
+            options = select.locator("option").all_inner_texts()
+            at = options.index(before) if before in options else 0
+            select.select_option(index=at + 1 if at + 1 < len(options) else at - 1)
+            keys = []
         elif kind == "checkbox":
             control.locator("input").focus()
             keys = ["Space"]
@@ -381,6 +386,8 @@ class NotebookPage:
             self.page.keyboard.press(key)
             if self._wait(lambda: self.readout(control) != before, 2.0):
                 break
+        if not keys:
+            self._wait(lambda: self.readout(control) != before, 2.0)
         return before, self.readout(control)
 
     def wait_for_redraw(self, control, before: Driven, new_content: bool,

@@ -1,0 +1,186 @@
+"""Notebook 07 (QLoRA): the weights it measures, its pictures, the Play widget and the exercise checkers.
+
+The NF4 format itself is library code (`lora_course.quant`); this module holds what only
+the lesson needs: reconstruction errors over a model's linear layers, the error-vs-memory
+sweep the widget draws, and the checkers for the learner's quantizer and packer.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
+
+from ..layers import is_adaptable, is_conv1d, transpose
+from ..quant import BLOCK_SIZES, bits_per_parameter, levels_for, nearest_level, pack_4bit, quantize_4bit, unpack_4bit
+from .common import call_learner, is_blank, not_filled_in, play, report
+
+__all__ = ["linear_weights", "relative_error", "errors_by_layer", "sweep_block_sizes", "draw_levels",
+           "draw_sweep", "quant_tradeoff_widget", "check_absmax_quantize", "check_pack", "play"]
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The (out, in) weight of every linear layer but the output head, by name (detached)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n: transpose(m.weight.detach(), is_conv1d(m)).contiguous() for n, m in model.named_modules()
+            if n and is_adaptable(m) and m is not head}
+
+
+def relative_error(weights: dict[str, torch.Tensor], fmt: str, block_size: int = 64,
+                   double_quant: bool = False) -> float:
+    """||W_hat - W|| / ||W|| over all `weights` together; `fmt` is "nf4", "int4" or "fp16"."""
+    num = den = 0.0
+    for W in weights.values():
+        if fmt == "fp16":
+            W_hat = W.half().float()
+        else:
+            W_hat = quantize_4bit(W, block_size, fmt, double_quant).dequantize()
+        num += float((W_hat - W).pow(2).sum())
+        den += float(W.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def errors_by_layer(weights: dict[str, torch.Tensor], block_size: int = 64) -> dict[str, dict[str, float]]:
+    """Relative reconstruction error of each layer in NF4, uniform int4 and fp16."""
+    return {name: {fmt: relative_error({name: W}, fmt, block_size) for fmt in ("nf4", "int4", "fp16")}
+            for name, W in weights.items()}
+
+
+def sweep_block_sizes(weights: dict[str, torch.Tensor], block_sizes=BLOCK_SIZES,
+                      double_quant: bool = True) -> dict[str, list[tuple[int, float, float]]]:
+    """For NF4 and int4: (block size, bits per parameter, relative error) at each block size."""
+    return {fmt: [(b, bits_per_parameter(b, double_quant), relative_error(weights, fmt, b, double_quant))
+                  for b in block_sizes] for fmt in ("nf4", "int4")}
+
+
+def draw_levels(ax, weights: dict[str, torch.Tensor], block_size: int = 64) -> None:
+    """Histogram of a model's weights divided by their block's absmax, with the NF4 and int4 levels on it."""
+    scaled = torch.cat([(W.flatten().view(-1, block_size) / W.flatten().view(-1, block_size).abs().amax(1, True))
+                        .flatten() for W in weights.values()])
+    ax.hist(scaled.numpy(), bins=200, density=True, color="0.8", label="weights / block absmax")
+    for i, (fmt, color) in enumerate([("nf4", "C0"), ("int4", "C1")]):
+        levels = levels_for(fmt).numpy()
+        ymax = ax.get_ylim()[1]
+        ax.vlines(levels, 0, ymax * (0.9 - 0.25 * i), color=color, lw=1.2, label=f"{fmt} levels ({len(levels)})")
+    ax.set(xlabel="w / absmax of its block", ylabel="density", xlim=(-1.05, 1.05))
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def draw_sweep(ax, sweep: dict, highlight: tuple[str, int] | None = None, fp16_error: float | None = None) -> None:
+    """Error against bits per parameter, one line per data type, block sizes annotated."""
+    for fmt, style in (("nf4", "o-"), ("int4", "s--")):
+        bits, errs = [b for _, b, _ in sweep[fmt]], [e for _, _, e in sweep[fmt]]
+        ax.plot(bits, errs, style, label=fmt, ms=4)
+        for block, b, e in sweep[fmt]:
+            if fmt == "nf4":
+                ax.annotate(str(block), (b, e), textcoords="offset points", xytext=(2, -10), fontsize=7)
+    if highlight is not None:
+        fmt, block = highlight
+        _, b, e = next(row for row in sweep[fmt] if row[0] == block)
+        ax.plot([b], [e], "*", color="k", ms=14, label=f"{fmt}, block {block}")
+    if fp16_error is not None:
+        ax.axhline(fp16_error, color="gray", ls=":", label="fp16 (16 bits)")
+    ax.set(xlabel="bits per parameter (block size annotated)", ylabel="relative error ||W_hat - W|| / ||W||",
+           yscale="log")
+    ax.legend(fontsize=8)
+
+
+def quant_tradeoff_widget(weights: dict[str, torch.Tensor], block_size: int = 64, quant_type: str = "nf4"):
+    """A block-size slider and a data-type toggle: the readout says error and bits; the plot shows the trade-off."""
+    import ipywidgets as w
+
+    sweep = sweep_block_sizes(weights)
+
+    def show(block_size, quant_type):
+        _, bits, err = next(row for row in sweep[quant_type] if row[0] == block_size)
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        draw_sweep(ax, sweep, highlight=(quant_type, block_size))
+        ax.set_title(f"{quant_type}, block {block_size}: {bits:.3f} bits per parameter, relative error {err:.4f}",
+                     fontsize=9)
+        plt.tight_layout()
+        plt.show()
+
+    return w.interactive(
+        show,
+        block_size=w.SelectionSlider(options=list(BLOCK_SIZES), value=block_size, description="block size"),
+        quant_type=w.ToggleButtons(options=["nf4", "int4"], value=quant_type, description="levels"),
+    )
+
+
+# ----------------------------------------------------------------------------- exercise checkers
+
+def _cases():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4 * 64, generator=g)
+    x[70] = 0.0
+    y = torch.randn(2 * 32, generator=g) * 0.02
+    y[:32] = 0.0  # an all-zero block
+    return [(x, "nf4", 64), (x, "int4", 64), (y, "nf4", 32), (torch.randn(128, generator=g) * 3, "nf4", 128)]
+
+
+def check_absmax_quantize(fn) -> bool:
+    """Exercise 1: `fn(x, levels, block_size)` -> (codes (n,), absmax (n / block_size,)) for a flat x."""
+    if is_blank(fn) or not callable(fn):
+        return not_filled_in("your absmax_quantize function")
+    for x, fmt, block in _cases():
+        levels = levels_for(fmt)
+        out, problem = call_learner(fn, x.clone(), levels, block)
+        if problem:
+            return report(False, problem)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            return report(False, "return a pair: (codes, absmax)")
+        codes, absmax = (torch.as_tensor(t) for t in out)
+        want = quantize_4bit(x, block, fmt)
+        blocks = x.view(-1, block).abs().amax(1)
+        if absmax.shape != blocks.shape:
+            return report(False, f"absmax has shape {tuple(absmax.shape)}; there is one per block of {block}: "
+                                 f"{tuple(blocks.shape)} (hint: x.view(-1, block_size))")
+        if not torch.allclose(absmax.float(), blocks):
+            return report(False, "absmax should be the largest |x| in each block")
+        if codes.numel() != x.numel():
+            return report(False, f"return one code per number ({x.numel()}), got {codes.numel()}")
+        codes = codes.flatten().long()
+        if codes.min() < 0 or codes.max() >= len(levels):
+            return report(False, f"codes index the levels: 0..{len(levels) - 1}")
+        if not torch.equal(codes, want.codes()):
+            scaled = (x.view(-1, block) / blocks.clamp(min=1e-38)[:, None]).flatten()
+            if torch.equal(codes, nearest_level(scaled.clamp(-1, 1), levels)):
+                pass  # a division instead of a multiplication by 1/absmax can flip an exact tie: accept
+            elif torch.equal(codes, torch.round((scaled + 1) / 2 * (len(levels) - 1)).long()):
+                return report(False, "these are codes of evenly spaced levels; pick the index of the *nearest* "
+                                     "entry of `levels` (hint: compare with the midpoints between levels)")
+            else:
+                wrong = int((codes != want.codes()).sum())
+                return report(False, f"{wrong} of {x.numel()} codes differ; divide each block by its absmax, then "
+                                     f"take the nearest level ({fmt}, block {block})")
+    return report(True, "blockwise absmax quantization: one absmax per block, each number to its nearest level.")
+
+
+def check_pack(pack, unpack) -> bool:
+    """Exercise 2: `pack(codes)` -> uint8 (n/2,), first code in the high nibble; `unpack` inverts it."""
+    if is_blank(pack) or is_blank(unpack) or not (callable(pack) and callable(unpack)):
+        return not_filled_in("your pack and unpack functions")
+    codes = torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(3))
+    packed, problem = call_learner(pack, codes.clone())
+    if problem:
+        return report(False, problem)
+    packed = torch.as_tensor(packed).flatten()
+    if packed.numel() != 32:
+        return report(False, f"64 codes should fill 32 bytes, got {packed.numel()} values")
+    if packed.dtype != torch.uint8:
+        return report(False, f"store bytes: the packed tensor should be uint8, got {packed.dtype}")
+    want = pack_4bit(codes)
+    if not torch.equal(packed, want):
+        swapped = (codes[1::2].to(torch.uint8) << 4) | codes[0::2].to(torch.uint8)
+        if torch.equal(packed, swapped):
+            return report(False, "the nibbles are swapped: bitsandbytes puts the first code of each pair in the "
+                                 "high nibble (codes[0::2] << 4)")
+        return report(False, "each byte should be (first code << 4) | second code")
+    back, problem = call_learner(unpack, want.clone())
+    if problem:
+        return report(False, problem)
+    back = torch.as_tensor(back).flatten()
+    if not torch.equal(back.long(), unpack_4bit(want)):
+        return report(False, "unpack(pack(codes)) should give the codes back, in order: high nibble first "
+                             "(byte >> 4), then the low one (byte & 15)")
+    return report(True, "two codes per byte, first in the high nibble, as bitsandbytes stores NF4.")

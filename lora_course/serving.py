@@ -1,0 +1,365 @@
+"""Many LoRA adapters on one base model: load by name, switch, mix in one batch, delete.
+
+One frozen base model stays in memory; each adapter adds only its A and B (and DoRA's
+magnitude) to the layers it targets. Three ways to serve:
+
+    set_adapter("sql")                   every row uses one adapter, unmerged: base + s B A x
+    merge_adapter()                      the active adapter folded into W: plain-model speed,
+                                         until unmerge_adapter() takes it out again
+    model(x, adapter_names=[...])        a mixed batch: row i uses adapter_names[i], or none
+                                         ("__base__" or None, as in PEFT)
+
+In a mixed batch each layer computes the base output for the whole batch once, then adds
+each adapter's update to its own rows, so row i equals what a batch of that row alone,
+with that adapter active, would give. Adapters are read in PEFT's format (`save_adapter`,
+PEFT's `save_pretrained`); everything is checked before the model changes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .adapters import AdapterError, _pattern_value, _read_config, _read_weights
+from .dora import dora_delta, dora_merge, dora_unmerge
+from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
+from .lora import lora_layers, lora_scaling, matches_target
+
+__all__ = ["BASE", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen `nn.Linear`/`Conv1D` holding any number of named LoRA (or DoRA) adapters."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA adapters only
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self.row_adapters: list | None = None  # per-row names while a mixed batch runs
+        self._merged_norm: torch.Tensor | None = None
+
+    @property
+    def W0(self) -> torch.Tensor:
+        return transpose(self.base_layer.weight, self.fan_in_fan_out)  # (out, in)
+
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude=None) -> None:
+        dev = self.base_layer.weight.device
+        self.lora_A[name] = nn.Parameter(A.to(dev).clone(), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(B.to(dev).clone(), requires_grad=False)
+        if magnitude is not None:
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude.to(dev).clone(), requires_grad=False)
+        self.scaling[name] = scaling
+
+    def remove(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        self.scaling.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]  # (out, in)
+
+    def update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output `result` (..., out) for input x (..., in)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            return dora_delta(x, result, W0=self.W0, bias=self.base_layer.bias, lora_A=A, lora_B=B,
+                              magnitude=self.lora_magnitude_vector[name], scaling=s)
+        return (nn.functional.linear(nn.functional.linear(x.to(A.dtype), A), B) * s).to(result.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in)
+        result = self.base_layer(x)  # (batch, ..., out): once for the whole batch
+        rows = self.row_adapters
+        if rows is not None:
+            if len(rows) != x.shape[0]:
+                raise ValueError(f"the mixed batch names {len(rows)} rows' adapters but the input has {x.shape[0]} "
+                                 "rows; give one name (or None) per row")
+            out = result.clone()
+            for name in dict.fromkeys(rows):  # each adapter once, in order of first use
+                if name not in self.scaling:  # None / "__base__", or an adapter that skips this layer
+                    continue
+                idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+                out[idx] = result[idx] + self.update(name, x[idx], result[idx])
+            return out
+        name = self.active_adapter
+        if name is None or name == self.merged_adapter or name not in self.scaling:
+            return result
+        return result + self.update(name, x, result)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name not in self.scaling:
+            return
+        W0, delta = self.W0, self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            merged, self._merged_norm = dora_merge(W0, delta, self.lora_magnitude_vector[name])
+        else:
+            merged = W0.float() + delta
+        self._write(merged)
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        name = self.merged_adapter
+        if name is None:
+            return
+        delta = self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            W0 = dora_unmerge(self.W0, delta, self.lora_magnitude_vector[name], self._merged_norm)
+        else:
+            W0 = self.W0.float() - delta
+        self._write(W0)
+        self.merged_adapter, self._merged_norm = None, None
+
+    def _write(self, W: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.copy_(transpose(W, self.fan_in_fan_out).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.scaling)}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+
+
+class MultiAdapterModel(nn.Module):
+    """One frozen base model serving many named PEFT-format adapters.
+
+    `server = MultiAdapterModel(model)`; `server.load_adapter(folder, "sql")`;
+    `server.set_adapter("sql")` or `server(input_ids, adapter_names=["sql", None, "chat"])`;
+    `server.delete_adapter("sql")`. `model` must not carry LoRA layers of its own.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if lora_layers(model):
+            raise ValueError("this model already carries LoRA layers; serve a plain base model "
+                             "(save the adapter with save_adapter, then load it here by name)")
+        self.model = model.requires_grad_(False)
+        self.adapter_configs: dict[str, dict] = {}
+        self._active: str | None = None
+
+    # ------------------------------------------------------------------ what is loaded
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    @property
+    def merged_adapter(self) -> str | None:
+        merged = {m.merged_adapter for m in self.layers().values()} - {None}
+        return merged.pop() if merged else None
+
+    def layers(self) -> dict[str, MultiAdapterLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, MultiAdapterLinear)}
+
+    def _check_name(self, name, allow_base: bool = False) -> str | None:
+        if allow_base and name in (None, BASE):
+            return None
+        if name not in self.adapter_configs:
+            extra = " (or None / '__base__' for the base model)" if allow_base else ""
+            raise KeyError(f"no adapter named {name!r}; loaded adapters: {self.adapters}{extra}")
+        return name
+
+    # ------------------------------------------------------------------ loading and deleting
+    def load_adapter(self, path, adapter_name: str) -> str:
+        """Read a PEFT-format adapter folder and add it under `adapter_name`; the active adapter is not changed.
+
+        Every check (config, keys, shapes, values) runs before the model changes.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; "
+                             f"got {adapter_name!r}")
+        if adapter_name in self.adapter_configs:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; delete_adapter() it first "
+                             "or choose another name")
+        path = Path(path)
+        config = _read_config(path)
+        if config.get("init_lora_weights") == "pissa":
+            raise AdapterError("this is a PiSSA adapter: it only works on its own residual base, not on a base "
+                               "shared with other adapters. Convert it first with pissa.save_pissa_as_lora "
+                               "(a rank-2r LoRA on the original weights)")
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge_adapter() before loading another")
+        weights = _read_weights(path)
+        plan = self._plan(config, weights)
+        for name, module, A, B, scaling, M in plan:  # every check passed: now change the model
+            if not isinstance(module, MultiAdapterLinear):
+                module = MultiAdapterLinear(module)
+                replace_module(self.model, name, module)
+            module.add(adapter_name, A, B, scaling, M)
+        self.adapter_configs[adapter_name] = config
+        return adapter_name
+
+    def _plan(self, config: dict, weights: dict):
+        targets = config["target_modules"]
+        targets = targets if isinstance(targets, str) else list(targets)
+        wrapped = self.layers()
+        inside = tuple(f"{n}." for n in wrapped)
+        candidates = {n: m for n, m in self.model.named_modules()
+                      if n and not n.startswith(inside) and (isinstance(m, MultiAdapterLinear) or is_adaptable(m))}
+        chosen = {n: m for n, m in candidates.items() if matches_target(n, targets)}
+        if not chosen:
+            raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
+                               f"{type(self.model).__name__}; this adapter was made for another architecture")
+        use_dora, rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
+        plan, expected = [], set()
+        for name, module in chosen.items():
+            r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+            prefix = f"base_model.model.{name}"
+            keys = [f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"] + \
+                ([f"{prefix}.lora_magnitude_vector"] if use_dora else [])
+            missing = [k for k in keys if k not in weights]
+            if missing:
+                raise AdapterError(f"the adapter has no {missing[0]!r}: it was saved for a different model or "
+                                   f"target_modules ({len(weights)} tensors in the file)")
+            expected |= set(keys)
+            A, B = weights[keys[0]], weights[keys[1]]
+            M = weights[keys[2]] if use_dora else None
+            in_f, out_f = linear_features(module.base_layer if isinstance(module, MultiAdapterLinear) else module)
+            if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r) or (M is not None and M.shape != (out_f,)):
+                raise AdapterError(f"{name}: the adapter holds lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} but "
+                                   f"this model's layer needs ({r}, {in_f}) and ({out_f}, {r}): the adapter belongs "
+                                   "to a model of another shape")
+            if not all(torch.isfinite(t).all() for t in (A, B) + ((M,) if M is not None else ())):
+                raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
+            plan.append((name, module, A, B, lora_scaling(alpha, r, rslora), M))
+        unexpected = sorted(set(weights) - expected)
+        if unexpected:
+            raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
+                               f"e.g. {unexpected[0]!r}; it was saved for a different model or target_modules")
+        return plan
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop an adapter's tensors; layers left with no adapter get their plain base layer back."""
+        self._check_name(adapter_name)
+        if self.merged_adapter == adapter_name:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        for name, layer in self.layers().items():
+            layer.remove(adapter_name)
+            if not layer.scaling:
+                replace_module(self.model, name, layer.base_layer)
+        del self.adapter_configs[adapter_name]
+        if self._active == adapter_name:
+            self._active = None
+
+    # ------------------------------------------------------------------ choosing what runs
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Make `adapter_name` (None or "__base__": the plain base) the adapter every row uses."""
+        name = self._check_name(adapter_name, allow_base=True)
+        if self.merged_adapter is not None and self.merged_adapter != name:
+            self.unmerge_adapter()
+        for layer in self.layers().values():
+            layer.active_adapter = name
+        self._active = name
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (plain-model speed); unmerge_adapter() undoes it."""
+        if self._active is None:
+            raise RuntimeError("no active adapter to merge; set_adapter(name) first")
+        if self.merged_adapter is None:
+            for layer in self.layers().values():
+                layer.merge(self._active)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.layers().values():
+            layer.unmerge()
+
+    def mixed_batch(self, adapter_names: Sequence):
+        """A context in which every forward runs row i with `adapter_names[i]` (None or "__base__": no adapter).
+
+        `with server.mixed_batch(["sql", None]): data.generate(server, tokenizer, records)` serves
+        any code that calls the model; `server(x, adapter_names=...)` is the one-call form.
+        """
+        return self._rows(adapter_names, None)
+
+    @contextmanager
+    def _rows(self, adapter_names: Sequence | None, batch_size: int | None):
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        if batch_size is not None and len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; "
+                             "give one name (or None) per row")
+        for n in names:
+            self._check_name(n, allow_base=True)
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the base weights; "
+                               "unmerge_adapter() before running a mixed batch")
+        rows = [None if n == BASE else n for n in names]
+        layers = list(self.layers().values())
+        for layer in layers:
+            layer.row_adapters = rows
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
+
+    @staticmethod
+    def _batch_size(args, kwargs) -> int | None:
+        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        return len(first) if first is not None else None
+
+    def forward(self, *args, adapter_names: Sequence | None = None, **kwargs):
+        with self._rows(adapter_names, self._batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, adapter_names: Sequence | None = None, **kwargs):
+        """`model.generate`, with one adapter name per row if `adapter_names` is given (greedy or sampling)."""
+        with self._rows(adapter_names, self._batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+
+def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: str, mixed_names: Sequence,
+                    max_new_tokens: int = 16, rounds: int = 3, min_run_time: float = 0.1) -> dict[str, float]:
+    """Milliseconds per generated token (one decoding step of the whole batch), greedy, for:
+
+    "base" (no adapter), "merged" (`adapter` folded into W), "unmerged" (`adapter` beside W),
+    "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and the median
+    kept, so a busy machine slows them alike. The server's active adapter is restored.
+    """
+    from .timing import median_ms
+
+    server._check_name(adapter)
+    before = server.active_adapter
+    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(prompt))
+
+    def timed(names=None) -> float:
+        return median_ms(lambda: server.generate(prompt, adapter_names=names, **kw), min_run_time) / max_new_tokens
+
+    server.eval()
+    times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": [], "mixed": []}
+    try:
+        for _ in range(rounds):
+            server.set_adapter(None)
+            times["base"].append(timed())
+            server.set_adapter(adapter)
+            times["unmerged"].append(timed())
+            server.merge_adapter()
+            times["merged"].append(timed())
+            server.unmerge_adapter()
+            times["mixed"].append(timed(list(mixed_names)))
+    finally:
+        server.unmerge_adapter()
+        server.set_adapter(before)
+    return {mode: sorted(ts)[len(ts) // 2] for mode, ts in times.items()}
