@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     device = get_device(args.device)
     seed_everything(0)
     base, tokenizer, info = load_model(args.model, device=device, fast=False, verbose=False)
-    splits = make_splits()
+    splits = make_splits(task="api", n_train=4096)  # notebook 06's six-field task
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"{info.summary()}\ndevice: {where}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"LoRA r={args.r}, alpha={args.alpha:g} on c_attn; batch {args.batch_size}; "

@@ -51,6 +51,10 @@ __all__ = [
     "shard_batches",
     "generate",
     "evaluate_task",
+    "ApiRecord",
+    "API_FIELD_VALUES",
+    "API_FIELD_NAMES",
+    "TASKS",
 ]
 
 # Every field's possible values (a closed set each, as in E2E). Each value is one common
@@ -90,18 +94,122 @@ class Record:
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Record))
 
 
+# ----------------------------------------------------------------------------- the six-field task
+# A richer record with room between methods: about 260 names and 72 modules to copy (most
+# names are several tokens), an argument count and a return type to put into words, and an
+# exception to copy. About 54 million records exist, so splits are drawn, not enumerated.
+API_FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "name": (
+        "sorted", "open", "print", "zip", "map", "filter", "range", "round", "format", "split", "join",
+        "append", "update", "insert", "remove", "read", "write", "close", "encode", "decode", "copy", "pop",
+        "clear", "index", "count", "keys", "items", "values", "get", "reverse", "sort", "replace", "find",
+        "lower", "upper", "send", "abs", "all", "any", "ascii", "bin", "bool", "bytearray", "bytes", "callable",
+        "chr", "classmethod", "compile", "complex", "delattr", "dict", "dir", "divmod", "enumerate", "eval",
+        "exec", "float", "frozenset", "getattr", "globals", "hasattr", "hash", "hex", "id", "input", "int",
+        "isinstance", "issubclass", "iter", "len", "list", "locals", "max", "memoryview", "min", "next",
+        "object", "oct", "ord", "pow", "property", "repr", "reversed", "set", "setattr", "slice", "str", "sum",
+        "super", "tuple", "type", "vars", "capitalize", "casefold", "center", "endswith", "expandtabs",
+        "isalnum", "isalpha", "isascii", "isdecimal", "isdigit", "islower", "isnumeric", "isprintable",
+        "isspace", "istitle", "isupper", "ljust", "lstrip", "maketrans", "partition", "rfind", "rindex",
+        "rjust", "rpartition", "rsplit", "rstrip", "splitlines", "startswith", "strip", "swapcase", "title",
+        "translate", "zfill", "extend", "fromkeys", "popitem", "setdefault", "add", "difference", "discard",
+        "isdisjoint", "issubset", "issuperset", "union", "acos", "acosh", "asin", "asinh", "atan", "atanh",
+        "cbrt", "ceil", "comb", "copysign", "cos", "cosh", "degrees", "dist", "erf", "erfc", "exp", "fabs",
+        "factorial", "floor", "fmod", "frexp", "fsum", "gamma", "gcd", "hypot", "isclose", "isfinite", "isinf",
+        "isnan", "isqrt", "lcm", "ldexp", "lgamma", "log", "modf", "nextafter", "perm", "prod", "radians",
+        "remainder", "sin", "sinh", "sqrt", "tan", "tanh", "trunc", "ulp", "abspath", "basename", "commonpath",
+        "dirname", "exists", "expanduser", "expandvars", "getatime", "getctime", "getmtime", "getsize", "isabs",
+        "isdir", "isfile", "islink", "ismount", "lexists", "normcase", "normpath", "realpath", "relpath",
+        "samefile", "samestat", "splitdrive", "splitext", "stat", "chown", "copyfile", "copyfileobj",
+        "copymode", "copystat", "copytree", "move", "rmtree", "which", "accumulate", "chain", "compress",
+        "cycle", "dropwhile", "filterfalse", "groupby", "islice", "pairwise", "product", "repeat", "starmap",
+        "takewhile", "tee", "cache", "namedtuple", "partial", "reduce", "wraps", "escape", "findall",
+        "finditer", "fullmatch", "match", "purge", "search", "sub", "subn", "template", "dump", "dumps", "load",
+        "loads", "dedent", "fill", "indent", "re", "shorten", "wrap", "betavariate", "choice"
+    ),
+    "module": (
+        "builtins", "os", "json", "re", "math", "sys", "time", "random", "string", "shutil", "pathlib",
+        "itertools", "functools", "collections", "typing", "io", "csv", "copy", "heapq", "bisect", "struct",
+        "hashlib", "base64", "zlib", "gzip", "pickle", "socket", "subprocess", "threading", "asyncio", "logging",
+        "argparse", "datetime", "calendar", "decimal", "fractions", "statistics", "textwrap", "unicodedata",
+        "difflib", "glob", "fnmatch", "tempfile", "sqlite3", "urllib", "http", "email", "html", "xml", "zipfile",
+        "tarfile", "shlex", "signal", "select", "queue", "weakref", "inspect", "dis", "ast", "tokenize",
+        "traceback", "warnings", "contextlib", "abc", "enum", "dataclasses", "operator", "array", "codecs",
+        "locale", "platform", "uuid",
+    ),
+    "kind": FIELD_VALUES["kind"],
+    "args": ("0", "1", "2", "3", "4", "5"),
+    "returns": ("str", "int", "bool", "None", "list", "dict", "bytes", "float", "tuple", "iterator"),
+    "raises": ("ValueError", "TypeError", "KeyError", "IndexError", "OSError", "RuntimeError", "AttributeError",
+               "StopIteration"),
+}
+
+API_ARGS_IN_WORDS = {**ARGS_IN_WORDS, "4": "four arguments", "5": "five arguments"}
+RETURNS_IN_WORDS = {
+    "str": "a string", "int": "an integer", "bool": "a boolean", "None": "nothing", "list": "a list",
+    "dict": "a dictionary", "bytes": "bytes", "float": "a float", "tuple": "a tuple", "iterator": "an iterator",
+}
+
+
+@dataclass(frozen=True)
+class ApiRecord:
+    """One record of the six-field task: a (made-up) API's name, module, kind, arity, return type, exception."""
+
+    name: str
+    module: str
+    kind: str
+    args: str
+    returns: str
+    raises: str
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value not in API_FIELD_VALUES[f.name]:
+                shown = API_FIELD_VALUES[f.name][:8]
+                raise ValueError(f"{f.name}={value!r} is not a value of this task; choose one of {shown} ...")
+
+
+API_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ApiRecord))
+
+# task name -> (record class, its fields' values); "basic" is the three-field task above.
+TASKS = {"basic": (Record, FIELD_VALUES), "api": (ApiRecord, API_FIELD_VALUES)}
+
+
+def _task(task: str):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def _values_of(record) -> dict[str, tuple[str, ...]]:
+    return API_FIELD_VALUES if isinstance(record, ApiRecord) else FIELD_VALUES
+
+
 def format_prompt(record: Record) -> str:
     """The model's input: the record as `field: value` pairs, then a newline."""
-    return " | ".join(f"{k}: {getattr(record, k)}" for k in FIELD_NAMES) + "\n"
+    return " | ".join(f"{k}: {getattr(record, k)}" for k in _values_of(record)) + "\n"
 
 
 def format_target(record: Record) -> str:
     """The reference sentence (what the loss is computed on), with a leading space."""
+    if isinstance(record, ApiRecord):
+        return (f" {record.name} from {record.module} is a {record.kind} that takes {API_ARGS_IN_WORDS[record.args]}"
+                f" and returns {RETURNS_IN_WORDS[record.returns]}; it can raise {record.raises}.")
     return f" {record.name} is a {record.kind} that takes {ARGS_IN_WORDS[record.args]}."
 
 
 def slot_phrases(record: Record) -> dict[str, str]:
     """The exact phrase that shows each field was rendered, by field."""
+    if isinstance(record, ApiRecord):  # the leading spaces anchor each name (" strip from" is not in " rstrip from")
+        return {
+            "name": f" {record.name} from",
+            "module": f" from {record.module} is",
+            "kind": f" is a {record.kind} that",
+            "args": f" takes {API_ARGS_IN_WORDS[record.args]} and",
+            "returns": f" returns {RETURNS_IN_WORDS[record.returns]};",
+            "raises": f" raise {record.raises}.",
+        }
     return {
         "name": f"{record.name} is a",
         "kind": f"a {record.kind} that",
@@ -111,6 +219,7 @@ def slot_phrases(record: Record) -> dict[str, str]:
 
 def slots_realized(text: str, record: Record) -> dict[str, bool]:
     """For each field: does its exact phrase appear in `text`?"""
+    text = " " + text if isinstance(record, ApiRecord) else text  # a sentence may start without its space
     return {k: phrase in text for k, phrase in slot_phrases(record).items()}
 
 
@@ -143,38 +252,41 @@ def exact_match(texts: Sequence[str], records: Sequence[Record]) -> float:
     return sum(t.strip() == format_target(r).strip() for t, r in zip(texts, records)) / len(records)
 
 
-def n_records() -> int:
-    """How many different records exist (36*6*4 = 864)."""
+def n_records(task: str = "basic") -> int:
+    """How many different records exist (basic: 36*6*4 = 864; api: about 54 million)."""
     n = 1
-    for k in FIELD_NAMES:
-        n *= len(FIELD_VALUES[k])
+    for values in _task(task)[1].values():
+        n *= len(values)
     return n
 
 
-def record_at(index: int) -> Record:
-    """The record with this index (0 <= index < n_records()), read as mixed-radix digits."""
-    if not 0 <= index < n_records():
-        raise IndexError(f"record index {index} out of range [0, {n_records()})")
+def record_at(index: int, task: str = "basic"):
+    """The record with this index (0 <= index < n_records(task)), read as mixed-radix digits."""
+    cls, field_values = _task(task)
+    if not 0 <= index < n_records(task):
+        raise IndexError(f"record index {index} out of range [0, {n_records(task)})")
     values = []
-    for k in reversed(FIELD_NAMES):
-        index, digit = divmod(index, len(FIELD_VALUES[k]))
-        values.append(FIELD_VALUES[k][digit])
-    return Record(*reversed(values))
+    for k in reversed(tuple(field_values)):
+        index, digit = divmod(index, len(field_values[k]))
+        values.append(field_values[k][digit])
+    return cls(*reversed(values))
 
 
 class RecordSet(Sequence):
     """A split: a sequence of records stored as indices, decoded on access."""
 
-    def __init__(self, indices: Sequence[int]):
+    def __init__(self, indices: Sequence[int], task: str = "basic"):
+        _task(task)
         self.indices = tuple(int(i) for i in indices)
+        self.task = task
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return RecordSet(self.indices[item])
-        return record_at(self.indices[item])
+            return RecordSet(self.indices[item], self.task)
+        return record_at(self.indices[item], self.task)
 
     def __repr__(self) -> str:
         return f"RecordSet({len(self)} records)"
@@ -189,21 +301,35 @@ class TaskSplits:
     test: RecordSet
 
 
-def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0) -> TaskSplits:
-    """Shuffle all records with `seed`, cut off test, then validation; the rest trains."""
-    n = n_records()
+def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0, *, task: str = "basic",
+                n_train: int | None = None) -> TaskSplits:
+    """Disjoint test, validation and training records, drawn with `seed`.
+
+    basic: every record is shuffled once, test and validation are cut off, the rest (or
+    its first `n_train`) trains. api: `n_test + n_validation + n_train` distinct records
+    (n_train default 4096) are drawn from the 54 million without replacement.
+    """
+    n = n_records(task)
     if n_validation < 1 or n_test < 1:
         raise ValueError(f"n_validation and n_test must be at least 1, got {n_validation} and {n_test}")
-    if n_validation + n_test >= n:
+    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+        raise ValueError(f"n_train must be a whole number of at least 1, got {n_train!r}")
+    if n_validation + n_test + (n_train or 1) > n:
         raise ValueError(
             f"n_validation + n_test = {n_validation + n_test} leaves no training records "
             f"(there are {n}); ask for fewer"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = n_test + n_validation
+    if task == "basic":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        train_ids = order[held:] if n_train is None else order[held : held + n_train]
+    else:
+        order = random.Random(seed).sample(range(n), held + (4096 if n_train is None else n_train))
+        train_ids = order[held:]
     return TaskSplits(
-        train=RecordSet(order[n_test + n_validation :]),
-        validation=RecordSet(order[n_test : n_test + n_validation]),
-        test=RecordSet(order[:n_test]),
+        train=RecordSet(train_ids, task),
+        validation=RecordSet(order[n_test:held], task),
+        test=RecordSet(order[:n_test], task),
     )
 
 

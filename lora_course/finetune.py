@@ -146,7 +146,7 @@ def run(args) -> dict:
     print(loaded)
     model = _adapt(base, args)
     lr = args.lr if args.lr is not None else DEFAULT_LR[(args.method, shipped)]
-    splits = make_splits()
+    splits = make_splits(n_validation=64, n_test=128, task="api", n_train=4096)  # notebook 06's six-field task
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=str(device),
                          bf16=bf16, progress=not args.no_progress, desc=f"{args.method} {Path(args.model).name}")
     t0 = time.perf_counter()
@@ -155,7 +155,8 @@ def run(args) -> dict:
     scores = {}
     if args.eval_records:
         test = list(splits.test[: args.eval_records])
-        scores = {k: v for k, v in evaluate_task(model, tokenizer, test).items() if isinstance(v, float)}
+        scores = {k: v for k, v in evaluate_task(model, tokenizer, test, max_new_tokens=48).items()
+                  if isinstance(v, float)}
 
     trainable, total = count_parameters(model)
     summary = {

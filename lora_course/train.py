@@ -17,7 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ __all__ = [
     "text_loss",
     "trainable_parameters",
     "autocast_for",
+    "target_loss",
 ]
 
 
@@ -173,6 +174,24 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
     return total / (n_blocks * (block_size - 1))
 
 
+def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens, computing logits only where targets are.
+
+    Equal to `model(**batch).loss`, but the LM head (d x vocab, the largest matmul of a
+    small model) runs only from the first target position on (`logits_to_keep`), not over
+    the prompt, whose labels are all -100.
+    """
+    labels = batch["labels"]  # (B, T), -100 on prompt and padding
+    T = labels.size(1)
+    scored = (labels != -100).any(0)
+    first = int(scored.float().argmax()) if bool(scored.any()) else T - 1  # first position with a target
+    keep = T - max(first, 1) + 1  # logits at positions first-1 .. T-1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, T - keep + 1 :]  # (B, keep-1): position t predicts token t+1
+    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100)
+
+
 def _lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -190,12 +209,17 @@ def train(
     val_records: Sequence[Record],
     config: TrainConfig | None = None,
     method: str | None = None,
+    checkpoint: Callable[[int, nn.Module], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainRecord:
     """Train `model` in place on the task; return what was measured.
 
     LoRA or full fine-tuning is decided by which parameters require grad. `method`
     names the run in tables (default: "LoRA" if only some parameters train, else "full").
+    `checkpoint(step, model)` is called every `checkpoint_every` steps and after the last
+    one (outside the timing), e.g. to score the model along the way.
     """
+    check_int("checkpoint_every", checkpoint_every, minimum=0)
     config = config or TrainConfig()
     params = trainable_parameters(model)
     if not params:
@@ -233,7 +257,7 @@ def train(
         t0 = time.perf_counter()
         batch = {k: v.to(device) for k, v in next(data).items()}
         with autocast_for(device, use_bf16):
-            loss = model(**batch).loss  # mean cross-entropy over the target tokens
+            loss = target_loss(model, batch)  # mean cross-entropy over the target tokens
         loss.backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -248,6 +272,10 @@ def train(
             record.timed_steps += 1
         bar.update()
         bar.set_postfix(loss=f"{record.losses[-1]:.3f}", refresh=False)  # redrawn at mininterval
+        if checkpoint is not None and (index + 1 == config.steps or (
+                checkpoint_every and (index + 1) % checkpoint_every == 0)):
+            checkpoint(index + 1, model)
+            model.train()
         if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
             record.val_steps.append(index + 1)
             record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))

@@ -181,6 +181,41 @@ def test_greedy_generation_batched_equals_one_by_one(tokenizer):
     assert len(batched) == 4 and all(isinstance(t, str) for t in batched)
 
 
+def test_api_task_has_six_fields_and_a_sentence_that_realizes_each():
+    from lora_course.data import API_FIELD_NAMES, API_FIELD_VALUES, ApiRecord
+
+    rec = ApiRecord(name="rstrip", module="json", kind="method", args="4", returns="None", raises="KeyError")
+    assert API_FIELD_NAMES == ("name", "module", "kind", "args", "returns", "raises")
+    assert format_target(rec) == (" rstrip from json is a method that takes four arguments and returns nothing;"
+                                  " it can raise KeyError.")
+    assert format_prompt(rec).startswith("name: rstrip | module: json |")
+    assert all(slots_realized(format_target(rec).strip(), rec).values())  # leading space optional
+    assert not slots_realized(format_target(rec).replace("rstrip", "strip"), rec)["name"]
+    assert not slots_realized(format_target(rec), ApiRecord(**{**rec.__dict__, "name": "strip"}))["name"]
+    assert len(API_FIELD_VALUES["name"]) == 260 and len(API_FIELD_VALUES["module"]) == 72
+    assert n_records("api") == 260 * 72 * 6 * 6 * 10 * 8
+    with pytest.raises(ValueError, match="module='numpy'"):
+        ApiRecord(**{**rec.__dict__, "module": "numpy"})
+    for field in API_FIELD_NAMES:  # every value gets its own phrase
+        phrases = {slot_phrases(ApiRecord(**{**rec.__dict__, field: v}))[field] for v in API_FIELD_VALUES[field]}
+        assert len(phrases) == len(API_FIELD_VALUES[field])
+
+
+def test_api_splits_are_seeded_distinct_draws():
+    a = make_splits(16, 32, seed=0, task="api", n_train=500)
+    assert (len(a.train), len(a.validation), len(a.test)) == (500, 16, 32)
+    ids = a.train.indices + a.validation.indices + a.test.indices
+    assert len(set(ids)) == len(ids)
+    assert a.test.indices == make_splits(16, 32, seed=0, task="api", n_train=10).test.indices
+    assert a.test.indices != make_splits(16, 32, seed=1, task="api").test.indices
+    assert record_at(a.test.indices[0], task="api") == a.test[0] and a.test[:2].task == "api"
+    assert len(make_splits(8, 8, n_train=20).train) == 20  # the basic task takes n_train too
+    with pytest.raises(ValueError, match="n_train"):
+        make_splits(task="api", n_train=0)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_splits(task="e2e")
+
+
 def test_shard_batches_splits_each_batch_into_equal_contiguous_slices():
     from lora_course.data import shard_batches
 

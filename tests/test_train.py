@@ -127,3 +127,24 @@ def test_autocast_only_on_cuda_by_default():
         assert (x @ x).dtype == torch.float32
     with autocast_for(torch.device("cpu"), bf16=True):
         assert (x @ x).dtype == torch.bfloat16
+
+
+def test_target_loss_equals_transformers_loss(base_model, tokenizer):
+    from lora_course.train import target_loss
+
+    for records in (list(SPLITS.validation[:4]), list(SPLITS.train[:6])):
+        batch = collate(tokenizer, records)
+        with torch.no_grad():
+            ours = target_loss(base_model, batch)
+            theirs = base_model(**batch).loss
+        assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+def test_checkpoint_is_called_every_n_steps_and_at_the_end(base_model, tokenizer):
+    model = add_lora(copy.deepcopy(base_model), ["c_attn"], r=2)
+    seen = []
+    train(model, tokenizer, SPLITS.train, SPLITS.validation, quick(steps=7),
+          checkpoint=lambda step, m: seen.append((step, m.training)), checkpoint_every=3)
+    assert seen == [(3, True), (6, True), (7, True)]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train(model, tokenizer, SPLITS.train, SPLITS.validation, quick(), checkpoint_every=-1)

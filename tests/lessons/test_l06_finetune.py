@@ -1,44 +1,172 @@
-"""Notebook 06's lesson module: the comparison widget's view and the exercise checkers."""
+"""Notebook 06's lesson module: targeted adapters, the learn-forget bookkeeping, the widget's view, the checkers."""
+
+import copy
 
 import pytest
+import torch
 
-from lora_course.data import Record, format_target, make_splits
+from lora_course.data import format_target, make_splits
+from lora_course.fused import FusedLoRALinear
 from lora_course.lessons.l06_finetune import (
-    check_adam_moment_bytes,
+    WEIGHT_SETS,
+    add_attention_lora,
+    check_adapter_state,
     check_gpt2_c_attn_lora_params,
+    check_lora_step,
     check_task_sentence,
+    finetune_compare_widget,
     finetune_outputs_view,
+    forgetting_at_quality,
+    mean_spread,
+    sample_record,
 )
+from lora_course.lora import lora_layers
+from lora_course.models import toy_gpt2, toy_gpt2_config
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
 
 
-def test_notebook06_checks_accept_the_truth_and_refuse_the_rest(capsys):
-    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)) is True
-    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2) is False
-    assert check_adam_moment_bytes(8 * 1000, n_trainable=1000) is True
-    assert check_adam_moment_bytes(4 * 1000, n_trainable=1000) is False
-    rec = Record(name="zip", kind="generator", args="3")
-    assert check_task_sentence(rec, format_target(rec)) is True
-    capsys.readouterr()
-    assert check_task_sentence(rec, "zip is a generator.") is False
-    verdict = capsys.readouterr().out
-    assert verdict.startswith("Not yet") and "args" in verdict and "name" not in verdict.split("missing")[1]
+def small_gpt2():
+    return toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32, n_head=2), seed=0)
 
 
-@pytest.mark.parametrize("blank", [None, ...])
-def test_notebook06_checks_say_not_yet_for_a_blank_answer(blank, capsys):
-    assert check_gpt2_c_attn_lora_params(blank) is False
-    assert check_adam_moment_bytes(blank, n_trainable=10) is False
-    assert check_task_sentence(Record(name="zip", kind="generator", args="3"), blank) is False
-    assert capsys.readouterr().out.count("Not yet: fill in") == 3
+@pytest.mark.parametrize("name", list(WEIGHT_SETS))
+def test_every_table5_row_has_the_same_budget_and_adapts_only_its_weights(name):
+    weights, r = WEIGHT_SETS[name]
+    model = add_attention_lora(small_gpt2(), weights, r)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2 * 8 * (32 + 32)  # 2 layers x r=8 x (d + d), whatever the split
+    layers = lora_layers(model)
+    assert all(n.endswith(("attn.c_attn", "attn.c_proj")) for n in layers)  # never the MLP's c_proj
+    assert any(n.endswith("attn.c_proj") for n in layers) == ("o" in weights)
+    for n, layer in layers.items():
+        if n.endswith("c_attn"):
+            assert isinstance(layer, FusedLoRALinear)
+            assert layer.enable_lora == tuple(s in weights for s in "qkv")
 
 
-def test_finetune_outputs_view_reports_each_model(base_model, tokenizer):
+def test_add_attention_lora_refuses_unknown_weights():
+    with pytest.raises(ValueError, match="subset"):
+        add_attention_lora(small_gpt2(), ["q", "z"], 4)
+    with pytest.raises(ValueError, match="subset"):
+        add_attention_lora(small_gpt2(), [], 4)
+
+
+def test_forgetting_at_quality_interpolates_and_says_nan_when_never_reached():
+    curve = [(0, 0.0, 0.0), (10, 0.2, 1.0), (20, 0.4, 1.5)]
+    assert forgetting_at_quality(curve, 0.1) == pytest.approx(0.5)
+    assert forgetting_at_quality(curve, 0.3) == pytest.approx(1.25)
+    assert forgetting_at_quality(curve, 0.2) == pytest.approx(1.0)
+    assert forgetting_at_quality(curve, 0.5) != forgetting_at_quality(curve, 0.5)  # NaN
+    assert mean_spread([0.1, 0.3, 0.2]) == (pytest.approx(0.2), pytest.approx(0.2))
+
+
+def test_finetune_outputs_view_and_widget(base_model, tokenizer):
     rec = SPLITS.test[0]
-    view = finetune_outputs_view({"a": base_model, "b": base_model}, tokenizer, **rec.__dict__)
-    assert view["record"] == rec
-    assert set(view["outputs"]) == {"a", "b"}
+    view = finetune_outputs_view({"a": base_model, "b": base_model}, tokenizer, rec)
+    assert view["record"] == rec and set(view["outputs"]) == {"a", "b"}
     out = view["outputs"]["a"]
     assert out == view["outputs"]["b"]  # same model, greedy: same text
     assert set(out["slots"]) == set(rec.__dict__) and 0.0 <= out["slot_accuracy"] <= 1.0
+    widget = finetune_compare_widget({"a": base_model, "b": base_model}, tokenizer, list(SPLITS.test[:3]))
+    record, model = widget.children[:2]
+    assert (record.min, record.max, record.value) == (0, 2, 0)
+    assert list(model.options) == ["a", "b"] and model.value == "b"
+
+
+def test_parameter_count_checker(capsys):
+    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)) is True
+    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2) is False
+    assert "q, k and v" in capsys.readouterr().out
+    assert check_gpt2_c_attn_lora_params(8 * (768 + 2304)) is False
+    assert "12" in capsys.readouterr().out
+
+
+def test_task_sentence_checker(capsys):
+    rec = sample_record()
+    assert check_task_sentence(rec, format_target(rec)) is True
+    capsys.readouterr()
+    assert check_task_sentence(rec, "zip from builtins is a function.") is False
+    verdict = capsys.readouterr().out
+    assert verdict.startswith("Not yet") and "args" in verdict and "'name'" not in verdict.split("missing")[1]
+    assert check_task_sentence(rec, 42) is False
+
+
+def good_step(model, batch, optimizer):
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def no_zero_grad(model, batch, optimizer):
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def no_step(model, batch, optimizer):
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def test_lora_step_checker_accepts_a_step_and_names_each_mistake(capsys):
+    assert check_lora_step(good_step) is True
+    capsys.readouterr()
+    assert check_lora_step(no_zero_grad) is False
+    assert "zero_grad" in capsys.readouterr().out
+    assert check_lora_step(no_step) is False
+    assert "optimizer.step()" in capsys.readouterr().out
+    assert check_lora_step(lambda m, b, o: good_step(m, b, o) * 2) is False
+    assert "loss" in capsys.readouterr().out
+
+
+def test_adapter_state_checker_accepts_copies_of_the_adapters_only(capsys):
+    good = lambda m: {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert check_adapter_state(good) is True
+    capsys.readouterr()
+    assert check_adapter_state(lambda m: copy.deepcopy(m.state_dict())) is False
+    assert "not adapters" in capsys.readouterr().out
+    assert check_adapter_state(lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}) is False
+    assert "clone" in capsys.readouterr().out
+    assert check_adapter_state(lambda m: {n: torch.zeros_like(p) for n, p in m.named_parameters()
+                                          if p.requires_grad}) is False
+    assert "reproduce" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_checkers_say_not_yet_for_a_blank_answer(blank, capsys):
+    assert check_gpt2_c_attn_lora_params(blank) is False
+    assert check_task_sentence(sample_record(), blank) is False
+    assert check_lora_step(blank) is False
+    assert check_adapter_state(blank) is False
+    assert capsys.readouterr().out.count("Not yet: fill in") == 4
+
+
+def test_checkers_say_not_yet_for_an_unfinished_function(capsys):
+    def unfinished(*args):
+        raise NotImplementedError
+
+    assert check_lora_step(unfinished) is False
+    assert check_adapter_state(unfinished) is False
+    assert capsys.readouterr().out.count("NotImplementedError") == 2
+
+
+def test_run_method_trains_what_it_says_and_records_a_learn_forget_curve(base_model, tokenizer):
+    from lora_course.lessons.l06_finetune import LearnForget, run_method
+
+    before = {n: p.detach().clone() for n, p in base_model.named_parameters()}
+    heldout = torch.randint(0, len(tokenizer), (300,), generator=torch.Generator().manual_seed(0))
+    lf = LearnForget(tokenizer, list(SPLITS.test[:2]), heldout, base_loss=0.0, base_quality=0.0, max_blocks=2)
+    res = run_method(base_model, tokenizer, SPLITS, name="LoRA", seed=0, steps=4, lr=1e-2, r=2,
+                     test=list(SPLITS.test[:2]), keep_model=True, learn_forget=lf, checkpoint_every=2, batch_size=2)
+    assert [s for s, _, _ in res.curve] == [0, 2, 4] and all(f > 0 for _, _, f in res.curve[1:])
+    assert res.run.trainable_params == sum(p.numel() for n, p in res.model.named_parameters() if "lora_" in n)
+    assert 0.0 <= res.quality <= 1.0
+    full = run_method(base_model, tokenizer, SPLITS, name="full", seed=0, steps=2, lr=1e-3, r=None, batch_size=2)
+    assert full.run.trainable_params == full.run.total_params and full.model is None
+    assert all(torch.equal(p, before[n]) for n, p in base_model.named_parameters())  # trained copies, not the base
