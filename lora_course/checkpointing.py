@@ -14,9 +14,9 @@ embeddings' output does not require grad, so the checkpointed blocks look consta
   the embeddings' output as requiring grad, so gradients flow into the checkpoints;
 - non-reentrant checkpointing (`use_reentrant=False`), which tracks the parameters used
   inside the block, not only its inputs. transformers' `activation_checkpointing_enable`
-  defaults to it and also calls `enable_input_require_grads` (5.x); the error shows with plain
-  PyTorch checkpointing, as `torch.distributed`'s `apply_activation_checkpointing` applies it
-  for FSDP, or with older releases.
+  defaults to it and also calls `enable_input_require_grads` (5.x); the error shows with
+  PyTorch's reentrant checkpointing (`checkpoint(..., use_reentrant=True)`, or
+  `apply_activation_checkpointing` with `CheckpointImpl.REENTRANT`), or with older releases.
 """
 
 from __future__ import annotations
