@@ -74,6 +74,16 @@ FIELD_VALUES: dict[str, tuple[str, ...]] = {
 ARGS_IN_WORDS = {"0": "no arguments", "1": "one argument", "2": "two arguments", "3": "three arguments"}
 
 
+def _check_values(record, values: dict[str, tuple[str, ...]]) -> None:
+    """A clear ValueError for the first field whose value is not in its closed set."""
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if value not in values[f.name]:
+            allowed = values[f.name]
+            shown = f"{allowed}" if len(allowed) <= 8 else f"{allowed[:8]} ..."
+            raise ValueError(f"{f.name}={value!r} is not a value of this task; choose one of {shown}")
+
+
 @dataclass(frozen=True)
 class Record:
     """One record describing a (made-up) Python API: three fields, each from a closed set."""
@@ -83,12 +93,7 @@ class Record:
     args: str
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value not in FIELD_VALUES[f.name]:
-                raise ValueError(
-                    f"{f.name}={value!r} is not a value of this task; choose one of {FIELD_VALUES[f.name]}"
-                )
+        _check_values(self, FIELD_VALUES)
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Record))
@@ -163,11 +168,7 @@ class ApiRecord:
     raises: str
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value not in API_FIELD_VALUES[f.name]:
-                shown = API_FIELD_VALUES[f.name][:8]
-                raise ValueError(f"{f.name}={value!r} is not a value of this task; choose one of {shown} ...")
+        _check_values(self, API_FIELD_VALUES)
 
 
 API_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ApiRecord))

@@ -8,12 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lora_course.lessons import l01_low_rank as lesson  # noqa: E402
-from lora_course.lessons.l01_low_rank import (  # noqa: E402
-    fit_rank_r_factors,
-    load_photo,
-    photo_rank_view,
-    photo_rank_widget,
-)
+from lora_course.lessons.l01_low_rank import fit_rank_r_factors, load_photo, photo_rank_view, photo_rank_widget  # noqa: E402, E501
 from lora_course.lowrank import best_rank_r, low_rank_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see tests/conftest.py
