@@ -11,7 +11,7 @@ from ..skeletons import gpt2_config, meta_lora_counts
 from .common import call_learner_fn, close_to, is_blank, not_filled_in, report
 
 __all__ = ["table_rows", "draw_bytes", "draw_losses", "draw_checkpointing", "draw_scale", "ring_view",
-           "ring_widget", "check_allreduce_bytes", "check_ring_time"]
+           "ring_widget", "check_allreduce_bytes", "check_lora_allreduce_bytes_fn", "check_ring_time"]
 
 
 def table_rows(rows: list[dict], bandwidths=BANDWIDTHS) -> list[str]:
@@ -146,6 +146,30 @@ def check_allreduce_bytes(answer, r: int = 8) -> bool:
         return report(False, "that is the whole model's gradient: DDP only all-reduces parameters that require grad.")
     return report(False, f"not {got:,.0f}: count r (d_in + d_out) per c_attn (768 in, 3 x 768 out) in each of 12 "
                          "layers, times the bytes per gradient.")
+
+
+def check_lora_allreduce_bytes_fn(fn) -> bool:
+    """Exercise 09.3: the learner's `lora_allreduce_bytes(n_layer, d_in, d_out, r, bytes_per_grad)`,
+    LoRA on one d_in -> d_out layer per block, against the library's count on several configs."""
+    if is_blank(fn):
+        return not_filled_in("the function lora_allreduce_bytes")
+    cases = [(12, 768, 3 * 768, 8, 2), (24, 1024, 3 * 1024, 16, 4), (32, 4096, 4096, 8, 2), (1, 10, 20, 1, 4)]
+    for n_layer, d_in, d_out, r, per_grad in cases:
+        want = allreduce_bytes(n_layer * r * (d_in + d_out), per_grad)
+        got, problem = call_learner_fn(fn, n_layer, d_in, d_out, r, per_grad)
+        if problem:
+            return report(False, problem)
+        if got == want:
+            continue
+        where = f"for {n_layer} layers of {d_in} -> {d_out} at r = {r} with {per_grad}-byte gradients"
+        if got == want / per_grad:
+            return report(False, f"{where} you count trainable parameters; multiply by the bytes per gradient.")
+        if got == n_layer * d_in * d_out * per_grad:
+            return report(False, f"{where} you count the frozen weight's gradient; DDP only all-reduces A and B.")
+        return report(False, f"{where} expected {want:,d} bytes, got {got:,.0f}: each layer's A and B hold "
+                             "r (d_in + d_out) numbers.")
+    return report(True, f"all {len(cases)} configs match, e.g. GPT-2 124M with r = 8 on c_attn in bf16: "
+                        f"{allreduce_bytes(12 * 8 * (768 + 3 * 768), 2):,d} bytes per step.")
 
 
 def check_ring_time(fn) -> bool:

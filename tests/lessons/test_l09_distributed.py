@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lora_course.distributed import ring_allreduce_seconds, scale_table  # noqa: E402
 from lora_course.lessons.l09_distributed import (  # noqa: E402
     check_allreduce_bytes,
+    check_lora_allreduce_bytes_fn,
     check_ring_time,
     draw_bytes,
     draw_checkpointing,
@@ -76,6 +77,23 @@ def test_check_allreduce_bytes(verdict):
     assert "fp32" in verdict(check_allreduce_bytes(12 * 8 * (768 + 2304) * 4), False)
     assert "whole model" in verdict(check_allreduce_bytes(248_879_616), False)
     verdict(check_allreduce_bytes("many"), False)
+
+
+def test_check_lora_allreduce_bytes_fn(verdict):
+    verdict(check_lora_allreduce_bytes_fn(...), False)
+    right = verdict(check_lora_allreduce_bytes_fn(lambda n, d_in, d_out, r, b: n * r * (d_in + d_out) * b), True)
+    assert "589,824 bytes" in right
+    assert "trainable parameters" in verdict(
+        check_lora_allreduce_bytes_fn(lambda n, d_in, d_out, r, b: n * r * (d_in + d_out)), False)
+    assert "frozen weight" in verdict(check_lora_allreduce_bytes_fn(lambda n, d_in, d_out, r, b: n * d_in * d_out * b),
+                                      False)
+    assert "r (d_in + d_out)" in verdict(check_lora_allreduce_bytes_fn(lambda n, d_in, d_out, r, b: n * r * d_in * b),
+                                         False)
+
+    def unfinished(n, d_in, d_out, r, b):
+        raise NotImplementedError
+
+    assert "fill in" in verdict(check_lora_allreduce_bytes_fn(unfinished), False)
 
 
 def test_check_ring_time(verdict):
