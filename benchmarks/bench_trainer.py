@@ -24,13 +24,18 @@ import tempfile
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lora_course import add_lora, get_device, load_model, seed_everything
-from lora_course.data import collate, make_splits
-from lora_course.memory import PeakMemory, format_bytes
-from lora_course.train import TrainConfig, train
+from lora_course.notices import quiet_library_notices
+
+quiet_library_notices()  # before PEFT is imported: bitsandbytes, where installed, logs a notice on import
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from lora_course import add_lora, get_device, load_model, seed_everything  # noqa: E402
+from lora_course.data import collate, make_splits  # noqa: E402
+from lora_course.memory import PeakMemory, format_bytes  # noqa: E402
+from lora_course.train import TrainConfig, train  # noqa: E402
 
 PROBE_STEPS = 2  # measured for memory, left out of the timing (as lora_course.train does)
 
@@ -104,6 +109,7 @@ def run_trainer(base, tokenizer, splits, args, device) -> dict:
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=_Records(splits.train),
                           data_collator=collator, callbacks=[timing])
+        trainer.remove_callback(PrinterCallback)  # its end-of-run log line would break up the table
         trainer.train()
     timed_tokens = sum(tokens[PROBE_STEPS:args.steps])
     return {"tokens/s": timed_tokens / timing.seconds, "peak": timing.peak}

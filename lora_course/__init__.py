@@ -39,6 +39,7 @@ from .lora import (
     merge_lora,
     print_trainable_parameters,
     trainable_parameters_line,
+    update_norm,
 )
 from .memory import optimizer_state_bytes, peak_memory, training_budget
 from .models import load_model, shipped_model_path
@@ -56,6 +57,7 @@ __all__ = [
     "lora_scaling",
     "matches_target",
     "count_parameters",
+    "update_norm",
     "print_trainable_parameters",
     "trainable_parameters_line",
     "FusedLoRALinear",

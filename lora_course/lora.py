@@ -361,6 +361,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def update_norm(model: nn.Module) -> float:
+    """||Delta W||_F of all the model's LoRA updates together: sqrt of the sum over layers of ||scaling B A||_F^2."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("this model has no LoRALinear layers; did you call add_lora?")
+    with torch.no_grad():
+        return math.sqrt(sum(layer.delta_weight().float().pow(2).sum().item() for layer in layers.values()))
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put the plain layer back."""
     layers = lora_layers(model)

@@ -15,6 +15,7 @@ from lora_course import (
     merge_lora,
     print_trainable_parameters,
     trainable_parameters_line,
+    update_norm,
 )
 
 
@@ -210,6 +211,23 @@ def test_merge_lora_restores_plain_layers_with_the_same_outputs():
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no LoRALinear"):
         merge_lora(merged)
+
+
+def test_update_norm_is_zero_at_init_then_the_norm_of_every_scaled_update_together():
+    torch.manual_seed(0)
+    model = add_lora(MLP(), ["up", "down"], r=2, alpha=4)
+    assert update_norm(model) == 0.0  # B starts at zero
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        _nonzero_B(layer)
+    # the merged weight minus the base weight, layer by layer: Delta W as the model applies it
+    deltas = [layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach() for layer in layers]
+    expected = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+    assert update_norm(model) == pytest.approx(expected, rel=1e-6)
+    layers[0].scaling *= 2  # the scaling counts: rsLoRA's larger factor is a larger update
+    assert update_norm(model) > expected
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        update_norm(MLP())
 
 
 def test_print_trainable_parameters_format(capsys):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data import ApiRecord, evaluate_task, format_prompt, generate, slot_phrases, slots_realized
 from ..fused import add_fused_lora
-from ..lora import LoRAConfig, add_lora, count_parameters, lora_layers
+from ..lora import LoRAConfig, add_lora, count_parameters, lora_layers, update_norm
 from ..models import toy_gpt2, toy_gpt2_config
 from ..skeletons import meta_gpt2
 from ..train import TrainConfig, text_loss, train
@@ -55,7 +55,7 @@ def add_attention_lora(model: nn.Module, weights, r: int, alpha: float | None = 
 
 @dataclass
 class Result:
-    """One trained configuration: its run record, its test scores and (if kept) the model."""
+    """One trained configuration: its run record, its test scores, ||Delta W||_F (LoRA) and (if kept) the model."""
 
     name: str
     seed: int
@@ -63,6 +63,7 @@ class Result:
     scores: dict
     model: nn.Module | None = None
     curve: list = field(default_factory=list)
+    update_norm: float = float("nan")  # ||Delta W||_F of all adapters together; NaN for full fine-tuning
 
     @property
     def quality(self) -> float:
@@ -88,7 +89,8 @@ def run_method(base: nn.Module, tokenizer, splits, *, name: str, seed: int, step
                 checkpoint=learn_forget, checkpoint_every=checkpoint_every)
     scores = evaluate_task(model, tokenizer, list(test), max_new_tokens=48) if test is not None else {}
     curve = list(learn_forget.points) if learn_forget is not None else []
-    return Result(name, seed, run, scores, model if keep_model else None, curve)
+    norm = update_norm(model) if r is not None else float("nan")
+    return Result(name, seed, run, scores, model if keep_model else None, curve, norm)
 
 
 class LearnForget:

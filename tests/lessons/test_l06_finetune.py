@@ -1,6 +1,7 @@
 """Notebook 06's lesson module: targeted adapters, the learn-forget bookkeeping, the widget's view, the checkers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from lora_course.lessons.l06_finetune import (
     mean_spread,
     sample_record,
 )
-from lora_course.lora import lora_layers
+from lora_course.lora import lora_layers, update_norm
 from lora_course.models import toy_gpt2, toy_gpt2_config
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
@@ -167,6 +168,8 @@ def test_run_method_trains_what_it_says_and_records_a_learn_forget_curve(base_mo
     assert [s for s, _, _ in res.curve] == [0, 2, 4] and all(f > 0 for _, _, f in res.curve[1:])
     assert res.run.trainable_params == sum(p.numel() for n, p in res.model.named_parameters() if "lora_" in n)
     assert 0.0 <= res.quality <= 1.0
+    assert res.update_norm == pytest.approx(update_norm(res.model)) and res.update_norm > 0  # B has moved off zero
     full = run_method(base_model, tokenizer, SPLITS, name="full", seed=0, steps=2, lr=1e-3, r=None, batch_size=2)
     assert full.run.trainable_params == full.run.total_params and full.model is None
+    assert math.isnan(full.update_norm)  # no adapter, no Delta W
     assert all(torch.equal(p, before[n]) for n, p in base_model.named_parameters())  # trained copies, not the base
