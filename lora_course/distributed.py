@@ -29,6 +29,7 @@ for GPT-2 124M, LLaMA-7B and a 70B LLaMA, next to a step's compute time from FLO
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -295,6 +296,13 @@ class _Rank:
         self.dist.all_gather_object(out, obj)
         return out
 
+    def close(self, finished: bool) -> None:
+        """Leave the group cleanly: free DDP/FSDP state, wait for every rank if all got here, then destroy."""
+        gc.collect()  # DDP's reducer and FSDP's hooks sit in reference cycles holding gloo work: free them now
+        if finished:
+            self.dist.barrier()  # no rank closes its connections while a peer is still using them
+        self.dist.destroy_process_group()
+
 
 def _digest(model) -> str:
     """SHA-256 of every parameter's bytes, in order (equal digests: equal replicas)."""
@@ -463,6 +471,7 @@ def _first_batch(tokenizer, records, batch_size: int):
 
 def _run(args) -> dict:
     rank = _Rank()
+    finished = False
     try:
         _check(args, rank.world)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -492,9 +501,10 @@ def _run(args) -> dict:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1) + "\n")
             rank.say(f"wrote {out}")
+        finished = True
         return record
     finally:
-        rank.dist.destroy_process_group()
+        rank.close(finished)
 
 
 def main(argv=None) -> int:
