@@ -116,12 +116,18 @@ def hygiene_problems(nb: dict) -> list[str]:
         comments = "\n".join(line for line in source(cell).splitlines() if line.lstrip().startswith("#"))
         if i > 0 and TALK.search(comments):
             problems.append(f"{where}: a visible comment talks about {TALK.search(comments).group(0)!r}")
-    words = 0
+    words, in_solutions = 0, False
     for j, cell in enumerate(cells):
+        text = source(cell).lstrip()
         if cell["cell_type"] == "markdown":
-            words += len(source(cell).split())
-            if TALK.search(source(cell)):
-                problems.append(f"markdown cell {j}: talks about {TALK.search(source(cell)).group(0)!r}")
+            words += len(text.split())
+            headings = re.findall(r"^## (.*)", text, re.MULTILINE)
+            in_solutions = headings[-1].startswith("Solutions") if headings else in_solutions
+            if TALK.search(text):
+                problems.append(f"markdown cell {j}: talks about {TALK.search(text).group(0)!r}")
+        elif in_solutions and not all(cell.get("metadata", {}).get("jupyter", {}).get(k)
+                                      for k in ("source_hidden", "outputs_hidden")):
+            problems.append(f"cell {j}: a solution whose code or output shows before the learner opens it")
     if words > MAX_MARKDOWN_WORDS:
         problems.append(f"{words} words of markdown (at most {MAX_MARKDOWN_WORDS})")
     return problems
@@ -158,6 +164,8 @@ def _code(src="x = 1", outputs=(), n=1):
     (_nb({"cell_type": "markdown", "source": "In fast mode the runs are short."}, _code()), "talks about"),
     (_nb(_code(n=2)), "execution counts"),
     (_nb({"cell_type": "markdown", "source": "word " * 1801}, _code()), "words of markdown"),
+    (_nb(_code(), {"cell_type": "markdown", "source": "## Solutions"},
+         {**_code(n=2), "metadata": {"jupyter": {"source_hidden": True}}}), "solution whose code or output"),
 ])
 def test_the_scan_catches_each_defect(bad, what):
     assert any(what in p for p in hygiene_problems(bad)), hygiene_problems(bad)
@@ -167,6 +175,7 @@ def test_the_scan_accepts_a_clean_notebook_with_a_pictured_widget():
     picture = {"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}}
     widget = {"output_type": "display_data", "data": {WIDGET: {}, "text/plain": "interactive(...)"}}
     bar = {"output_type": "stream", "name": "stdout", "text": "train: 100%|#####| 10/10"}
+    solution = {**_code("x = 2", n=4), "metadata": {"jupyter": {"source_hidden": True, "outputs_hidden": True}}}
     nb = _nb({"cell_type": "markdown", "source": "## Play"}, _code("# setup", [bar]), _code("w", [widget], n=2),
-             _code("show(w)", [picture], n=3))
+             _code("show(w)", [picture], n=3), {"cell_type": "markdown", "source": "## Solutions"}, solution)
     assert hygiene_problems(nb) == []
