@@ -18,8 +18,9 @@ the wire fall from the whole model to the adapter. Rank 0 writes a JSON record:
 - `fsdp` (`--fsdp`): FSDP1's flat-buffer error on a LoRA model, then FSDP2 `fully_shard`
   training with per-rank parameter, gradient and optimizer bytes against `memory.training_budget`.
 
-Bad input exits with status 2 and one line. Under torchrun itself every rank exits 2 and
-torchrun adds its own failure report; the `--nproc` launcher checks first and says only the line.
+Bad input exits with status 2 and one line. Under torchrun itself rank 0 says the line and
+exits 2 while the other ranks wait to be stopped, so torchrun's failure report always names
+rank 0; the `--nproc` launcher checks first and says only the line.
 
 The paper side: `ring_allreduce_seconds` and `scale_table` put the bytes against the
 bandwidth of a ring all-reduce, 2 (N-1)/N x bytes / bandwidth (Patarasuk & Yuan, 2009),
@@ -64,6 +65,9 @@ METHODS = ("lora", "full")
 # Link bandwidths one way, bytes per second: a 100 Gb/s Ethernet NIC, and NVLink 4 on an
 # H100 SXM (900 GB/s both ways together, 450 GB/s each way).
 BANDWIDTHS = {"Ethernet 100 Gb/s": 12.5e9, "NVLink 450 GB/s": 450e9}
+
+
+OTHER_RANKS_WAIT_S = 60  # on bad input under torchrun, how long ranks > 0 wait for torchrun to stop them
 
 
 class UsageError(Exception):
@@ -522,6 +526,8 @@ def main(argv=None) -> int:
     except UsageError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
+        else:  # let rank 0 fail first: torchrun stops every worker at the first failure, maybe before rank 0 printed
+            time.sleep(OTHER_RANKS_WAIT_S)
         return 2
     return 0
 

@@ -153,7 +153,7 @@ def test_launcher_checks_then_runs_torchrun(tmp_path):
 
 
 def test_bad_input_under_torchrun_itself_one_line_from_rank_0(tmp_path):
-    """Under torchrun every rank exits 2 before joining a group; rank 0 says why, torchrun then reports the exit."""
+    """Under torchrun rank 0 says why and exits 2 before joining a group; the others wait until torchrun stops them."""
     done = launch(2, ["--batch-size", "400", "--out", str(tmp_path / "x.json")], timeout=300)
     assert done.returncode != 0 and not (tmp_path / "x.json").exists()
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
