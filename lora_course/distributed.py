@@ -19,8 +19,9 @@ the wire fall from the whole model to the adapter. Rank 0 writes a JSON record:
   training with per-rank parameter, gradient and optimizer bytes against `memory.training_budget`.
 
 Bad input exits with status 2 and one line. Under torchrun itself rank 0 says the line and
-exits 2 while the other ranks wait to be stopped, so torchrun's failure report always names
-rank 0; the `--nproc` launcher checks first and says only the line.
+exits 2 while the other ranks wait (up to a minute) to be stopped, so torchrun's failure
+report names rank 0. The `--nproc` launcher checks first and says only the line, except for
+`--targets`, which needs the model and is checked inside each process.
 
 The paper side: `ring_allreduce_seconds` and `scale_table` put the bytes against the
 bandwidth of a ring all-reduce, 2 (N-1)/N x bytes / bandwidth (Patarasuk & Yuan, 2009),
@@ -300,11 +301,9 @@ class _Rank:
         self.dist.all_gather_object(out, obj)
         return out
 
-    def close(self, finished: bool) -> None:
-        """Leave the group cleanly: free DDP/FSDP state, wait for every rank if all got here, then destroy."""
+    def close(self) -> None:
+        """Leave the group: free DDP/FSDP state while the group is alive, then destroy it."""
         gc.collect()  # DDP's reducer and FSDP's hooks sit in reference cycles holding gloo work: free them now
-        if finished:
-            self.dist.barrier()  # no rank closes its connections while a peer is still using them
         self.dist.destroy_process_group()
 
 
@@ -475,7 +474,6 @@ def _first_batch(tokenizer, records, batch_size: int):
 
 def _run(args) -> dict:
     rank = _Rank()
-    finished = False
     try:
         _check(args, rank.world)
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -500,15 +498,15 @@ def _run(args) -> dict:
         if args.fsdp:
             record["fsdp"] = _fsdp_runs(args, rank)
         record["wall_seconds"] = time.perf_counter() - t0
+        rank.dist.barrier()  # the last collective: every rank is done with its peers before any leaves
         if rank.rank == 0:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1) + "\n")
             rank.say(f"wrote {out}")
-        finished = True
         return record
     finally:
-        rank.close(finished)
+        rank.close()
 
 
 def main(argv=None) -> int:
@@ -524,10 +522,10 @@ def main(argv=None) -> int:
             _check(args, int(os.environ["WORLD_SIZE"]))
         _run(args)
     except UsageError as err:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or "TORCHELASTIC_RUN_ID" not in os.environ:
             print(f"error: {err}", file=sys.stderr)
-        else:  # let rank 0 fail first: torchrun stops every worker at the first failure, maybe before rank 0 printed
-            time.sleep(OTHER_RANKS_WAIT_S)
+        else:  # under torchrun let rank 0 fail first: torchrun stops every worker at the first failure,
+            time.sleep(OTHER_RANKS_WAIT_S)  # perhaps before rank 0 had printed
         return 2
     return 0
 

@@ -77,6 +77,8 @@ def test_the_import_rule_sees_every_import_form():
 WIDGET = "application/vnd.jupyter.widget-view+json"
 ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(\[=])(/[\w.-]+){3,}|site-packages|[A-Z]:\\\\")
 BAR_AT_ZERO = re.compile(r"(?<!\d)0%\|")
+SOLUTIONS = re.compile(r"\s*(\d+\.\s*)?solutions?\b", re.IGNORECASE)  # a "## Solutions" heading's text
+SECTION = re.compile(r"^##(?!#)(.*)", re.MULTILINE)  # a "## " heading (not "###"): its text
 TALK = re.compile(r"nbval|NBVAL|\bCI\b|fast mode|LORA_COURSE_FAST|the committed run", re.IGNORECASE)
 
 
@@ -121,8 +123,8 @@ def hygiene_problems(nb: dict) -> list[str]:
         text = source(cell).lstrip()
         if cell["cell_type"] == "markdown":
             words += len(text.split())
-            headings = re.findall(r"^## (.*)", text, re.MULTILINE)
-            in_solutions = headings[-1].startswith("Solutions") if headings else in_solutions
+            headings = SECTION.findall(text)
+            in_solutions = bool(SOLUTIONS.match(headings[-1])) if headings else in_solutions
             if TALK.search(text):
                 problems.append(f"markdown cell {j}: talks about {TALK.search(text).group(0)!r}")
         elif in_solutions and not all(cell.get("metadata", {}).get("jupyter", {}).get(k)
@@ -143,6 +145,15 @@ def _hygiene_params():
 def test_committed_outputs_and_prose_are_clean(path):
     problems = hygiene_problems(load(path))
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_each_notebook_ends_with_hidden_solutions(path):
+    cells = load(path)["cells"]
+    starts = [j for j, c in enumerate(cells) if c["cell_type"] == "markdown"
+              and any(SOLUTIONS.match(h) for h in SECTION.findall(source(c)))]
+    assert starts, f"{path.name} has no '## Solutions' section"
+    assert any(c["cell_type"] == "code" for c in cells[starts[-1]:]), f"{path.name}: its Solutions section is empty"
 
 
 def _nb(*cells):
@@ -166,6 +177,8 @@ def _code(src="x = 1", outputs=(), n=1):
     (_nb({"cell_type": "markdown", "source": "word " * 1801}, _code()), "words of markdown"),
     (_nb(_code(), {"cell_type": "markdown", "source": "## Solutions"},
          {**_code(n=2), "metadata": {"jupyter": {"source_hidden": True}}}), "solution whose code or output"),
+    (_nb(_code(), {"cell_type": "markdown", "source": "Try it.\n\n##  5. solution"}, _code(n=2)),
+     "solution whose code or output"),
 ])
 def test_the_scan_catches_each_defect(bad, what):
     assert any(what in p for p in hygiene_problems(bad)), hygiene_problems(bad)
@@ -177,5 +190,6 @@ def test_the_scan_accepts_a_clean_notebook_with_a_pictured_widget():
     bar = {"output_type": "stream", "name": "stdout", "text": "train: 100%|#####| 10/10"}
     solution = {**_code("x = 2", n=4), "metadata": {"jupyter": {"source_hidden": True, "outputs_hidden": True}}}
     nb = _nb({"cell_type": "markdown", "source": "## Play"}, _code("# setup", [bar]), _code("w", [widget], n=2),
-             _code("show(w)", [picture], n=3), {"cell_type": "markdown", "source": "## Solutions"}, solution)
+             _code("show(w)", [picture], n=3), {"cell_type": "markdown", "source": "## Solutions"}, solution,
+             {"cell_type": "markdown", "source": "### A recap\n\n## Next"}, _code(n=5))  # a new section: shown
     assert hygiene_problems(nb) == []
