@@ -91,6 +91,12 @@ def output_texts(cell: dict) -> list[str]:
     return texts
 
 
+def opens_solutions(cell: dict) -> bool | None:
+    """Whether a markdown cell's last "## " heading starts the Solutions section (None: it has none)."""
+    headings = SECTION.findall(source(cell)) if cell["cell_type"] == "markdown" else []
+    return bool(SOLUTIONS.match(headings[-1])) if headings else None
+
+
 def hygiene_problems(nb: dict) -> list[str]:
     """Everything a reader should not see in a committed notebook, one line each."""
     problems = []
@@ -120,11 +126,11 @@ def hygiene_problems(nb: dict) -> list[str]:
             problems.append(f"{where}: a visible comment talks about {TALK.search(comments).group(0)!r}")
     words, in_solutions = 0, False
     for j, cell in enumerate(cells):
-        text = source(cell).lstrip()
         if cell["cell_type"] == "markdown":
+            text = source(cell)
             words += len(text.split())
-            headings = SECTION.findall(text)
-            in_solutions = bool(SOLUTIONS.match(headings[-1])) if headings else in_solutions
+            opened = opens_solutions(cell)
+            in_solutions = in_solutions if opened is None else opened
             if TALK.search(text):
                 problems.append(f"markdown cell {j}: talks about {TALK.search(text).group(0)!r}")
         elif in_solutions and not all(cell.get("metadata", {}).get("jupyter", {}).get(k)
@@ -149,9 +155,9 @@ def test_committed_outputs_and_prose_are_clean(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_each_notebook_ends_with_hidden_solutions(path):
+    """Each notebook has a Solutions section with code in it (the scan above checks that it is hidden)."""
     cells = load(path)["cells"]
-    starts = [j for j, c in enumerate(cells) if c["cell_type"] == "markdown"
-              and any(SOLUTIONS.match(h) for h in SECTION.findall(source(c)))]
+    starts = [j for j, c in enumerate(cells) if opens_solutions(c)]
     assert starts, f"{path.name} has no '## Solutions' section"
     assert any(c["cell_type"] == "code" for c in cells[starts[-1]:]), f"{path.name}: its Solutions section is empty"
 
