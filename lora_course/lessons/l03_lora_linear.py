@@ -31,7 +31,7 @@ from .common import is_blank, not_filled_in, play, report
 __all__ = [
     "draw_lora_structure", "random_shapes", "compare_with_library",
     "check_init", "check_forward", "check_count", "check_merge", "check_swap", "ToyBlock", "toy_model",
-    "thread_time_us", "unmerged_overhead", "lora_parameter_budget", "lora_parameter_budget_widget",
+    "thread_times_us", "unmerged_overhead", "lora_parameter_budget", "lora_parameter_budget_widget",
     "recovery_task", "check_lora_param_count", "check_conv1d_forward", "check_unmerge", "check_recover_update",
     "play",
 ]
@@ -528,16 +528,21 @@ def compare_with_library(cls, d: int = 24, k: int = 40, r: int = 4, alpha: float
 
 # ----------------------------------------------------------------------------- the cost of not merging
 
-def thread_time_us(fn, number: int, repeat: int = 5) -> float:
-    """Microseconds of CPU time this thread spends per call of `fn()`: the least of `repeat` runs of
-    `number` calls. Time other programs take on the machine is not counted."""
-    fn()  # warm up
-    best = math.inf
-    for _ in range(repeat):
-        start = time.thread_time_ns()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.thread_time_ns() - start) / number / 1e3)
+def thread_times_us(fns, number: int, repeat: int = 25) -> list:
+    """Microseconds of CPU time this thread spends per call of each `fn()` in `fns`: the least of
+    `repeat` runs of `number` calls. The runs of the functions alternate (the order flips each
+    repeat), so a burst of load on the machine hits them alike; time other programs take is not
+    counted."""
+    for fn in fns:
+        fn()  # warm up
+    best = [math.inf] * len(fns)
+    for i in range(repeat):
+        order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+        for j in order:
+            start = time.thread_time_ns()
+            for _ in range(number):
+                fns[j]()
+            best[j] = min(best[j], (time.thread_time_ns() - start) / number / 1e3)
     return best
 
 
@@ -545,7 +550,7 @@ def unmerged_overhead(k: int = 768, d: int = 768, r: int = 8, tokens=(1, 16, 256
     """One LoRA layer unmerged vs merged, on one CPU thread, for each number of tokens N.
 
     Rows {"tokens", "merged_us", "unmerged_us", "ratio", "extra_us_per_token"}; the times come
-    from `thread_time_us` (about 20 ms of calls per measurement).
+    from `thread_times_us`, the two layers timed in alternation (a few ms of calls per run).
     """
     g = torch.Generator().manual_seed(seed)
     unmerged = LoRALinear(k, d, r=r, alpha=2 * r).eval()
@@ -557,9 +562,7 @@ def unmerged_overhead(k: int = 768, d: int = 768, r: int = 8, tokens=(1, 16, 256
     with num_threads(1), torch.inference_mode():
         for n in tokens:
             x = torch.randn(n, k, generator=g)  # (N, k)
-            calls = max(2, 256 // n)
-            t_merged = thread_time_us(lambda: merged(x), calls)
-            t_unmerged = thread_time_us(lambda: unmerged(x), calls)
+            t_merged, t_unmerged = thread_times_us([lambda: merged(x), lambda: unmerged(x)], max(2, 32 // n))
             rows.append({"tokens": n, "merged_us": t_merged, "unmerged_us": t_unmerged,
                          "ratio": t_unmerged / t_merged, "extra_us_per_token": (t_unmerged - t_merged) / n})
     return rows

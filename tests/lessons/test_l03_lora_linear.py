@@ -25,7 +25,7 @@ from lora_course.lessons.l03_lora_linear import (
     lora_parameter_budget_widget,
     random_shapes,
     recovery_task,
-    thread_time_us,
+    thread_times_us,
     toy_model,
     unmerged_overhead,
 )
@@ -322,8 +322,11 @@ def test_toy_model_has_llama_names_and_add_lora_adapts_it():
     assert count_parameters(adapted)[0] == 2 * (32 + 32) * 4
 
 
-def test_thread_time_counts_this_threads_work():
-    assert thread_time_us(lambda: None, number=10) < thread_time_us(lambda: sum(range(20_000)), number=10)
+def test_thread_times_count_this_threads_work_for_each_function():
+    idle, busy = thread_times_us([lambda: None, lambda: sum(range(20_000))], number=10, repeat=3)
+    assert 0 <= idle < busy
+    busy_first = thread_times_us([lambda: sum(range(20_000)), lambda: None], number=10, repeat=3)
+    assert busy_first[1] < busy_first[0]
 
 
 def test_unmerged_overhead_rows():
