@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full course on a fresh clone: `CI=true LORA_COURSE_FAST=0 pytest`, N times in a row, with one torch.
-#   scripts/verify_full_mode.sh 2.13.0 3      # about 35 minutes a run on 2 CPU cores
+#   scripts/verify_full_mode.sh 2.13.0 3      # 18 to 37 minutes a run on 2 CPU cores
 # Clones this checkout's HEAD into a temporary folder with its own virtual environment, so
 # nothing here is touched; prints one line per run, keeps the logs, removes the environment,
 # and exits non-zero if any run failed. TORCH_INDEX=https://download.pytorch.org/whl/cpu

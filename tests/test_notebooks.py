@@ -79,6 +79,7 @@ ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(\[=])(/[\w.-]+){3,}|site-packages|[A-Z]:\
 BAR_AT_ZERO = re.compile(r"(?<!\d)0%\|")
 SOLUTIONS = re.compile(r"\s*(\d+\.\s*)?solutions?\b", re.IGNORECASE)  # a "## Solutions" heading's text
 SECTION = re.compile(r"^##(?!#)(.*)", re.MULTILINE)  # a "## " heading (not "###"): its text
+VERDICT = re.compile(r"(Correct|Not yet)\b")  # how an exercise's checker starts its message
 TALK = re.compile(r"nbval|NBVAL|\bCI\b|fast mode|LORA_COURSE_FAST|the committed run", re.IGNORECASE)
 
 
@@ -116,6 +117,12 @@ def hygiene_problems(nb: dict) -> list[str]:
                 problems.append(f"{where}: stderr output {''.join(out.get('text', ''))[:80]!r}")
             if WIDGET in out.get("data", {}) and not (has_picture[i] or (i + 1 < len(codes) and has_picture[i + 1])):
                 problems.append(f"{where}: a widget with no static picture beside it (it reads as text on a code host)")
+        outs = cell.get("outputs", [])
+        verdicts = [o for o in outs if o.get("output_type") == "stream" and VERDICT.match("".join(o.get("text", "")))]
+        echoed = [o for o in outs if o.get("output_type") == "execute_result"
+                  and "".join(o.get("data", {}).get("text/plain", "")) in ("True", "False")]
+        if verdicts and echoed:
+            problems.append(f"{where}: the checker's True/False shows as Out[] under its message (assign the result)")
         for text in output_texts(cell):
             if ABSOLUTE_PATH.search(text):
                 problems.append(f"{where}: an absolute path in the output: {ABSOLUTE_PATH.search(text).group(0)!r}")
@@ -180,6 +187,8 @@ def _code(src="x = 1", outputs=(), n=1):
     (_nb(_code(), _code("# NBVAL_IGNORE_OUTPUT\ny = 2", n=2)), "talks about"),
     (_nb({"cell_type": "markdown", "source": "In fast mode the runs are short."}, _code()), "talks about"),
     (_nb(_code(n=2)), "execution counts"),
+    (_nb(_code("check(x)", [{"output_type": "stream", "name": "stdout", "text": "Not yet: fill in x.\n"},
+                            {"output_type": "execute_result", "data": {"text/plain": "False"}}])), "Out[]"),
     (_nb({"cell_type": "markdown", "source": "word " * 1801}, _code()), "words of markdown"),
     (_nb(_code(), {"cell_type": "markdown", "source": "## Solutions"},
          {**_code(n=2), "metadata": {"jupyter": {"source_hidden": True}}}), "solution whose code or output"),
@@ -194,8 +203,10 @@ def test_the_scan_accepts_a_clean_notebook_with_a_pictured_widget():
     picture = {"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}}
     widget = {"output_type": "display_data", "data": {WIDGET: {}, "text/plain": "interactive(...)"}}
     bar = {"output_type": "stream", "name": "stdout", "text": "train: 100%|#####| 10/10"}
+    verdict = {"output_type": "stream", "name": "stdout", "text": "Not yet: fill in x.\n"}  # no Out[] under it
     solution = {**_code("x = 2", n=4), "metadata": {"jupyter": {"source_hidden": True, "outputs_hidden": True}}}
     nb = _nb({"cell_type": "markdown", "source": "## Play"}, _code("# setup", [bar]), _code("w", [widget], n=2),
              _code("show(w)", [picture], n=3), {"cell_type": "markdown", "source": "## Solutions"}, solution,
-             {"cell_type": "markdown", "source": "### A recap\n\n## Next"}, _code(n=5))  # a new section: shown
+             {"cell_type": "markdown", "source": "### A recap\n\n## Next"}, _code(n=5),  # a new section: shown
+             _code("passed = check(x)", [verdict], n=6))
     assert hygiene_problems(nb) == []
