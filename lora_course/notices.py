@@ -26,6 +26,10 @@ NOTICES = (
     Notice("transformers.modeling_utils", r"`loss_type=None` was set in the config but it is unrecognized", None,
            "GPT-2's class name names no loss type, so transformers says it uses ForCausalLMLoss: the loss it "
            "would have picked"),
+    Notice("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/", None,
+           "bitsandbytes asks the `kernels` package (0.19 and newer) for that optional CPU kernel; offline, as "
+           "every notebook runs, `kernels` cannot ask the hub who published it and says it skips the check, then "
+           "finds no copy, and bitsandbytes uses its own CPU code (the next notice)"),
     Notice("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community", None,
            "bitsandbytes (imported by PEFT when installed) looks for an optional fast CPU kernel in the `kernels` "
            "package and falls back to its own CPU code, which computes the same 4-bit products"),

@@ -175,16 +175,23 @@ def test_what_importing_peft_prints_without_it_is_listed():
         assert any(re.match(n.message, line) for n in NOTICES), f"a notice NOTICES does not know: {line!r}"
 
 
-def test_bitsandbytes_kernel_notice_is_dropped(quieted):
+@pytest.mark.parametrize("logger, notice, other", [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: No module. "
+     "Please ...", "another bitsandbytes notice"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+     "because Hugging Face Hub is in offline mode.",
+     "Skipping publisher trust check for 'someone-else/a-kernel' because Hugging Face Hub is in offline mode."),
+])
+def test_optional_kernel_notices_are_dropped_and_others_pass(quieted, logger, notice, other):
     handler = _Records()
-    source = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    source = logging.getLogger(logger)
     source.addHandler(handler)
     try:
-        source.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
-        source.warning("another bitsandbytes notice")
+        source.warning(notice)
+        source.warning(other)  # the same logger, another message: still shown
     finally:
         source.removeHandler(handler)
-    assert handler.messages == ["another bitsandbytes notice"]
+    assert handler.messages == [other]
 
 
 def test_pad_equals_eos_attention_mask_advice_is_dropped_and_the_general_one_shows(quieted, transformers_records):
