@@ -23,6 +23,9 @@ The lessons, `lora_course.lessons.lNN_*`: one module per notebook, holding that
 notebook's widgets, exercise checkers, toy data and lesson-only experiments.
 """
 
+# The variants attach themselves to the core when their modules are imported (lora.py imports none of
+# them): DoRA (use_dora), PiSSA (init_lora_weights="pissa"), the 4-bit base (quantize_base, Linear4bit).
+from . import dora, pissa, quant  # noqa: F401  (imported for their registrations)
 from .adapters import AdapterError, copy_lora_from_peft, copy_lora_to_peft, load_adapter, save_adapter
 from .dora import DoRALinear
 from .fused import FusedLoRALinear, add_fused_lora

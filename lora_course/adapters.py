@@ -11,9 +11,10 @@ Only the adapter travels (a few MB), never the base model. `save_adapter` writes
 writes. Loading checks everything (config, every key, every shape) *before* it touches the
 model, so a bad file raises `AdapterError` and leaves the model exactly as it was.
 
-A `FusedLoRALinear` (q and v of GPT-2's `c_attn`, k untouched) has an exact PEFT twin: one
-LoRA of rank k r on the whole `c_attn`, with A = [A_q; A_v] and B block-diagonal (B_q top
-left, zeros for k, B_v bottom right), and alpha scaled so that alpha / r stays the same.
+Each kind of LoRA layer says how it looks in PEFT's format (`peft_rank_alpha`,
+`peft_tensors`, `from_peft_tensors`), so this module knows no variant: a `FusedLoRALinear`
+(q and v of GPT-2's `c_attn`) becomes its exact PEFT twin, one LoRA of rank k r on the whole
+`c_attn` with a block-diagonal B; a `DoRALinear` adds its magnitude vector.
 """
 
 from __future__ import annotations
@@ -22,21 +23,30 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .fused import FusedLoRALinear
-from .layers import is_adaptable, is_conv1d, linear_features, replace_module
-from .lora import LoRALinear, lora_layers, lora_scaling, matches_target
+from .config import INIT_SCHEMES, lora_scaling
+from .layers import is_adaptable, linear_features, replace_module
+from .lora import LoRALinear, lora_layers, matches_target, peft_suffix
 
-__all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "adapter_config",
-           "save_adapter", "load_adapter", "copy_lora_to_peft", "copy_lora_from_peft"]
+__all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_key", "adapter_state_dict", "adapter_config",
+           "save_adapter", "read_config", "read_weights", "LayerPlan", "AdapterPlan", "expected_tensors",
+           "plan_adapter", "target_modules_of", "read_adapter", "load_adapter", "copy_lora_to_peft",
+           "copy_lora_from_peft"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+
+
+def adapter_key(module_name: str) -> str:
+    """PEFT's key stem for a module: `base_model.model.<module>` (then `.lora_A.weight`, ...)."""
+    return PREFIX + module_name
 
 
 class AdapterError(ValueError):
@@ -45,43 +55,16 @@ class AdapterError(ValueError):
 
 # ----------------------------------------------------------------------------- saving
 
-def _peft_rank_alpha(layer: LoRALinear) -> tuple[int, float]:
-    """The (r, lora_alpha) of the PEFT LoRA that computes the same update as `layer`."""
-    if isinstance(layer, FusedLoRALinear):
-        k = sum(layer.enable_lora)
-        alpha = layer.alpha * (math.sqrt(k) if layer.use_rslora else k)  # keeps scaling unchanged
-        return k * layer.r, alpha
-    return layer.r, layer.alpha
-
-
-def _peft_tensors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lora_A (r', in), lora_B (out, r')) in PEFT's layout; fused layers become block matrices."""
-    A, B = layer.lora_A.detach(), layer.lora_B.detach()
-    if isinstance(layer, FusedLoRALinear):
-        r, s = layer.r, layer.slice_size
-        full_B = B.new_zeros(layer.out_features, A.shape[0])  # (out, k r)
-        for j, (i, _, b) in enumerate(layer.slice_pairs()):
-            full_B[i * s:(i + 1) * s, j * r:(j + 1) * r] = b.detach()
-        B = full_B
-    return A.contiguous().clone(), B.contiguous().clone()
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA matrix under PEFT's key names, e.g. `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`."""
+    """Every LoRA tensor under PEFT's key names, e.g. `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`."""
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("this model has no LoRA layers to save; call add_lora(model, ...) first")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise AdapterError(f"{merged[0]} is merged into its base weight; unmerge() it before saving the adapter")
-    state = {}
-    for name, layer in layers.items():
-        A, B = _peft_tensors(layer)
-        state[f"{_PREFIX}{name}.lora_A.weight"] = A.cpu()
-        state[f"{_PREFIX}{name}.lora_B.weight"] = B.cpu()
-        if getattr(layer, "lora_magnitude_vector", None) is not None:  # DoRA's m (out,); PEFT's key has no .weight
-            state[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu().clone()
-    return state
+    return {f"{adapter_key(name)}.{peft_suffix(t)}": tensor.detach().cpu().contiguous().clone()
+            for name, layer in layers.items() for t, tensor in layer.tensors().items()}
 
 
 def _target_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
@@ -101,7 +84,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("this model has no LoRA layers to save; call add_lora(model, ...) first")
-    rank_alpha = {n: _peft_rank_alpha(layer) for n, layer in layers.items()}
+    rank_alpha = {n: layer.peft_rank_alpha() for n, layer in layers.items()}
     r, alpha = Counter(rank_alpha.values()).most_common(1)[0][0]
     rslora = {layer.use_rslora for layer in layers.values()}
     if len(rslora) > 1:
@@ -119,8 +102,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
         "lora_alpha": alpha,
         "target_modules": _target_names(model, layers),
         "lora_dropout": max(dropouts),
-        "fan_in_fan_out": all(is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
-                              for layer in layers.values()),  # a 4-bit base remembers if it was a Conv1D
+        "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D (or 4-bit made from one)
         "bias": "none",
         "use_rslora": rslora.pop(),
         "use_dora": _one_setting(layers, "use_dora"),
@@ -155,7 +137,9 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = N
 
 # ----------------------------------------------------------------------------- loading
 
-def _read_config(path: Path) -> dict:
+def read_config(path) -> dict:
+    """The adapter folder's `adapter_config.json`, checked to be a LoRA config this package can load."""
+    path = Path(path)
     file = path / CONFIG_NAME
     if not path.is_dir():
         raise AdapterError(f"{path} is not a folder; an adapter is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -178,16 +162,18 @@ def _read_config(path: Path) -> dict:
         "lora_bias": bool(config.get("lora_bias")),
     }
     init = config.get("init_lora_weights", True)
-    unsupported[f"init_lora_weights={init!r}"] = not (isinstance(init, bool) or init in ("gaussian", "pissa"))
+    unsupported[f"init_lora_weights={init!r}"] = not (isinstance(init, bool) or init in ("gaussian", *INIT_SCHEMES))
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise AdapterError(f"this adapter uses {bad}, which lora_course does not implement; load it with PEFT instead")
     return config
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """The adapter folder's tensors, by PEFT key."""
     from safetensors.torch import load_file
 
+    path = Path(path)
     file = path / WEIGHTS_NAME
     if not file.is_file():
         old_format = (path / "adapter_model.bin").exists()
@@ -208,6 +194,118 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's share of an adapter file, checked: its rank, alpha, scaling and tensors by name, in PEFT's
+    layout (`lora_A` (r, in), `lora_B` (out, r), DoRA's `lora_magnitude_vector` (out,))."""
+
+    name: str
+    module: nn.Module
+    r: int
+    lora_alpha: float
+    scaling: float
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """An adapter file read and checked against a model, before anything changes: its config and one
+    `LayerPlan` per target. `load_adapter`, `MultiAdapterModel.load_adapter` and PiSSA's conversion apply it."""
+
+    config: dict
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora", False))
+
+    @property
+    def init_lora_weights(self):
+        """True, or "pissa": a loader then redoes the SVD, as PEFT does."""
+        return "pissa" if self.config.get("init_lora_weights") == "pissa" else True
+
+    @property
+    def lora_dropout(self) -> float:
+        return float(self.config.get("lora_dropout", 0.0) or 0.0)
+
+
+def expected_tensors(module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) a rank-r adapter holds for `module`: a LoRA layer says itself, a base
+    layer (or a layer wrapping one at `.base_layer`) gets A (r, in), B (out, r) and DoRA's m (out,)."""
+    if isinstance(module, LoRALinear):
+        return module.tensor_shapes(r)
+    in_f, out_f = linear_features(getattr(module, "base_layer", module))
+    shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+    return {**shapes, "lora_magnitude_vector": (out_f,)} if use_dora else shapes
+
+
+def plan_adapter(config: dict, weights: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> AdapterPlan:
+    """Check an adapter's tensors against the layers it targets (`modules`, by name); every error before any change.
+
+    The rank and alpha of each layer follow `rank_pattern` / `alpha_pattern`; every tensor
+    the layer needs must be there, with its shape and finite values, and no tensor may be
+    left over.
+    """
+    use_dora = bool(config.get("use_dora", False))
+    layers, expected = [], set()
+    for name, module in modules.items():
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        shapes = expected_tensors(module, r, use_dora)
+        keys = {t: f"{adapter_key(name)}.{peft_suffix(t)}" for t in shapes}
+        expected |= set(keys.values())
+        missing = [k for k in keys.values() if k not in weights]
+        if missing:
+            raise AdapterError(f"the adapter has no {missing[0]!r}: it was saved for a different model or "
+                               f"target_modules ({len(weights)} tensors in the file)")
+        tensors = {suffix: weights[key] for suffix, key in keys.items()}
+        wrong = {s: tuple(t.shape) for s, t in tensors.items() if tuple(t.shape) != shapes[s]}
+        if wrong:
+            raise AdapterError(f"{name}: the adapter holds {wrong} but this model's layer needs "
+                               f"{ {s: shapes[s] for s in wrong} } for r={r}: the adapter belongs to a model of "
+                               "another shape")
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
+        layers.append(LayerPlan(name, module, r, alpha, lora_scaling(alpha, r, bool(config.get("use_rslora"))),
+                                tensors))
+    unexpected = sorted(set(weights) - expected)
+    if unexpected:
+        raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
+                           f"e.g. {unexpected[0]!r}; it was saved for a different model or target_modules")
+    return AdapterPlan(config, tuple(layers))
+
+
+def target_modules_of(model: nn.Module, config: dict, include: Callable[[nn.Module], bool] = is_adaptable,
+                      ) -> dict[str, nn.Module]:
+    """The modules an adapter config's `target_modules` picks in `model` (outside layers already wrapped)."""
+    targets = config["target_modules"]
+    targets = targets if isinstance(targets, str) else list(targets)
+    chosen, inside = {}, ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if include(module) and matches_target(name, targets):
+            chosen[name] = module
+            inside = (*inside, f"{name}.")
+    if not chosen:
+        raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
+                           f"{type(model).__name__}; this adapter was made for another architecture")
+    return chosen
+
+
+def read_adapter(path, model: nn.Module, modules: dict[str, nn.Module] | None = None,
+                 include: Callable[[nn.Module], bool] = is_adaptable) -> AdapterPlan:
+    """Read the adapter folder at `path` and plan it onto `model`: onto `modules` (by name) if given, else onto
+    the modules its `target_modules` picks among those `include` accepts (default: base layers)."""
+    config = read_config(path)
+    weights = read_weights(path)
+    return plan_adapter(config, weights, target_modules_of(model, config, include) if modules is None else modules)
+
+
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load a PEFT-format LoRA adapter into `model` (in place) and return it.
 
@@ -217,111 +315,48 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     PEFT adapter only if that adapter leaves the disabled slices (k) exactly zero.
     Everything is checked first: on any error the model is unchanged.
     """
-    path = Path(path)
-    config = _read_config(path)
-    weights = _read_weights(path)
-    r0, alpha0 = config["r"], config["lora_alpha"]
-    rslora = bool(config.get("use_rslora", False))
-    use_dora = bool(config.get("use_dora", False))
-    init = "pissa" if config.get("init_lora_weights") == "pissa" else True  # "pissa": redo the SVD, as PEFT does
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    config = read_config(path)
     existing = lora_layers(model)
-    if existing:
-        targets = dict(existing)
-    else:
-        tm = config["target_modules"]
-        tm = tm if isinstance(tm, str) else list(tm)
-        targets = {n: m for n, m in model.named_modules() if n and is_adaptable(m) and matches_target(n, tm)}
-        if not targets:
-            raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
-                               f"{type(model).__name__}; this adapter was made for another architecture")
-
-    plan = []  # (name, module, A (r, in), B (out, r), r, alpha): nothing is changed until all pass
-    expected = set()
-    for name, module in targets.items():
-        r = _pattern_value(config.get("rank_pattern") or {}, name, r0)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha0)
-        key_a, key_b = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
-        key_m = f"{_PREFIX}{name}.lora_magnitude_vector"  # DoRA's magnitude m (out,)
-        expected |= {key_a, key_b} | ({key_m} if use_dora else set())
-        for key in (key_a, key_b) + ((key_m,) if use_dora else ()):
-            if key not in weights:
-                raise AdapterError(f"the adapter has no {key!r}: it was saved for a different model or target_modules "
-                                   f"({len(weights)} tensors in the file)")
-        A, B = weights[key_a], weights[key_b]
-        if isinstance(module, LoRALinear):
-            in_f, out_f = module.in_features, module.out_features
-        else:
-            in_f, out_f = linear_features(module)
-        if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
-            raise AdapterError(
-                f"{name}: adapter holds lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this model's layer "
-                f"needs ({r}, {in_f}) and ({out_f}, {r}) for r={r}: the adapter belongs to a model of another shape"
-            )
-        M = weights[key_m] if use_dora else None
-        if M is not None and tuple(M.shape) != (out_f,):
-            raise AdapterError(f"{name}: DoRA magnitude {tuple(M.shape)} but the layer has {out_f} outputs: "
-                               "the adapter belongs to a model of another shape")
-        if not all(torch.isfinite(t).all() for t in (A, B) + ((M,) if M is not None else ())):
-            raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
-        if isinstance(module, LoRALinear):
-            A, B = _into_existing(name, module, A, B, r, alpha, rslora)
-            _check_variant(name, module, use_dora, init)
-        plan.append((name, module, A, B, r, alpha, M))
-    unexpected = sorted(set(weights) - expected)
-    if unexpected:
-        raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
-                           f"e.g. {unexpected[0]!r}; it was saved for a different model or target_modules")
-
+    for name, layer in existing.items():
+        _check_variant(name, layer, config)
+    plan = plan_adapter(config, read_weights(path), dict(existing) if existing else target_modules_of(model, config))
+    tensors = {layer.name: _into_existing(layer) for layer in plan.layers if isinstance(layer.module, LoRALinear)}
     # Every check passed: now change the model.
     if not existing:
         model.requires_grad_(False)
-    for name, module, A, B, r, alpha, M in plan:
+    for layer in plan.layers:
+        module = layer.module
         if not isinstance(module, LoRALinear):
-            layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
-                                           use_dora=use_dora, init_lora_weights=init)
-            replace_module(model, name, layer)
-            module = layer
-        with torch.no_grad():
-            module.lora_A.copy_(A)
-            module.lora_B.copy_(B)
-            if M is not None:
-                module.lora_magnitude_vector.copy_(M)
+            module = LoRALinear.from_linear(module, r=layer.r, alpha=layer.lora_alpha, dropout=plan.lora_dropout,
+                                            use_rslora=plan.use_rslora, use_dora=plan.use_dora,
+                                            init_lora_weights=plan.init_lora_weights)
+            replace_module(model, layer.name, module)
+        module.set_tensors(tensors.get(layer.name, layer.tensors))
     return model
 
 
-def _check_variant(name, layer: LoRALinear, use_dora: bool, init) -> None:
+def _check_variant(name: str, layer: LoRALinear, config: dict) -> None:
     """An adapter loaded into an existing LoRA layer must be of the same kind (DoRA or not, PiSSA or not)."""
+    use_dora = bool(config.get("use_dora", False))
     if use_dora != layer.config.use_dora:
         raise AdapterError(f"{name}: the adapter has use_dora={use_dora} but the model's layer has "
                            f"use_dora={layer.config.use_dora}; load it into a model without LoRA")
-    if (init == "pissa") != (layer.config.init_lora_weights == "pissa"):
+    if (config.get("init_lora_weights") == "pissa") != (layer.config.init_lora_weights == "pissa"):
         raise AdapterError(f"{name}: a PiSSA adapter needs a PiSSA layer (its base holds the residual) and "
                            "a plain adapter a plain one; load it into a model without LoRA")
 
 
-def _into_existing(name, layer: LoRALinear, A, B, r, alpha, rslora):
-    """Check a PEFT (A, B) against a LoRA layer already in the model; return tensors in its layout."""
-    want_r, _ = _peft_rank_alpha(layer)
-    scaling = lora_scaling(alpha, r, rslora)
-    if r != want_r or not math.isclose(scaling, layer.scaling, rel_tol=1e-6):
-        raise AdapterError(f"{name}: adapter r={r}, lora_alpha={alpha} (scaling {scaling:g}) but "
+def _into_existing(plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """Check an adapter's layer against the LoRA layer already in the model; return tensors in its layout."""
+    name, layer = plan.name, plan.module
+    want_r, _ = layer.peft_rank_alpha()
+    if plan.r != want_r or not math.isclose(plan.scaling, layer.scaling, rel_tol=1e-6):
+        raise AdapterError(f"{name}: adapter r={plan.r}, lora_alpha={plan.lora_alpha} (scaling {plan.scaling:g}) but "
                            f"the model's layer has r={want_r}, scaling {layer.scaling:g}; rebuild the layer to match")
-    if not isinstance(layer, FusedLoRALinear):
-        return A, B
-    # PEFT's single (out, k r) B must be our block structure: zero outside the enabled slices' blocks.
-    s, lr = layer.slice_size, layer.r
-    expected_zero = torch.ones_like(B, dtype=torch.bool)
-    blocks = []
-    for j, i in enumerate(layer.enabled_slices):
-        expected_zero[i * s:(i + 1) * s, j * lr:(j + 1) * lr] = False
-        blocks.append(B[i * s:(i + 1) * s, j * lr:(j + 1) * lr])
-    if (B[expected_zero] != 0).any():
-        raise AdapterError(
-            f"{name}: this adapter changes slices {layer.enable_lora} disables (e.g. k), or mixes the slices' ranks; "
-            "a fused q,v layer cannot hold it. Load it into a model without LoRA (plain add_lora on the whole layer)"
-        )
-    return A, torch.cat(blocks, dim=0)  # (k r, in), (k out/n, r)
+    try:
+        return layer.from_peft_tensors(plan.tensors)
+    except ValueError as err:
+        raise AdapterError(f"{name}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- PEFT models in memory

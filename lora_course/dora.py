@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import transpose
-from .lora import LoRAConfig, LoRALinear, make_config
+from .config import LoRAConfig, make_config, register_layer_variant
+from .layers import base_weight, write_base_weight
+from .lora import LoRALinear
 
 __all__ = ["DoRALinear", "dora_weight_norm", "dora_delta", "dora_merge", "dora_unmerge", "dora_layers"]
 
@@ -73,72 +74,67 @@ class DoRALinear(LoRALinear):
     normalised direction W0 + scaling * B A. Built by `add_lora(model, ..., use_dora=True)`,
     or `DoRALinear.from_linear(layer, r=..., alpha=...)` for an `nn.Linear` or `Conv1D`."""
 
-    supports_dora = True
-
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
-                 bias: bool = True, base_layer: nn.Module | None = None, **settings):
+                 bias: bool = True, base_layer: nn.Module | None = None, base_format=None, **settings):
         config = make_config(config, **settings)
         if not config.use_dora:
             config = make_config(config, use_dora=True)
-        super().__init__(in_features, out_features, config, bias=bias, base_layer=base_layer)
+        super().__init__(in_features, out_features, config, bias=bias, base_layer=base_layer, base_format=base_format)
         # m = ||W0 + s B A||_row: ||W0||_row with the default init (B = 0); PiSSA's A, B included as PEFT does.
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())  # (out,)
-        self._merged_norm: torch.Tensor | None = None  # the norm used at merge time, needed to unmerge
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """n = ||W0 + scaling * B A||_row, shape (out,), outside the autograd graph (PEFT detaches it)."""
         W0 = self.W0
-        return dora_weight_norm(W0, self.delta_weight().to(W0.dtype))
+        delta = self.delta_of({"lora_A": self.lora_A, "lora_B": self.lora_B}, self.scaling)  # before m exists too
+        return dora_weight_norm(W0, delta.to(W0.dtype))
 
     def dora_scale(self) -> torch.Tensor:
         """m / n, shape (out,): how much each output row is stretched. Gradient flows into m only."""
         return self.lora_magnitude_vector / self.weight_norm()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        result = self.base_layer(x)  # (..., out) = W0 x + b
-        if self.merged:
-            return result
-        return result + self.dora_delta(x, result)
-
-    def dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What DoRA adds to the base output `result` (..., out) for input `x` (..., in)."""
-        active = not isinstance(self.lora_dropout, nn.Identity) and self.training
-        return dora_delta(x, result, W0=self.W0, bias=self.base_layer.bias, lora_A=self.lora_A, lora_B=self.lora_B,
-                          magnitude=self.lora_magnitude_vector, scaling=self.scaling,
-                          dropped=self.lora_dropout(x) if active else None)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """LoRA's A and B, and the magnitude m (out,) (PEFT's key for it has no `.weight`)."""
+        return {**super().tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W' = (m / n) * (W0 + scaling * B A), shape (out, in): the weight one plain layer would hold."""
         return dora_merge(self.W0, self.delta_weight(), self.lora_magnitude_vector)[0]
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Replace the base weight by W' (one matmul at inference); the norm is kept to unmerge."""
-        if self.merged:
-            raise RuntimeError("this DoRALinear is already merged; call unmerge() before merging again")
-        merged, self._merged_norm = dora_merge(self.W0, self.delta_weight(), self.lora_magnitude_vector)
-        self._set_base(merged)
-        self.merged = True
+    @classmethod
+    def output_of(cls, base_layer, x, result, tensors, scaling, dropout=None):
+        """result + (m / n - 1) W0 x + (m / n) s B A x (see `dora_delta`); W0 x is recomputed on the dropped
+        input only while dropout is active, as PEFT does."""
+        active = dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training
+        return result + dora_delta(x, result, W0=base_weight(base_layer), bias=base_layer.bias,
+                                   lora_A=tensors["lora_A"], lora_B=tensors["lora_B"],
+                                   magnitude=tensors["lora_magnitude_vector"], scaling=scaling,
+                                   dropped=dropout(x) if active else None)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Recover W0 = W' / (m / n) - scaling * B A with the norm saved at merge (W' alone cannot give it)."""
-        if not self.merged:
-            raise RuntimeError("this DoRALinear is not merged; there is nothing to unmerge")
-        self._set_base(dora_unmerge(self.W0, self.delta_weight(), self.lora_magnitude_vector, self._merged_norm))
-        self._merged_norm = None
-        self.merged = False
+    @classmethod
+    def merge_into(cls, base_layer, tensors, scaling):
+        """Replace the base weight by W' (one matmul at inference); returns the norm n, which unmerging needs."""
+        merged, norm = dora_merge(base_weight(base_layer), cls.delta_of(tensors, scaling),
+                                  tensors["lora_magnitude_vector"])
+        write_base_weight(base_layer, merged)
+        return norm
 
-    @torch.no_grad()
-    def _set_base(self, W: torch.Tensor) -> None:
-        """Write an (out, in) fp32 matrix into the base weight, in its layout and dtype."""
-        weight = self.base_layer.weight
-        weight.copy_(transpose(W, self.fan_in_fan_out).to(weight.dtype))
+    @classmethod
+    def unmerge_from(cls, base_layer, tensors, scaling, state) -> None:
+        """Recover W0 = W' / (m / n) - scaling * B A with the norm n saved at merge (W' alone cannot give it)."""
+        write_base_weight(base_layer, dora_unmerge(base_weight(base_layer), cls.delta_of(tensors, scaling),
+                                                   tensors["lora_magnitude_vector"], state))
+
+    def tensor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        return {**super().tensor_shapes(r), "lora_magnitude_vector": (self.out_features,)}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", use_dora=True"
+
+
+register_layer_variant("use_dora", DoRALinear)
 
 
 def dora_layers(model: nn.Module) -> dict[str, DoRALinear]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRAConfig, LoRALinear, _targeted_config, inject_adapters
+from .lora import LoRAConfig, LoRALinear, inject_adapters, targeted_config
 
 __all__ = ["FusedLoRALinear", "add_fused_lora"]
 
@@ -60,15 +60,6 @@ class FusedLoRALinear(LoRALinear):
         B = self.lora_B.split(self.slice_size)
         return list(zip(self.enabled_slices, A, B))
 
-    def delta_weight(self) -> torch.Tensor:
-        """dW, shape (out, in): scaling * B_i A_i on enabled slices, exact zeros elsewhere."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = self.lora_A.new_zeros(self.out_features, self.in_features, dtype=dtype)  # (out, in)
-        for i, a, b in self.slice_pairs():
-            rows = slice(i * self.slice_size, (i + 1) * self.slice_size)
-            delta[rows] = (b.to(dtype) @ a.to(dtype)) * self.scaling  # (out/n, r) @ (r, in)
-        return delta
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
@@ -81,6 +72,36 @@ class FusedLoRALinear(LoRALinear):
             parts[i] = (F.linear(h_j, b) * self.scaling).to(result.dtype)  # (..., out/n)
         return result + torch.cat(parts, dim=-1)  # disabled slices add exact zeros
 
+    # -- the exact PEFT twin: one LoRA of rank k r on the whole layer, A = [A_i; ...], B block-diagonal
+    def peft_rank_alpha(self) -> tuple[int, float]:
+        """Rank k r, and alpha scaled so that the scaling (alpha / r, or alpha / sqrt r) stays the same."""
+        k = sum(self.enable_lora)
+        return k * self.r, self.alpha * (k ** 0.5 if self.use_rslora else k)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """A (k r, in) as stored; B (out, k r) with B_i in slice i's rows and block j's columns, zeros elsewhere."""
+        r, s = self.r, self.slice_size
+        B = self.lora_A.new_zeros(self.out_features, self.lora_A.shape[0])  # (out, k r)
+        for j, (i, _, b) in enumerate(self.slice_pairs()):
+            B[i * s:(i + 1) * s, j * r:(j + 1) * r] = b
+        return {"lora_A": self.lora_A, "lora_B": B}
+
+    def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's single (out, k r) B must be our block structure: zero outside the enabled slices' blocks."""
+        B, s, r = tensors["lora_B"], self.slice_size, self.r
+        outside = torch.ones_like(B, dtype=torch.bool)
+        blocks = []
+        for j, i in enumerate(self.enabled_slices):
+            outside[i * s:(i + 1) * s, j * r:(j + 1) * r] = False
+            blocks.append(B[i * s:(i + 1) * s, j * r:(j + 1) * r])
+        if (B[outside] != 0).any():
+            raise ValueError(
+                f"this adapter changes slices {self.enable_lora} disables (e.g. k), or mixes the slices' ranks; "
+                "a fused q,v layer cannot hold it. Load it into a model without LoRA (plain add_lora on the whole "
+                "layer)"
+            )
+        return {**tensors, "lora_B": torch.cat(blocks, dim=0)}  # (k out/n, r)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", enable_lora={list(self.enable_lora)}"
 
@@ -92,6 +113,6 @@ def add_fused_lora(
     **settings,
 ) -> nn.Module:
     """Like `add_lora`, but each target (default `c_attn`) gets a `FusedLoRALinear` adapting only the enabled slices."""
-    config = _targeted_config(config, settings, default_targets=("c_attn",))
+    config = targeted_config(config, settings, default_targets=("c_attn",))
     return inject_adapters(model, config.target_modules,
                            lambda layer: FusedLoRALinear.from_linear(layer, config, enable_lora=enable_lora))

@@ -18,112 +18,52 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
-from .validate import check_fraction, check_int, check_positive
+from .config import (
+    BASE_FORMATS,
+    CONFIG_NAMES,
+    INIT_SCHEMES,
+    LAYER_VARIANTS,
+    LoRAConfig,
+    lora_scaling,
+    make_config,
+    registered,
+    targeted_config,
+)
+from .layers import (
+    add_to_base_weight,
+    base_weight,
+    fan_in_fan_out,
+    is_adaptable,
+    linear_features,
+    replace_module,
+    stored_weight_numel,
+)
 
 __all__ = [
-    "LoRAConfig",
+    "LoRAConfig",  # from config.py, where it lives, for `from lora_course.lora import LoRAConfig`
     "make_config",
-    "LoRALinear",
+    "targeted_config",
     "lora_scaling",
+    "LoRALinear",
+    "variant_class",
+    "peft_suffix",
     "matches_target",
+    "matched_modules",
     "add_lora",
     "inject_adapters",
     "merge_lora",
     "lora_layers",
+    "update_norm",
     "count_parameters",
     "print_trainable_parameters",
     "trainable_parameters_line",
 ]
-
-# init_lora_weights, as in PEFT: True (A Kaiming-uniform, B = 0), False (B random too, so the layer
-# does not start at W0: for demos only), or one of these named schemes.
-NAMED_INITS = ("gaussian", "pissa")  # gaussian: A ~ N(0, 1/r^2), B = 0; pissa: from W0's SVD (pissa.py)
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """What a LoRA adapter is: PEFT's `LoraConfig` names, validated here once.
-
-    `r` is the rank of the update, `lora_alpha` its scale (the update is multiplied by
-    `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`), `lora_dropout` the
-    dropout on the adapter's input, `target_modules` which layers to adapt (a list of
-    names or dotted suffixes, or one regex on the full name). `alpha` and `dropout` are
-    accepted wherever settings are given as keywords (`make_config`).
-    """
-
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    target_modules: str | tuple[str, ...] | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: bool | str = True
-
-    def __post_init__(self):
-        check_int("r", self.r, minimum=1, hint="r is the rank of the update; r=8 is a common start")
-        check_positive("lora_alpha", self.lora_alpha, hint="lora_alpha=2*r is a common start")
-        check_fraction("lora_dropout", self.lora_dropout, upper_inclusive=False,
-                       hint="use 0.0 for none; 0.05 is common")
-        for name in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        init = self.init_lora_weights
-        if not (isinstance(init, bool) or isinstance(init, str) and init in NAMED_INITS):
-            raise ValueError(f"init_lora_weights must be True, False or one of {list(NAMED_INITS)}, got {init!r}")
-        targets = self.target_modules
-        if targets is not None and not isinstance(targets, str):
-            targets = tuple(targets)
-            if not targets:
-                raise ValueError("target_modules is empty; name at least one layer, e.g. ['c_attn'] for GPT-2 "
-                                 "or ['q_proj', 'v_proj'] for LLaMA")
-            if not all(isinstance(t, str) for t in targets):
-                raise TypeError(f"target_modules must be layer names (strings), got {self.target_modules!r}")
-            object.__setattr__(self, "target_modules", targets)
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha
-
-    @property
-    def dropout(self) -> float:
-        return self.lora_dropout
-
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
-
-
-_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
-
-
-def make_config(config: LoRAConfig | None = None, **settings) -> LoRAConfig:
-    """`config` (default `LoRAConfig()`) with `settings` replacing its fields; `alpha=`/`dropout=` accepted."""
-    if config is not None and not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    for short, name in _ALIASES.items():
-        if short in settings:
-            if name in settings:
-                raise TypeError(f"give {short} or {name}, not both")
-            settings[name] = settings.pop(short)
-    unknown = sorted(set(settings) - {f.name for f in fields(LoRAConfig)})
-    if unknown:
-        raise TypeError(f"unknown LoRA setting(s) {unknown}; LoRAConfig takes "
-                        f"{[f.name for f in fields(LoRAConfig)]} (alpha and dropout also work)")
-    config = config if config is not None else LoRAConfig()
-    return replace(config, **settings) if settings else config
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """The factor on B A: alpha / r, or rsLoRA's alpha / sqrt(r), which keeps the update's size stable as r grows."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -131,15 +71,17 @@ class LoRALinear(nn.Module):
 
     `LoRALinear(in_features, out_features, r=8, alpha=16)` builds its own frozen base
     layer (an `nn.Linear` initialised as PyTorch does); `LoRALinear.from_linear(layer, ...)`
-    wraps an existing pretrained `nn.Linear` or transformers `Conv1D` without copying its
-    weight. Settings come as a `LoRAConfig` or as keywords. The base layer sits at
-    `base_layer`, as in PEFT.
+    wraps an existing pretrained `nn.Linear`, transformers `Conv1D` or 4-bit `Linear4bit`
+    without copying its weight. Settings come as a `LoRAConfig` or as keywords. The base
+    layer sits at `base_layer`, as in PEFT, and is read and written only through the
+    base-weight seam (`lora_course.layers`), so every kind of base merges the same way.
+    `base_format` (a function layer -> layer, e.g. 4-bit storage) is applied to the base
+    after the factors are initialised: PiSSA decomposes the full-precision weight first.
     """
 
-    supports_dora = False  # DoRA lives in dora.DoRALinear
-
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
-                 bias: bool = True, base_layer: nn.Module | None = None, **settings):
+                 bias: bool = True, base_layer: nn.Module | None = None,
+                 base_format: Callable[[nn.Module], nn.Module] | None = None, **settings):
         super().__init__()
         config = make_config(config, **settings)
         if config.r > min(in_features, out_features):
@@ -148,9 +90,12 @@ class LoRALinear(nn.Module):
                 f"{out_features}x{in_features} weight; a rank-{config.r} update cannot exist there. "
                 f"Use r <= {min(in_features, out_features)} (LoRA wants r much smaller)."
             )
-        if config.use_dora and not self.supports_dora:
-            raise NotImplementedError(f"use_dora=True (DoRA) is not available in {type(self).__name__}; "
-                                      "use lora_course.dora.DoRALinear (add_lora(..., use_dora=True) picks it)")
+        for flag in _set_flags(config):
+            needed = LAYER_VARIANTS.get(flag)
+            if needed is None or not isinstance(self, needed):
+                where = f"use {needed.__module__}.{needed.__name__}" if needed else "its module is not imported"
+                raise NotImplementedError(f"{flag}=True is not available in {type(self).__name__}; {where} "
+                                          f"(add_lora(..., {flag}=True) picks it)")
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias)
         self.base_layer = base_layer.requires_grad_(False)  # W0 (and its bias) stay frozen
@@ -158,25 +103,31 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = config.r, config.lora_alpha, config.use_rslora
         self.scaling = config.scaling
-        self.fan_in_fan_out = is_conv1d(base_layer)  # GPT-2's Conv1D stores (in, out)
+        self.fan_in_fan_out = fan_in_fan_out(base_layer)  # GPT-2's Conv1D stores (in, out)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         shape_A, shape_B = self.lora_shapes()
-        device = base_layer.weight.device
+        device = _device_of(base_layer)
         self.lora_A = nn.Parameter(torch.empty(shape_A, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(shape_B, device=device))  # (out, r)
         self.merged = False
+        self._merge_state = None  # what a variant's unmerge needs (DoRA: the norm at merge time)
         self.reset_lora_parameters()
+        if base_format is not None:  # e.g. 4-bit storage, of W0 or of PiSSA's residual
+            self.base_layer = base_format(self.base_layer).requires_grad_(False)
+            self.fan_in_fan_out = fan_in_fan_out(self.base_layer)
 
     @classmethod
-    def from_linear(cls, layer: nn.Module, config: LoRAConfig | None = None, **settings) -> "LoRALinear":
-        """Wrap a pretrained `nn.Linear` or `Conv1D`; its weight is shared, not copied."""
+    def from_linear(cls, layer: nn.Module, config: LoRAConfig | None = None, *,
+                    base_format: Callable[[nn.Module], nn.Module] | None = None, **settings) -> "LoRALinear":
+        """Wrap a pretrained base layer; its weight is shared, not copied. A variant flag (use_dora) picks its class."""
         if isinstance(layer, LoRALinear):
             raise TypeError("this layer already carries LoRA; merge_lora() it first or train the existing adapter")
         in_features, out_features = linear_features(layer)
-        if cls is LoRALinear and make_config(config, **settings).use_dora:  # DoRA: the subclass in dora.py
-            from .dora import DoRALinear
-            cls = DoRALinear
-        return cls(in_features, out_features, config, base_layer=layer, **settings)
+        extra = {k: settings.pop(k) for k in list(settings) if k not in CONFIG_NAMES}  # a subclass's own arguments
+        config = make_config(config, **settings)
+        if cls is LoRALinear:
+            cls = variant_class(config)
+        return cls(in_features, out_features, config, base_layer=layer, base_format=base_format, **extra)
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """Shapes of lora_A and lora_B: (r, in) and (out, r)."""
@@ -185,9 +136,8 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """`init_lora_weights=True`: A as PEFT's default (nn.Linear's Kaiming-uniform, a=sqrt(5)), B = 0."""
         init = self.config.init_lora_weights
-        if init == "pissa":  # A, B from W0's top-r singular triplets; the base keeps the residual
-            from .pissa import pissa_init
-            return pissa_init(self)
+        if isinstance(init, str) and init in INIT_SCHEMES:  # e.g. PiSSA: A, B from W0's SVD, the base keeps the rest
+            return INIT_SCHEMES[init](self)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
@@ -199,57 +149,124 @@ class LoRALinear(nn.Module):
 
     @property
     def W0(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever layout the base layer stores."""
-        return transpose(self.base_layer.weight, self.fan_in_fan_out)
+        """The base weight as (out, in), whatever layout or format the base layer stores."""
+        return base_weight(self.base_layer)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors in PEFT's layout, by name: lora_A (r, in), lora_B (out, r); a variant adds its own."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     def delta_weight(self) -> torch.Tensor:
         """The update dW = scaling * B @ A, shape (out, in), in fp32 or the factors' wider dtype."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling  # (out, r) @ (r, in)
+        return self.delta_of(self.tensors(), self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        x = self.lora_dropout(x)
-        h = F.linear(x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        if h.dtype != result.dtype:  # e.g. an fp16 base with fp32 factors: add in the base's dtype
-            return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
-        # One fused op on the flattened tokens: result + scaling * h @ B^T.
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.T,
-                          alpha=self.scaling)  # (N, out)
-        return out.view(result.shape)
-
-    @torch.no_grad()
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        """W0 += delta (out, in), computed in fp32 and rounded once to the base's dtype."""
-        if getattr(self.base_layer, "is_quantized", False):  # a 4-bit base (quant.Linear4bit): dequantize, add, round
-            self.base_layer.add_to_weight(transpose(delta.float(), self.fan_in_fan_out))
-            return
-        W = self.base_layer.weight
-        W.copy_((W.float() + transpose(delta.float(), self.fan_in_fan_out)).to(W.dtype))
+        return self.output_of(self.base_layer, x, result, self.tensors(), self.scaling, self.lora_dropout)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight: one matmul at inference, no extra cost."""
         if self.merged:
-            raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
-        self._add_to_base(self.delta_weight())
+            raise RuntimeError(f"this {type(self).__name__} is already merged; call unmerge() before merging again")
+        self._merge_state = self.merge_into(self.base_layer, self.tensors(), self.scaling)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (exact up to one rounding of the base's dtype)."""
+        """Take the update back out of the base weight (exact up to one rounding of what the base stores)."""
         if not self.merged:
-            raise RuntimeError("this LoRALinear is not merged; there is nothing to unmerge")
-        self._add_to_base(-self.delta_weight())
-        self.merged = False
+            raise RuntimeError(f"this {type(self).__name__} is not merged; there is nothing to unmerge")
+        self.unmerge_from(self.base_layer, self.tensors(), self.scaling, self._merge_state)
+        self._merge_state, self.merged = None, False
+
+    # -- the arithmetic of one adapter, on any base layer and tensors: the instance methods above and
+    #    serving.MultiAdapterLinear (many adapters on one base) both use exactly these
+    @staticmethod
+    def delta_of(tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+        """dW = scaling * B @ A, (out, r) @ (r, in) -> (out, in), in fp32 or the factors' wider dtype."""
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return (B.to(dtype) @ A.to(dtype)) * scaling
+
+    @classmethod
+    def output_of(cls, base_layer: nn.Module, x: torch.Tensor, result: torch.Tensor, tensors: dict[str, torch.Tensor],
+                  scaling: float, dropout: nn.Module | None = None) -> torch.Tensor:
+        """The adapted output for input x (..., in), given the base's output `result` = base_layer(x) (..., out):
+        result + scaling * B A dropout(x)."""
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        if dropout is not None:
+            x = dropout(x)
+        h = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., r)
+        if h.dtype != result.dtype:  # e.g. an fp16 base with fp32 factors: add in the base's dtype
+            return result + (F.linear(h, B) * scaling).to(result.dtype)
+        # One fused op on the flattened tokens: result + scaling * h @ B^T.
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=scaling)
+        return out.view(result.shape)  # (..., out)
+
+    @classmethod
+    def merge_into(cls, base_layer: nn.Module, tensors: dict[str, torch.Tensor], scaling: float):
+        """W0 <- W0 + dW through the base-weight seam; returns what unmerging needs (nothing, for LoRA)."""
+        add_to_base_weight(base_layer, cls.delta_of(tensors, scaling))
+
+    @classmethod
+    def unmerge_from(cls, base_layer: nn.Module, tensors: dict[str, torch.Tensor], scaling: float, state) -> None:
+        """W0 <- W0 - dW."""
+        add_to_base_weight(base_layer, -cls.delta_of(tensors, scaling))
+
+    # -- the adapter as PEFT stores it (`tensors()` gives it): what adapters.py saves, loads and converts
+    def peft_rank_alpha(self) -> tuple[int, float]:
+        """The (r, lora_alpha) of the PEFT LoRA that computes this layer's update."""
+        return self.r, self.alpha
+
+    def tensor_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """The shapes a rank-r adapter in PEFT's layout has at this layer, by tensor name."""
+        return {"lora_A": (r, self.in_features), "lora_B": (self.out_features, r)}
+
+    def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An adapter's tensors in PEFT's layout (shapes checked) in this layer's own; ValueError if it cannot."""
+        return dict(tensors)
+
+    @torch.no_grad()
+    def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in this layer's layout (from `from_peft_tensors`) into its own, by name."""
+        own = dict(self.named_parameters(recurse=False))
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
         )
+
+
+def peft_suffix(name: str) -> str:
+    """PEFT's key suffix of an adapter tensor: `lora_A` -> `lora_A.weight` (its nn.Linear); a vector keeps its name."""
+    return f"{name}.weight" if name.startswith(("lora_A", "lora_B")) else name
+
+
+def variant_class(config: LoRAConfig) -> type:
+    """The LoRA layer class a config asks for: `LoRALinear`, or the registered variant of a flag it sets."""
+    cls = LoRALinear
+    for flag in _set_flags(config):
+        if flag not in LAYER_VARIANTS:
+            raise NotImplementedError(f"{flag}=True needs its variant's module, which is not imported")
+        cls = LAYER_VARIANTS[flag]
+    return cls
+
+
+def _set_flags(config: LoRAConfig) -> list[str]:
+    """The variant flags (boolean config fields that pick a layer class, e.g. use_dora) this config sets."""
+    return [flag for flag in dict.fromkeys(("use_dora", *LAYER_VARIANTS)) if getattr(config, flag, False) is True]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    tensor = tensor if tensor is not None else next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -271,16 +288,8 @@ def _no_match_error(model: nn.Module, target_modules) -> ValueError:
     )
 
 
-def inject_adapters(
-    model: nn.Module,
-    target_modules: str | Iterable[str],
-    wrap: Callable[[nn.Module], nn.Module],
-) -> nn.Module:
-    """Replace every Linear/Conv1D that `target_modules` matches with `wrap(layer)`; freeze the rest.
-
-    The model surgery shared by `add_lora` and `fused.add_fused_lora` (PEFT calls it
-    `inject_adapter`). Every match is checked and wrapped before anything changes.
-    """
+def matched_modules(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs `target_modules` picks for LoRA, checked: every one a plain base layer."""
     if target_modules is None:
         raise ValueError("name target_modules, the layers to adapt: e.g. ['c_attn'] for GPT-2, "
                          "['q_proj', 'v_proj'] for LLaMA (print(model) lists the layer names)")
@@ -299,6 +308,20 @@ def inject_adapters(
                 f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
                 "LoRA here adapts linear layers: name those in target_modules"
             )
+    return matched
+
+
+def inject_adapters(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    wrap: Callable[[nn.Module], nn.Module],
+) -> nn.Module:
+    """Replace every Linear/Conv1D that `target_modules` matches with `wrap(layer)`; freeze the rest.
+
+    The model surgery shared by `add_lora` and `fused.add_fused_lora` (PEFT calls it
+    `inject_adapter`). Every match is checked and wrapped before anything changes.
+    """
+    matched = matched_modules(model, target_modules)
     flags = {p: p.requires_grad for _, m in matched for p in m.parameters()}
     try:  # wrap every match before changing the model, so bad settings leave it as it was
         wrapped = [(name, wrap(module)) for name, module in matched]
@@ -316,19 +339,6 @@ def inject_adapters(
     return model
 
 
-def _targeted_config(config, settings: dict, default_targets=None) -> LoRAConfig:
-    """A LoRAConfig from add_lora's arguments: a config, or target_modules, plus keyword settings."""
-    if config is not None and not isinstance(config, LoRAConfig):  # add_lora(model, ["c_attn"], r=8)
-        if "target_modules" in settings:
-            raise TypeError("target_modules given twice (as the second argument and as a keyword)")
-        settings["target_modules"] = config
-        config = None
-    config = make_config(config, **settings)
-    if config.target_modules is None and default_targets is not None:
-        config = replace(config, target_modules=default_targets)
-    return config
-
-
 def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, *,
              quantize_base: str | None = None, **settings) -> nn.Module:
     """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
@@ -341,19 +351,19 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
 
     `quantize_base="nf4"` is QLoRA: every linear layer of the frozen base (but the output
     head) is stored in 4-bit NF4 with double quantization (`lora_course.quant`), and the
-    adapters train on top in full precision.
+    adapters train on top in full precision. Everything is checked before the model changes.
     """
-    config = _targeted_config(config, settings)
+    config = targeted_config(config, settings)
     if quantize_base is None:
         return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
-    from .quant import quantize_base_layer, quantize_model
-
-    quantize = quantize_base_layer(quantize_base)  # checks the setting before anything changes
-    if config.init_lora_weights == "pissa":  # its SVD would rewrite W0, which a 4-bit layer only stores rounded
-        raise ValueError("init_lora_weights='pissa' with quantize_base is not built here: PiSSA needs the SVD of the "
-                         "full-precision weight before the residual is quantized; use quantize_base=None")
-    inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(quantize(layer), config))
-    return quantize_model(model, quant_type=quantize_base)  # the frozen layers LoRA does not wrap
+    base_format = registered(BASE_FORMATS, quantize_base, "quantize_base", "'nf4' is QLoRA's")
+    targets = {name for name, _ in matched_modules(model, config.target_modules)}
+    rest = base_format.replacements(model, skip=targets)  # the frozen layers LoRA does not wrap, quantized
+    inject_adapters(model, config.target_modules,
+                    lambda layer: LoRALinear.from_linear(layer, config, base_format=base_format.layer))
+    for name, layer in rest:
+        replace_module(model, name, layer)
+    return model
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -389,9 +399,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-    for m in model.modules():  # a 4-bit base layer (quant.Linear4bit) keeps its frozen weight as codes, not a parameter
-        if getattr(m, "is_quantized", False):
-            total += m.in_features * m.out_features
+    total += sum(stored_weight_numel(m) for m in model.modules())  # 4-bit weights are codes, not parameters
     return trainable, total
 
 

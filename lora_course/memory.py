@@ -40,6 +40,9 @@ __all__ = [
     "peak_memory",
     "PeakMemory",
     "optimizer_state_bytes",
+    "StepMemory",
+    "resident_bytes",
+    "training_step_memory",
     "train_steps",
     "measure_training_peak",
     "format_bytes",
@@ -436,6 +439,39 @@ def measure_training_peak(build: Callable[[], torch.nn.Module], steps: int = 3, 
         return model
 
     return peak_memory(run, device=device)
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """What training holds, measured: `resident` bytes kept between steps (weights, buffers and the optimizer's
+    state) and `step_peak`, the most one training step allocates above them (activations, gradients,
+    temporaries such as a dequantized weight). `total` is the training footprint."""
+
+    resident: int
+    step_peak: int
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.step_peak
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the model's parameters and buffers (each storage once: tied weights count once; 4-bit codes are
+    buffers), plus the optimizer's state."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values()) + (optimizer_state_bytes(optimizer) if optimizer is not None else 0)
+
+
+def training_step_memory(model: torch.nn.Module, step: Callable[[], Any], optimizer: torch.optim.Optimizer,
+                         device=None) -> StepMemory:
+    """Run `step()` (one forward, backward and optimizer step that ends in `zero_grad(set_to_none=True)`) once so
+    the optimizer's state exists, then measure a second step with `peak_memory`."""
+    step()
+    optimizer.zero_grad(set_to_none=True)
+    _, peak = peak_memory(step, device=device)
+    return StepMemory(resident_bytes(model, optimizer), peak)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

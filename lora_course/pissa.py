@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import transpose
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, adapter_config, adapter_key, adapter_state_dict
+from .config import register_init_scheme
+from .layers import write_base_weight
+from .lora import lora_layers
 from .lowrank import truncated_svd
 
 __all__ = ["PISSA", "pissa_factors", "pissa_init", "is_pissa", "pissa_initial_state", "pissa_to_lora_state",
@@ -58,13 +61,10 @@ def is_pissa(layer: nn.Module) -> bool:
 def pissa_init(layer: nn.Module) -> None:
     """Fill `layer.lora_A`, `layer.lora_B` from W0's top-r singular triplets; the base keeps W_res.
 
-    The base layer is copied before W_res is written, so the caller's original layer (and any
-    other model sharing it) keeps W0; only the returned LoRA layer holds the residual.
+    The base layer is copied before W_res is written (through the base-weight seam, so a 4-bit
+    base re-quantizes the residual), so the caller's original layer (and any other model
+    sharing it) keeps W0; only the returned LoRA layer holds the residual.
     """
-    weight = layer.base_layer.weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"PiSSA needs a float base weight (got {weight.dtype}); decompose before quantising, "
-                        "then quantise the residual")
     shape_A, shape_B = layer.lora_shapes()
     if (shape_A, shape_B) != ((layer.r, layer.in_features), (layer.out_features, layer.r)):
         raise TypeError(f"PiSSA decomposes a whole weight; {type(layer).__name__} adapts only slices of it. "
@@ -75,12 +75,13 @@ def pissa_init(layer: nn.Module) -> None:
     layer.lora_B.copy_(B)
     residual = W0 - layer.scaling * (B @ A)  # (out, in): W0 minus its best rank-r part
     layer.base_layer = copy.deepcopy(layer.base_layer)
-    layer.base_layer.weight.copy_(transpose(residual, layer.fan_in_fan_out).to(weight.dtype))
+    write_base_weight(layer.base_layer, residual)
+
+
+register_init_scheme(PISSA, pissa_init)
 
 
 def _pissa_layers(model: nn.Module) -> dict:
-    from .lora import lora_layers
-
     layers = {n: m for n, m in lora_layers(model).items() if is_pissa(m)}
     if not layers:
         raise ValueError("this model has no PiSSA layers; build them with add_lora(..., init_lora_weights='pissa')")
@@ -101,8 +102,6 @@ def pissa_to_lora_state(model: nn.Module, initial: dict) -> dict[str, torch.Tens
 
     s (B A - B0 A0) = s [B, -B0] [A; A0]: same scaling, twice the rank.
     """
-    from .adapters import AdapterError, adapter_state_dict
-
     layers = _pissa_layers(model)
     missing = sorted(set(layers) - set(initial))
     if missing:
@@ -113,7 +112,7 @@ def pissa_to_lora_state(model: nn.Module, initial: dict) -> dict[str, torch.Tens
         if A0.shape != layer.lora_A.shape or B0.shape != layer.lora_B.shape:
             raise AdapterError(f"{name}: the initial A0 {tuple(A0.shape)} / B0 {tuple(B0.shape)} do not match the "
                                f"layer's {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}")
-        key = f"base_model.model.{name}"
+        key = adapter_key(name)
         state[f"{key}.lora_A.weight"] = torch.cat([state[f"{key}.lora_A.weight"], A0.cpu()], dim=0)  # (2r, in)
         state[f"{key}.lora_B.weight"] = torch.cat([state[f"{key}.lora_B.weight"], -B0.cpu()], dim=1)  # (out, 2r)
     return state
@@ -126,8 +125,6 @@ def save_pissa_as_lora(model: nn.Module, path, initial: dict, base_model_name_or
     model, next to other adapters. Returns the folder.
     """
     from safetensors.torch import save_file
-
-    from .adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config
 
     state = pissa_to_lora_state(model, initial)
     config = adapter_config(model, base_model_name_or_path)

@@ -24,6 +24,7 @@ bitsandbytes' `quantize_4bit(w, blocksize=64, quant_type="nf4")` (tests check it
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
+from .config import register_base_format
+from .layers import BaseLayerKind, base_weight, fan_in_fan_out, is_adaptable, register_base_layer, replace_module
 from .validate import check_int
 
 __all__ = [
@@ -51,7 +53,9 @@ __all__ = [
     "quantize_nf4",
     "bits_per_parameter",
     "weight4bit_nbytes",
+    "Linear4bitFunction",
     "Linear4bit",
+    "QuantizedBase",
     "quantize_base_layer",
     "quantize_model",
     "quantized_layers",
@@ -110,6 +114,17 @@ def levels_for(quant_type: str) -> torch.Tensor:
     if quant_type == "int4":
         return int4_levels()
     raise ValueError(f"quant_type must be one of {list(QUANT_TYPES)}, got {quant_type!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _table(kind: str, device: torch.device) -> torch.Tensor:
+    """Cached decoding tables, never modified: "dynamic" (256 levels for the absmax constants) or a 4-bit
+    type's (256, 2) table of the two levels each byte's high and low nibble stand for."""
+    if kind == "dynamic":
+        return dynamic_levels().to(device)
+    levels = levels_for(kind).to(device)
+    levels = torch.cat([levels, levels[-1:].expand(16 - len(levels))])  # int4 has 15 levels: code 15 never occurs
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte b -> (b >> 4, b & 15)
 
 
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -204,14 +219,18 @@ class Weight4bit:
             return self.absmax
         n = self.absmax_codes.numel()
         scale = self.absmax_scale.repeat_interleave(ABSMAX_BLOCK_SIZE)[:n]
-        levels = dynamic_levels().to(self.absmax_codes.device)
+        levels = _table("dynamic", self.absmax_codes.device)
         return levels[self.absmax_codes.long()] * scale + self.absmax_offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """levels[code] * absmax, reshaped to `shape`, in `dtype` (default: the original dtype)."""
-        levels = levels_for(self.quant_type).to(self.packed.device)
-        values = levels[self.codes()].view(-1, self.block_size) * self.block_absmax().view(-1, 1)  # fp32
-        return values.view(self.shape).to(dtype or self.dtype)
+        """levels[code] * absmax, reshaped to `shape`, in `dtype` (default: the original dtype).
+
+        Each byte holds two codes, so one look-up in a 256-row table of level pairs decodes
+        both (the same as `levels[self.codes()]`, with half the indices and no unpacking).
+        """
+        pairs = _table(self.quant_type, self.packed.device)  # (256, 2): byte -> (levels[hi], levels[lo])
+        values = pairs[self.packed.long()].view(-1, self.block_size)  # (n_blocks, block), fp32
+        return (values * self.block_absmax().view(-1, 1)).view(self.shape).to(dtype or self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -272,21 +291,48 @@ def weight4bit_nbytes(numel: int, block_size: int = 64, double_quant: bool = Fal
 
 # ----------------------------------------------------------------------------- layers
 
-class Linear4bit(nn.Linear):
-    """A frozen linear layer whose weight (out, in) is stored as a `Weight4bit`.
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x W^T + b with W held as 4-bit codes, dequantized in forward and again in backward.
 
-    Every forward pass dequantizes the weight in the input's dtype (the compute dtype)
-    and calls `F.linear`; nothing here trains. It subclasses `nn.Linear` (as bitsandbytes'
-    `Linear4bit` does) so that LoRA wraps it like any linear layer: `layer.weight` is the
-    dequantized weight. The codes and constants are buffers (they move with `.to()` and
-    appear in `state_dict()`), not parameters. A GPT-2 `Conv1D` is stored as (out, in) too;
-    `fan_in_fan_out` remembers the original layout (for PEFT's adapter config).
+    A plain `F.linear(x, W.dequantize())` would make autograd keep every layer's dequantized
+    W (32 or 16 bits a weight) alive until the backward pass, so a 4-bit base would save
+    nothing while it trains. Here the only thing kept between the passes is the `Weight4bit`
+    itself (4 bits a weight, shared with the layer): backward dequantizes W once more to get
+    dL/dx = dL/dy W. The frozen W needs no gradient, so x is not kept either. This is what
+    bitsandbytes' `MatMul4Bit` does.
     """
 
-    is_quantized = True
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: Weight4bit, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.quantized = quantized  # the codes, not the dequantized weight
+        ctx.bias_shape = None if bias is None else bias.shape
+        W = quantized.dequantize(x.dtype)  # (out, in), freed when forward returns
+        return F.linear(x, W, None if bias is None else bias.to(x.dtype))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # grad_out: (..., out)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.quantized.dequantize(grad_out.dtype)  # (..., out) @ (out, in) -> (..., in)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight (out, in) is stored as a `Weight4bit`.
+
+    Forward runs `Linear4bitFunction`: the weight is dequantized in the input's dtype (the
+    compute dtype) for each pass and never kept, so training LoRA on top costs 4 bits a
+    base weight. The codes and constants are buffers (they move with `.to()` and appear in
+    `state_dict()`), not parameters. The layer is read and written only through the
+    base-weight seam (`lora_course.layers`, registered below): writing re-quantizes, so a
+    merge rounds once. A GPT-2 `Conv1D` is stored as (out, in) too; `fan_in_fan_out`
+    remembers the original layout (for PEFT's adapter config).
+    """
 
     def __init__(self, quantized: Weight4bit, bias: torch.Tensor | None = None, fan_in_fan_out: bool = False):
-        nn.Module.__init__(self)
+        super().__init__()
         if not isinstance(quantized, Weight4bit) or len(quantized.shape) != 2:
             raise TypeError("Linear4bit holds a 2-D Weight4bit (out, in); build it with Linear4bit.from_linear(layer)")
         self.out_features, self.in_features = quantized.shape
@@ -302,10 +348,9 @@ class Linear4bit(nn.Linear):
         """Quantize an `nn.Linear` or `Conv1D` (its weight as (out, in)); the original layer is left as it was."""
         if isinstance(layer, Linear4bit):
             raise TypeError("this layer is already stored in 4 bits")
-        linear_features(layer)  # TypeError for anything but nn.Linear / Conv1D
-        W = transpose(layer.weight.detach(), is_conv1d(layer))  # (out, in)
+        W = base_weight(layer).detach()  # (out, in); TypeError for anything but a base layer
         quantized = quantize_4bit(W, block_size, quant_type, double_quant)
-        return cls(quantized, layer.bias, fan_in_fan_out=is_conv1d(layer))
+        return cls(quantized, layer.bias, fan_in_fan_out=fan_in_fan_out(layer))
 
     def _store(self, quantized: Weight4bit) -> None:
         for name in ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset"):
@@ -323,7 +368,7 @@ class Linear4bit(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (out, in), in the original dtype."""
+        """The dequantized weight (out, in), in the original dtype: a new tensor to read (write through the seam)."""
         return self.quantized.dequantize()
 
     @property
@@ -332,18 +377,14 @@ class Linear4bit(nn.Linear):
         return self.quantized.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        W = self.quantized.dequantize(x.dtype)  # (out, in), in the compute dtype, for this pass only
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, W, bias)  # (..., out)
+        return Linear4bitFunction.apply(x, self.quantized, self.bias)  # (..., out)
 
     @torch.no_grad()
-    def add_to_weight(self, delta: torch.Tensor) -> None:
-        """W <- quantize(dequantize(W) + delta), delta (out, in): merging into a 4-bit weight rounds again."""
+    def store_weight(self, W: torch.Tensor) -> None:
+        """Quantize and keep W (out, in) with this layer's settings: what a merge writes."""
         old = self.quantized
-        if tuple(delta.shape) != old.shape:
-            raise ValueError(f"delta has shape {tuple(delta.shape)}, the weight {old.shape}")
-        merged = old.dequantize(torch.float32) + delta.float().to(old.packed.device)
-        self._store(quantize_4bit(merged.to(old.dtype), old.block_size, old.quant_type, old.double_quant))
+        W = W.to(old.packed.device, old.dtype)
+        self._store(quantize_4bit(W, old.block_size, old.quant_type, old.double_quant))
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if "absmax_codes" in self._buffers else ""
@@ -351,20 +392,59 @@ class Linear4bit(nn.Linear):
                 f"{self.quant_type}, block_size={self.block_size}{dq}")
 
 
+register_base_layer(Linear4bit, BaseLayerKind(
+    features=lambda layer: (layer.in_features, layer.out_features),
+    read=lambda layer: layer.quantized.dequantize(),
+    write=lambda layer, W: layer.store_weight(W),
+    fan_in_fan_out=lambda layer: layer.fan_in_fan_out,
+    weight_is_parameter=False,
+))
+
+
 def _skip_head(model: nn.Module):
     """The output head (tied to the embeddings in GPT-2): QLoRA, like bitsandbytes, keeps it in 16 bits."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
+@dataclass(frozen=True)
+class QuantizedBase:
+    """How `add_lora(..., quantize_base=quant_type)` stores a frozen base: `layer` for one layer,
+    `replacements` for the rest of a model (checked and built, not yet put in)."""
+
+    quant_type: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quantize_base must be one of {list(QUANT_TYPES)} or None, got {self.quant_type!r} "
+                             "(\"nf4\" is QLoRA's)")
+        check_int("block_size", self.block_size, minimum=1)
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size={self.block_size} is not supported; use one of {list(BLOCK_SIZES)}")
+
+    def layer(self, layer: nn.Module) -> Linear4bit:
+        return Linear4bit.from_linear(layer, self.block_size, self.quant_type, self.double_quant)
+
+    def replacements(self, model: nn.Module, skip=()) -> list[tuple[str, Linear4bit]]:
+        """(name, 4-bit layer) for every base layer of `model` but the output head, 4-bit ones and `skip` (names)."""
+        head = _skip_head(model)
+        targets = [(n, m) for n, m in model.named_modules()
+                   if n and is_adaptable(m) and not isinstance(m, Linear4bit) and m is not head and n not in skip]
+        lora_parents = {n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".base_layer")}
+        if lora_parents:
+            raise ValueError(f"{sorted(lora_parents)[0]} already carries LoRA; quantize the base model first, "
+                             "then add LoRA (or use add_lora(..., quantize_base='nf4'))")
+        return [(n, self.layer(m)) for n, m in targets]
+
+
+for _quant_type in QUANT_TYPES:
+    register_base_format(_quant_type, QuantizedBase(_quant_type))
+
+
 def quantize_base_layer(quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True):
-    """A function layer -> `Linear4bit` with these settings (checked now): what `add_lora(quantize_base=...)` uses."""
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quantize_base must be one of {list(QUANT_TYPES)} or None, got {quant_type!r} "
-                         "(\"nf4\" is QLoRA's)")
-    check_int("block_size", block_size, minimum=1)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size={block_size} is not supported; use one of {list(BLOCK_SIZES)}")
-    return lambda layer: Linear4bit.from_linear(layer, block_size, quant_type, double_quant)
+    """A function layer -> `Linear4bit` with these settings (checked now)."""
+    return QuantizedBase(quant_type, block_size, double_quant).layer
 
 
 def quantize_model(model: nn.Module, block_size: int = 64, quant_type: str = "nf4", double_quant: bool = True,
@@ -376,16 +456,7 @@ def quantize_model(model: nn.Module, block_size: int = 64, quant_type: str = "nf
     quantize_base="nf4")`, which does both). Every layer is quantized before any is
     replaced, so a bad setting changes nothing.
     """
-    head = _skip_head(model)
-    targets = [(n, m) for n, m in model.named_modules()
-               if n and is_adaptable(m) and not isinstance(m, Linear4bit) and m is not head and n not in skip]
-    lora_parents = {n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".base_layer")}
-    if lora_parents:
-        raise ValueError(f"{sorted(lora_parents)[0]} already carries LoRA; quantize the base model first, "
-                         "then add LoRA (or use add_lora(..., quantize_base='nf4'))")
-    quantize = quantize_base_layer(quant_type, block_size, double_quant)
-    replaced = [(n, quantize(m)) for n, m in targets]
-    for name, layer in replaced:
+    for name, layer in QuantizedBase(quant_type, block_size, double_quant).replacements(model, skip):
         replace_module(model, name, layer)
     return model
 

@@ -18,16 +18,14 @@ PEFT's `save_pretrained`); everything is checked before the model changes.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .adapters import AdapterError, _pattern_value, _read_config, _read_weights
-from .dora import dora_delta, dora_merge, dora_unmerge
-from .layers import is_adaptable, is_conv1d, linear_features, replace_module, transpose
-from .lora import lora_layers, lora_scaling, matches_target
+from .adapters import AdapterError, read_adapter
+from .layers import is_adaptable, replace_module
+from .lora import LoRAConfig, LoRALinear, lora_layers, variant_class
 
 __all__ = ["BASE", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
 
@@ -35,52 +33,52 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class MultiAdapterLinear(nn.Module):
-    """A frozen `nn.Linear`/`Conv1D` holding any number of named LoRA (or DoRA) adapters."""
+    """A frozen base layer holding any number of named adapters (plain LoRA or a variant such as DoRA).
+
+    Each adapter is its tensors (`adapters[name]`: lora_A (r, in), lora_B (out, r), and a
+    variant's own, e.g. DoRA's lora_magnitude_vector (out,)), its scaling and the LoRA layer
+    class whose arithmetic it uses (`LoRALinear.output_of`, `merge_into`, `unmerge_from`,
+    overridden by variants): the same code a single `LoRALinear` runs.
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.in_features, self.out_features = linear_features(base_layer)
+        if not is_adaptable(base_layer):
+            raise TypeError(f"{type(base_layer).__name__} is not a base layer LoRA can adapt")
         self.base_layer = base_layer.requires_grad_(False)
-        self.fan_in_fan_out = is_conv1d(base_layer)
-        self.lora_A = nn.ParameterDict()  # name -> (r, in)
-        self.lora_B = nn.ParameterDict()  # name -> (out, r)
-        self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA adapters only
+        self.adapters = nn.ModuleDict()  # name -> ParameterDict of its tensors
         self.scaling: dict[str, float] = {}
+        self.kind: dict[str, type[LoRALinear]] = {}  # name -> the layer class whose arithmetic it uses
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.row_adapters: list | None = None  # per-row names while a mixed batch runs
-        self._merged_norm: torch.Tensor | None = None
+        self._merge_state = None
 
-    @property
-    def W0(self) -> torch.Tensor:
-        return transpose(self.base_layer.weight, self.fan_in_fan_out)  # (out, in)
-
-    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude=None) -> None:
-        dev = self.base_layer.weight.device
-        self.lora_A[name] = nn.Parameter(A.to(dev).clone(), requires_grad=False)
-        self.lora_B[name] = nn.Parameter(B.to(dev).clone(), requires_grad=False)
-        if magnitude is not None:
-            self.lora_magnitude_vector[name] = nn.Parameter(magnitude.to(dev).clone(), requires_grad=False)
-        self.scaling[name] = scaling
+    def add(self, name: str, tensors: dict[str, torch.Tensor], scaling: float, kind: type[LoRALinear]) -> None:
+        """Hold adapter `name`: its tensors by name (lora_A, lora_B, ...), frozen, on the base layer's device."""
+        device = next(self.base_layer.buffers(), None)
+        device = device.device if device is not None else next(self.base_layer.parameters()).device
+        self.adapters[name] = nn.ParameterDict({k: nn.Parameter(t.to(device).clone(), requires_grad=False)
+                                                for k, t in tensors.items()})
+        self.scaling[name], self.kind[name] = scaling, kind
 
     def remove(self, name: str) -> None:
-        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-            if name in store:
-                del store[name]
+        if name in self.adapters:
+            del self.adapters[name]
         self.scaling.pop(name, None)
+        self.kind.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]  # (out, in)
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.adapters[name].items())
 
-    def update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What adapter `name` adds to the base output `result` (..., out) for input x (..., in)."""
-        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        if name in self.lora_magnitude_vector:
-            return dora_delta(x, result, W0=self.W0, bias=self.base_layer.bias, lora_A=A, lora_B=B,
-                              magnitude=self.lora_magnitude_vector[name], scaling=s)
-        return (nn.functional.linear(nn.functional.linear(x.to(A.dtype), A), B) * s).to(result.dtype)
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s dW = scaling * B A, (out, in)."""
+        return self.kind[name].delta_of(self.tensors(name), self.scaling[name])
+
+    def _output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return self.kind[name].output_of(self.base_layer, x, result, self.tensors(name), self.scaling[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in)
         result = self.base_layer(x)  # (batch, ..., out): once for the whole batch
@@ -94,23 +92,18 @@ class MultiAdapterLinear(nn.Module):
                 if name not in self.scaling:  # None / "__base__", or an adapter that skips this layer
                     continue
                 idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-                out[idx] = result[idx] + self.update(name, x[idx], result[idx])
+                out[idx] = self._output(name, x[idx], result[idx])
             return out
         name = self.active_adapter
         if name is None or name == self.merged_adapter or name not in self.scaling:
             return result
-        return result + self.update(name, x, result)
+        return self._output(name, x, result)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
         if name not in self.scaling:
             return
-        W0, delta = self.W0, self.delta_weight(name)
-        if name in self.lora_magnitude_vector:
-            merged, self._merged_norm = dora_merge(W0, delta, self.lora_magnitude_vector[name])
-        else:
-            merged = W0.float() + delta
-        self._write(merged)
+        self._merge_state = self.kind[name].merge_into(self.base_layer, self.tensors(name), self.scaling[name])
         self.merged_adapter = name
 
     @torch.no_grad()
@@ -118,17 +111,8 @@ class MultiAdapterLinear(nn.Module):
         name = self.merged_adapter
         if name is None:
             return
-        delta = self.delta_weight(name)
-        if name in self.lora_magnitude_vector:
-            W0 = dora_unmerge(self.W0, delta, self.lora_magnitude_vector[name], self._merged_norm)
-        else:
-            W0 = self.W0.float() - delta
-        self._write(W0)
-        self.merged_adapter, self._merged_norm = None, None
-
-    def _write(self, W: torch.Tensor) -> None:
-        weight = self.base_layer.weight
-        weight.copy_(transpose(W, self.fan_in_fan_out).to(weight.dtype))
+        self.kind[name].unmerge_from(self.base_layer, self.tensors(name), self.scaling[name], self._merge_state)
+        self.merged_adapter, self._merge_state = None, None
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.scaling)}, active={self.active_adapter!r}, merged={self.merged_adapter!r}"
@@ -188,63 +172,22 @@ class MultiAdapterModel(nn.Module):
         if adapter_name in self.adapter_configs:
             raise ValueError(f"an adapter named {adapter_name!r} is already loaded; delete_adapter() it first "
                              "or choose another name")
-        path = Path(path)
-        config = _read_config(path)
-        if config.get("init_lora_weights") == "pissa":
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge_adapter() before loading another")
+        plan = read_adapter(path, self.model, include=lambda m: isinstance(m, MultiAdapterLinear) or is_adaptable(m))
+        if plan.init_lora_weights == "pissa":
             raise AdapterError("this is a PiSSA adapter: it only works on its own residual base, not on a base "
                                "shared with other adapters. Convert it first with pissa.save_pissa_as_lora "
                                "(a rank-2r LoRA on the original weights)")
-        if self.merged_adapter is not None:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge_adapter() before loading another")
-        weights = _read_weights(path)
-        plan = self._plan(config, weights)
-        for name, module, A, B, scaling, M in plan:  # every check passed: now change the model
+        kind = variant_class(LoRAConfig(use_dora=plan.use_dora))
+        for layer in plan.layers:  # every check passed: now change the model
+            module = layer.module
             if not isinstance(module, MultiAdapterLinear):
                 module = MultiAdapterLinear(module)
-                replace_module(self.model, name, module)
-            module.add(adapter_name, A, B, scaling, M)
-        self.adapter_configs[adapter_name] = config
+                replace_module(self.model, layer.name, module)
+            module.add(adapter_name, layer.tensors, layer.scaling, kind)
+        self.adapter_configs[adapter_name] = plan.config
         return adapter_name
-
-    def _plan(self, config: dict, weights: dict):
-        targets = config["target_modules"]
-        targets = targets if isinstance(targets, str) else list(targets)
-        wrapped = self.layers()
-        inside = tuple(f"{n}." for n in wrapped)
-        candidates = {n: m for n, m in self.model.named_modules()
-                      if n and not n.startswith(inside) and (isinstance(m, MultiAdapterLinear) or is_adaptable(m))}
-        chosen = {n: m for n, m in candidates.items() if matches_target(n, targets)}
-        if not chosen:
-            raise AdapterError(f"target_modules={config['target_modules']!r} matches no linear layer of "
-                               f"{type(self.model).__name__}; this adapter was made for another architecture")
-        use_dora, rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
-        plan, expected = [], set()
-        for name, module in chosen.items():
-            r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-            prefix = f"base_model.model.{name}"
-            keys = [f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"] + \
-                ([f"{prefix}.lora_magnitude_vector"] if use_dora else [])
-            missing = [k for k in keys if k not in weights]
-            if missing:
-                raise AdapterError(f"the adapter has no {missing[0]!r}: it was saved for a different model or "
-                                   f"target_modules ({len(weights)} tensors in the file)")
-            expected |= set(keys)
-            A, B = weights[keys[0]], weights[keys[1]]
-            M = weights[keys[2]] if use_dora else None
-            in_f, out_f = linear_features(module.base_layer if isinstance(module, MultiAdapterLinear) else module)
-            if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r) or (M is not None and M.shape != (out_f,)):
-                raise AdapterError(f"{name}: the adapter holds lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} but "
-                                   f"this model's layer needs ({r}, {in_f}) and ({out_f}, {r}): the adapter belongs "
-                                   "to a model of another shape")
-            if not all(torch.isfinite(t).all() for t in (A, B) + ((M,) if M is not None else ())):
-                raise AdapterError(f"{name}: the adapter holds NaN or inf values; it is corrupt")
-            plan.append((name, module, A, B, lora_scaling(alpha, r, rslora), M))
-        unexpected = sorted(set(weights) - expected)
-        if unexpected:
-            raise AdapterError(f"the adapter holds {len(unexpected)} tensor(s) this model has no place for, "
-                               f"e.g. {unexpected[0]!r}; it was saved for a different model or target_modules")
-        return plan
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop an adapter's tensors; layers left with no adapter get their plain base layer back."""

@@ -14,6 +14,7 @@ forward pass runs under bf16 autocast (weights and optimizer stay in fp32).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from .data import Record, batches, collate, shard_batches
-from .memory import optimizer_state_bytes, peak_memory
+from .lora import count_parameters
+from .memory import StepMemory, optimizer_state_bytes, peak_memory, training_step_memory
 from .runtime import get_device, progress_bar, seed_everything
 from .validate import check_int, check_positive
 
@@ -36,6 +38,9 @@ __all__ = [
     "trainable_parameters",
     "autocast_for",
     "target_loss",
+    "optimizer_step",
+    "StepCost",
+    "step_costs",
 ]
 
 
@@ -192,6 +197,65 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
                                        ignore_index=-100)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad_clip: float | None = None,
+                   scheduler=None) -> float:
+    """Back-propagate `loss`, clip the gradients' norm, step the optimizer (and scheduler), free the gradients.
+
+    The one optimizer step of the package: `train`, the lessons' small loops and the
+    measurements all call it. Returns the loss as a float.
+    """
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One model's training step, measured: its memory (`memory.StepMemory`) and ms per step (median)."""
+
+    memory: StepMemory
+    ms: float
+
+
+def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: int = 3, lr: float = 1e-4,
+               device=None) -> dict[str, StepCost]:
+    """Memory and time of one AdamW step of each causal LM on the same batch (labels = inputs).
+
+    Memory: resident bytes and the step's peak above them (`memory.training_step_memory`).
+    Time: `rounds` rounds in which every model takes one step in turn, so a change in the
+    machine's load hits all alike; the median per model.
+    """
+    check_int("rounds", rounds, minimum=1)
+    device = torch.device(device) if device is not None else input_ids.device
+    steps, costs, times = {}, {}, {name: [] for name in models}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
+
+        def step(model=model, optimizer=optimizer):
+            with autocast_for(device):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+            optimizer_step(loss, optimizer)
+
+        steps[name] = step
+        costs[name] = training_step_memory(model, step, optimizer, device=device)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return {name: StepCost(costs[name], statistics.median(times[name])) for name in models}
+
+
 def _lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -227,8 +291,7 @@ def train(
     device = get_device(config.device)
     model.to(device)
     use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
-    total_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable, total_params = count_parameters(model)  # a 4-bit base's weights are codes, counted too
     record = TrainRecord(
         method=method or ("full" if n_trainable == total_params else "LoRA"),
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -258,13 +321,7 @@ def train(
         batch = {k: v.to(device) for k, v in next(data).items()}
         with autocast_for(device, use_bf16):
             loss = target_loss(model, batch)  # mean cross-entropy over the target tokens
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record.losses.append(loss.item())  # .item() waits for the step to finish
+        record.losses.append(optimizer_step(loss, optimizer, grad_clip=config.grad_clip, scheduler=scheduler))
         if timed:
             synchronize()
             record.train_seconds += time.perf_counter() - t0

@@ -13,7 +13,7 @@ def test_linear_features_for_both_layouts():
     assert conv.weight.shape == (5, 3) and linear_features(conv) == (5, 3)
     assert is_conv1d(conv) and not is_conv1d(nn.Linear(5, 3))
     assert is_adaptable(conv) and is_adaptable(nn.Linear(2, 2)) and not is_adaptable(nn.Conv2d(1, 1, 1))
-    with pytest.raises(TypeError, match="nn.Linear or transformers' Conv1D"):
+    with pytest.raises(TypeError, match="LoRA here wraps linear layers"):
         linear_features(nn.Embedding(4, 4))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_course.adapters import CONFIG_NAME, load_adapter, save_adapter
-from lora_course.layers import Conv1D
+from lora_course.layers import Conv1D, add_to_base_weight
 from lora_course.lora import LoRALinear, add_lora, count_parameters, lora_layers, merge_lora
 from lora_course.models import toy_gpt2, toy_gpt2_config
 from lora_course.quant import (
@@ -17,11 +17,13 @@ from lora_course.quant import (
     BLOCK_SIZES,
     NF4_OFFSET,
     Linear4bit,
+    Linear4bitFunction,
     Weight4bit,
     base_bytes_by_format,
     bits_per_parameter,
     dynamic_levels,
     int4_levels,
+    levels_for,
     nearest_level,
     nf4_levels,
     pack_4bit,
@@ -145,6 +147,18 @@ def test_dequantize_is_levels_times_absmax_and_keeps_each_block_max():
     err = (out - blocks).abs() / q.absmax[:, None]
     gaps = (nf4_levels()[1:] - nf4_levels()[:-1]).max()
     assert err.max() <= gaps / 2 + 1e-6
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_decodes_every_code_of_either_type(quant_type, double_quant):
+    """Every code a type uses (15 for int4, 16 for nf4) decodes to its level, times its block's absmax."""
+    W = gaussian(64, 128)
+    q = quantize_4bit(W, 64, quant_type, double_quant)
+    levels = levels_for(quant_type)
+    assert set(q.codes().tolist()) == set(range(len(levels)))
+    expected = (levels[q.codes()].view(-1, 64) * q.block_absmax()[:, None]).view(W.shape)
+    assert torch.equal(q.dequantize(), expected)
 
 
 def test_zero_is_exact_and_an_all_zero_block_survives():
@@ -302,8 +316,38 @@ def test_linear4bit_matches_bitsandbytes_linear4bit(bnb_functional):
     ours = Linear4bit.from_linear(layer, double_quant=False)
     assert torch.equal(ours.packed, theirs.weight.data.flatten())
     x = gaussian(5, 128)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert torch.allclose(y_ours, y_theirs, atol=1e-6)
+    g = gaussian(5, 64)  # the same upstream gradient into both: dL/dx = g W, W dequantized again in backward
+    y_ours.backward(g)
+    y_theirs.backward(g)
+    assert torch.allclose(x_ours.grad, x_theirs.grad, atol=1e-5)
+
+
+def test_the_4bit_function_passes_gradcheck_against_the_dequantized_linear():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    quantized = layer.quantized
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: Linear4bitFunction.apply(x, quantized, b), (x, bias))
+    y = Linear4bitFunction.apply(x, quantized, bias)
+    reference = torch.nn.functional.linear(x, quantized.dequantize(torch.float64), bias)
+    assert torch.allclose(y, reference)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    (ref_x,) = torch.autograd.grad(reference.sum(), x)
+    assert torch.allclose(grad_x, ref_x)
+
+
+def test_a_4bit_layer_keeps_no_dequantized_weight_for_backward():
+    """What autograd saves between the passes, counted with saved_tensors_hooks: with the 4-bit base,
+    nothing of the base's (out, in) size (a plain F.linear on the dequantized weight would save it)."""
+    layer = LoRALinear.from_linear(Linear4bit.from_linear(torch.nn.Linear(256, 128)), r=4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        layer(gaussian(8, 256)).sum().backward()
+    assert (128, 256) not in saved and (256, 128) not in saved, saved
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
 
 
 # ----------------------------------------------------------------------------- layers and models
@@ -327,8 +371,8 @@ def test_linear4bit_rejects_what_it_cannot_hold():
     layer = Linear4bit.from_linear(torch.nn.Linear(64, 8))
     with pytest.raises(TypeError, match="already"):
         Linear4bit.from_linear(layer)
-    with pytest.raises(ValueError, match="shape"):
-        layer.add_to_weight(torch.zeros(64, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        add_to_base_weight(layer, torch.zeros(64, 8))
 
 
 def test_quantize_model_keeps_the_head_and_counts():
@@ -380,8 +424,6 @@ def test_qlora_bad_settings_change_nothing():
         add_lora(model, ["c_attn"], r=4, quantize_base="nf3")
     with pytest.raises(ValueError, match="matched no module"):
         add_lora(model, ["q_proj"], r=4, quantize_base="nf4")
-    with pytest.raises(ValueError, match="pissa"):
-        add_lora(model, ["c_attn"], r=4, quantize_base="nf4", init_lora_weights="pissa")
     assert not quantized_layers(model) and not lora_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -273,10 +273,9 @@ class _LibraryNotFrozen(LibLoRALinear):
 
 
 class _LibraryMergeForgetsScaling(LibLoRALinear):
-    @torch.no_grad()
-    def merge(self):
-        self._add_to_base(self.delta_weight() / self.scaling)
-        self.merged = True
+    @classmethod
+    def merge_into(cls, base_layer, tensors, scaling):
+        return super().merge_into(base_layer, tensors, 1.0)
 
 
 @pytest.mark.parametrize("broken, check, words", [
