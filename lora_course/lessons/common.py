@@ -1,23 +1,87 @@
-"""What the lessons share: the checkers' verdict line and handling of blank answers, and `play`.
+"""What the lessons share: one way to check a learner's answer, the safety net of the build steps, and `play`.
 
-A checker takes the learner's answer, prints one line ("Correct: ..." or "Not yet: ...")
-and returns whether the answer holds. A blank answer (the `...` placeholder, or None) and
-a function that still raises NotImplementedError get "Not yet: fill in ...", never a
-traceback; a learner's function that raises is reported, not re-raised.
+A check is a function that returns a success message or raises `Problem` with what is
+wrong, in words a learner can act on; `verdict(check, ...)` prints "Correct: ..." or
+"Not yet: ..." and returns whether the answer holds. `call(what, fn, ...)` runs the
+learner's code inside a check: a body that still raises NotImplementedError becomes "fill
+in ...", any other error is reported, never a traceback. A blank answer (`...` or None) is
+caught with `is_blank` before checking.
+
+A build step (the lesson's core piece, written by the learner in the notebook) goes
+through `use_or_reference`: the learner's piece if its check passes, else the reference
+from the lesson module, saying which one the notebook continues with.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["report", "is_blank", "not_filled_in", "call_learner", "call_learner_fn", "sample_spectra", "close_to",
-           "play"]
+__all__ = ["Problem", "report", "verdict", "call", "call_number", "call_learner", "call_learner_fn", "is_blank",
+           "not_filled_in", "use_or_reference", "sample_spectra", "close_to", "play"]
+
+
+class Problem(Exception):
+    """What is wrong with the learner's answer, in words a learner can act on."""
 
 
 def report(ok: bool, message: str) -> bool:
     """Print a one-line verdict for the learner and return whether the answer holds."""
     print(("Correct: " if ok else "Not yet: ") + message)
     return bool(ok)
+
+
+def verdict(check, *args, **kwargs) -> bool:
+    """Run `check(*args)`: its message is "Correct", a `Problem` it raises is "Not yet"."""
+    try:
+        message = check(*args, **kwargs)
+    except Problem as problem:
+        return report(False, str(problem))
+    return report(True, message)
+
+
+def call(what: str, fn, *args):
+    """`fn(*args)` inside a check: the learner's errors (a blank body included) become a `Problem`."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise Problem(f"fill in {what} (it still raises NotImplementedError), then run this cell again.") from None
+    except Problem:
+        raise
+    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+        raise Problem(f"{what} raised {type(e).__name__}: {e}") from None
+
+
+def call_number(what: str, fn, *args) -> float:
+    """`call`, for a function that must return one number (a float or a 0-d tensor)."""
+    out = call(what, fn, *args)
+    try:
+        return float(out)
+    except (TypeError, ValueError, RuntimeError):
+        raise Problem(f"{what} returned {type(out).__name__} {str(out)[:40]!r}; return one number "
+                      "(a float or a 0-d tensor).") from None
+
+
+def call_learner(fn, *args):
+    """Older form of `call` (lessons not yet moved to `Problem`): (result, None) or (None, verdict message)."""
+    try:
+        return fn(*args), None
+    except NotImplementedError:
+        return None, ("fill in the body of your function (it still raises NotImplementedError), "
+                      "then run this cell again.")
+    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
+        return None, f"your function raised {type(e).__name__}: {e}"
+
+
+def call_learner_fn(fn, *args):
+    """Older form of `call_number`: (number, None) or (None, verdict message)."""
+    out, problem = call_learner(fn, *args)
+    if problem:
+        return None, problem
+    try:
+        return float(out), None
+    except (TypeError, ValueError, RuntimeError):
+        return None, (f"your function returned {type(out).__name__} {str(out)[:40]!r}; "
+                      "return one number (a float or a 0-d tensor).")
 
 
 def is_blank(answer) -> bool:
@@ -30,27 +94,17 @@ def not_filled_in(what: str) -> bool:
     return report(False, f"fill in {what}, then run this cell again.")
 
 
-def call_learner(fn, *args):
-    """Call the learner's function on `args`; returns (whatever it returned, None) or (None, verdict message)."""
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, ("fill in the body of your function (it still raises NotImplementedError), "
-                      "then run this cell again.")
-    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-        return None, f"your function raised {type(e).__name__}: {e}"
+def use_or_reference(name: str, yours, check, reference, where: str):
+    """A build step's safety net: `yours` if `check(yours)` passes, else `reference`, saying which is used.
 
-
-def call_learner_fn(fn, *args):
-    """Call the learner's function on `args`; returns (number, None) or (None, verdict message)."""
-    out, problem = call_learner(fn, *args)
-    if problem:
-        return None, problem
-    try:
-        return float(out), None
-    except (TypeError, ValueError, RuntimeError):
-        return None, (f"your function returned {type(out).__name__} {str(out)[:40]!r}; "
-                      "return one number (a float or a 0-d tensor).")
+    `where` names the reference for the learner (e.g. "lora_course.lessons.l03_lora_linear.LoRALinear").
+    """
+    if verdict(check, yours):
+        print(f"The rest of this notebook uses your {name}.")
+        return yours
+    print(f"The rest of this notebook uses the reference {name} ({where}); fix yours and run this cell again "
+          "to use it instead.")
+    return reference
 
 
 def sample_spectra():
