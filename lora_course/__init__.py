@@ -7,8 +7,10 @@ The library (what you would import outside the course), one concept per module:
     pissa       PiSSA: A, B from W0's top singular triplets (init_lora_weights="pissa"), and its LoRA conversion
     serving     many named adapters on one base: switch, merge, mixed batches, delete
     fused       LoRA on chosen slices of a fused projection (q and v of GPT-2's c_attn)
+    embedding   LoRA on embeddings (LoRAEmbedding) and on a tied output head (ensure_weight_tying)
+    modules_to_save  modules trained and saved in full beside LoRA (PEFT's ModulesToSaveWrapper)
     adapters    adapters in PEFT's on-disk format, and copying adapters to and from PEFT models
-    layers      the linear layers LoRA wraps (nn.Linear, GPT-2's Conv1D) and model surgery by name
+    layers      the layers LoRA wraps (nn.Linear, GPT-2's Conv1D, nn.Embedding) and model surgery by name
     lowrank     SVD, Eckart-Young-Mirsky, spectra, effective/stable rank, subspace similarity
     memory      the memory arithmetic of fine-tuning, predicted and measured
     timing      wall-clock medians with torch.utils.benchmark
@@ -24,10 +26,12 @@ notebook's widgets, exercise checkers, toy data and lesson-only experiments.
 """
 
 # The variants attach themselves to the core when their modules are imported (lora.py imports none of
-# them): DoRA (use_dora), PiSSA (init_lora_weights="pissa"), the 4-bit base (quantize_base, Linear4bit).
-from . import dora, pissa, quant  # noqa: F401  (imported for their registrations)
+# them): DoRA (use_dora), PiSSA (init_lora_weights="pissa"), the 4-bit base (quantize_base, Linear4bit),
+# LoRA on nn.Embedding and tied heads, modules_to_save.
+from . import dora, embedding, modules_to_save, pissa, quant  # noqa: F401  (imported for their registrations)
 from .adapters import AdapterError, copy_lora_from_peft, copy_lora_to_peft, load_adapter, save_adapter
 from .dora import DoRALinear
+from .embedding import LoRAEmbedding, TiedLoRAHead
 from .fused import FusedLoRALinear, add_fused_lora
 from .lora import (
     LoRAConfig,
@@ -46,6 +50,7 @@ from .lora import (
 )
 from .memory import optimizer_state_bytes, peak_memory, training_budget
 from .models import load_model, shipped_model_path
+from .modules_to_save import ModulesToSaveWrapper
 from .runtime import by_mode, get_device, is_fast_mode, num_threads, seed_everything
 from .serving import MultiAdapterModel
 
@@ -81,5 +86,8 @@ __all__ = [
     "num_threads",
     "seed_everything",
     "DoRALinear",
+    "LoRAEmbedding",
+    "TiedLoRAHead",
+    "ModulesToSaveWrapper",
     "MultiAdapterModel",
 ]

@@ -14,7 +14,9 @@ model, so a bad file raises `AdapterError` and leaves the model exactly as it wa
 Each kind of LoRA layer says how it looks in PEFT's format (`peft_rank_alpha`,
 `peft_tensors`, `from_peft_tensors`), so this module knows no variant: a `FusedLoRALinear`
 (q and v of GPT-2's `c_attn`) becomes its exact PEFT twin, one LoRA of rank k r on the whole
-`c_attn` with a block-diagonal B; a `DoRALinear` adds its magnitude vector.
+`c_attn` with a block-diagonal B; a `DoRALinear` adds its magnitude vector; a `LoRAEmbedding`
+saves `lora_embedding_A`, `lora_embedding_B`. Trained copies (`modules_to_save`) are saved in
+full under their module's keys, and tied heads as PEFT saves them (`lora_course.modules_to_save`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import INIT_SCHEMES, lora_scaling
-from .layers import is_adaptable, linear_features, replace_module
-from .lora import LoRALinear, lora_layers, matches_target, peft_suffix
+from .config import INIT_SCHEMES, LoRAConfig, lora_scaling
+from .embedding import tying_setting
+from .layers import is_adaptable
+from .lora import LoRALinear, lora_layers, matches_target, peft_suffix, variant_class
+from .modules_to_save import adapter_state_of_saved, plan_saved, saved_names
 
 __all__ = ["AdapterError", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_key", "adapter_state_dict", "adapter_config",
            "save_adapter", "read_config", "read_weights", "LayerPlan", "AdapterPlan", "expected_tensors",
@@ -63,8 +67,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise AdapterError(f"{merged[0]} is merged into its base weight; unmerge() it before saving the adapter")
-    return {f"{adapter_key(name)}.{peft_suffix(t)}": tensor.detach().cpu().contiguous().clone()
-            for name, layer in layers.items() for t, tensor in layer.tensors().items()}
+    state = {f"{adapter_key(name)}.{peft_suffix(t)}": tensor.detach().cpu().contiguous().clone()
+             for name, layer in layers.items() for t, tensor in layer.tensors().items()}
+    return {**state, **{adapter_key(k): t for k, t in adapter_state_of_saved(model).items()}}  # trained copies
 
 
 def _target_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
@@ -90,6 +95,10 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
     if len(rslora) > 1:
         raise AdapterError("some layers use rsLoRA and some do not; PEFT's config holds one use_rslora for all")
     dropouts = {layer.config.lora_dropout for layer in layers.values()}
+    try:
+        ensure_weight_tying = tying_setting(model)  # True where a tie is kept: PEFT then ties on loading
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
     if task_type == "auto":
         cls = type(model).__name__
         task_type = "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None
@@ -106,7 +115,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
         "bias": "none",
         "use_rslora": rslora.pop(),
         "use_dora": _one_setting(layers, "use_dora"),
-        "modules_to_save": None,
+        "modules_to_save": saved_names(model),
+        "ensure_weight_tying": ensure_weight_tying,
         "init_lora_weights": _one_setting(layers, "init_lora_weights"),  # "pissa": loaders redo the SVD
         "rank_pattern": {n: ra[0] for n, ra in rank_alpha.items() if ra[0] != r},
         "alpha_pattern": {n: ra[1] for n, ra in rank_alpha.items() if ra[1] != alpha},
@@ -157,7 +167,6 @@ def read_config(path) -> dict:
             raise AdapterError(f"{file} lacks {key!r}; it is not a complete PEFT LoRA config")
     unsupported = {
         "bias": config.get("bias", "none") != "none",
-        "modules_to_save": bool(config.get("modules_to_save")),
         "layers_to_transform": config.get("layers_to_transform") is not None,
         "lora_bias": bool(config.get("lora_bias")),
     }
@@ -235,12 +244,12 @@ class AdapterPlan:
 
 def expected_tensors(module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
     """The tensors (name -> shape) a rank-r adapter holds for `module`: a LoRA layer says itself, a base
-    layer (or a layer wrapping one at `.base_layer`) gets A (r, in), B (out, r) and DoRA's m (out,)."""
+    layer (or a layer wrapping one at `.base_layer`) what the LoRA class that would wrap it says: A (r, in),
+    B (out, r) and DoRA's m (out,), or an embedding's lora_embedding_A, lora_embedding_B."""
     if isinstance(module, LoRALinear):
         return module.tensor_shapes(r)
-    in_f, out_f = linear_features(getattr(module, "base_layer", module))
-    shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
-    return {**shapes, "lora_magnitude_vector": (out_f,)} if use_dora else shapes
+    base = getattr(module, "base_layer", module)
+    return variant_class(LoRAConfig(), base).peft_shapes(base, r, use_dora)
 
 
 def plan_adapter(config: dict, weights: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> AdapterPlan:
@@ -255,7 +264,10 @@ def plan_adapter(config: dict, weights: dict[str, torch.Tensor], modules: dict[s
     for name, module in modules.items():
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        shapes = expected_tensors(module, r, use_dora)
+        try:
+            shapes = expected_tensors(module, r, use_dora)
+        except ValueError as err:
+            raise AdapterError(f"{name}: {err}") from None
         keys = {t: f"{adapter_key(name)}.{peft_suffix(t)}" for t in shapes}
         expected |= set(keys.values())
         missing = [k for k in keys.values() if k not in weights]
@@ -313,26 +325,44 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     point. A model that already carries LoRA layers (e.g. `add_fused_lora`) must have
     exactly the adapter's layers, with matching rank and scaling; a fused layer accepts a
     PEFT adapter only if that adapter leaves the disabled slices (k) exactly zero.
+    Embeddings get a `LoRAEmbedding`, `modules_to_save` a trained copy each, and a tie is kept
+    where the adapter keeps it (`lora_course.modules_to_save.plan_saved`).
     Everything is checked first: on any error the model is unchanged.
     """
     config = read_config(path)
     existing = lora_layers(model)
     for name, layer in existing.items():
         _check_variant(name, layer, config)
-    plan = plan_adapter(config, read_weights(path), dict(existing) if existing else target_modules_of(model, config))
-    tensors = {layer.name: _into_existing(layer) for layer in plan.layers if isinstance(layer.module, LoRALinear)}
+    modules = dict(existing) if existing else target_modules_of(model, config)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:  # plan and build every layer before changing the model (building freezes base layers: undone on error)
+        saved = plan_saved(model, config, read_weights(path), modules, adapter_key)
+        plan = plan_adapter(config, saved.weights, saved.modules)
+        tensors = {layer.name: _into_existing(layer) for layer in plan.layers if isinstance(layer.module, LoRALinear)}
+        saved.check_tied(plan.layers)
+        built = [(layer.name, _built(layer, plan, saved.tie)) for layer in plan.layers]
+    except (ValueError, TypeError, NotImplementedError) as err:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        if isinstance(err, AdapterError):
+            raise
+        raise AdapterError(str(err)) from None
     # Every check passed: now change the model.
     if not existing:
         model.requires_grad_(False)
-    for layer in plan.layers:
-        module = layer.module
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear.from_linear(module, r=layer.r, alpha=layer.lora_alpha, dropout=plan.lora_dropout,
-                                            use_rslora=plan.use_rslora, use_dora=plan.use_dora,
-                                            init_lora_weights=plan.init_lora_weights)
-            replace_module(model, layer.name, module)
-        module.set_tensors(tensors.get(layer.name, layer.tensors))
+    for (name, module), layer in zip(built, plan.layers):
+        module.set_tensors(tensors.get(name, layer.tensors))
+    saved.apply(model, built)
     return model
+
+
+def _built(layer: LayerPlan, plan: AdapterPlan, tie: bool) -> LoRALinear:
+    """The LoRA layer that will hold `layer`'s share of the adapter: the model's own, or a new one."""
+    if isinstance(layer.module, LoRALinear):
+        return layer.module
+    return LoRALinear.from_linear(layer.module, r=layer.r, alpha=layer.lora_alpha, dropout=plan.lora_dropout,
+                                  use_rslora=plan.use_rslora, use_dora=plan.use_dora,
+                                  init_lora_weights=plan.init_lora_weights, ensure_weight_tying=tie)
 
 
 def _check_variant(name: str, layer: LoRALinear, config: dict) -> None:

@@ -15,8 +15,8 @@ from torch import nn
 from .validate import check_fraction, check_int, check_positive
 
 __all__ = ["LoRAConfig", "make_config", "targeted_config", "lora_scaling", "CONFIG_NAMES", "LAYER_VARIANTS",
-           "INIT_SCHEMES", "BASE_FORMATS", "register_layer_variant", "register_init_scheme", "register_base_format",
-           "registered"]
+           "INIT_SCHEMES", "BASE_FORMATS", "LAYER_CLASSES", "MODEL_STEPS", "register_layer_variant",
+           "register_init_scheme", "register_base_format", "register_layer_class", "register_model_step", "registered"]
 
 
 # ----------------------------------------------------------------------------- variants
@@ -26,11 +26,17 @@ __all__ = ["LoRAConfig", "make_config", "targeted_config", "lora_scaling", "CONF
 #   INIT_SCHEMES    an init_lora_weights name -> fn(layer) filling A and B, maybe rewriting W0
 #                   through the base-weight seam                          ("pissa": pissa.pissa_init)
 #   BASE_FORMATS    a quantize_base name -> how the frozen base is stored  ("nf4", "int4": quant.py)
+#   LAYER_CLASSES   a base layer type -> the LoRA layer class that wraps it, where it is not LoRALinear
+#                   (nn.Embedding: embedding.LoRAEmbedding)
+#   MODEL_STEPS     fn(model, config, wrapped) -> wrapped, run by add_lora after wrapping the targets and
+#                   before changing the model: tied weights, modules_to_save (embedding.py)
 # init_lora_weights itself, as in PEFT: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r^2),
 # B = 0), False (B random too, so the layer does not start at W0: for demos only), or a registered scheme.
 LAYER_VARIANTS: dict[str, type] = {}
 INIT_SCHEMES: dict[str, Callable[[nn.Module], None]] = {}
 BASE_FORMATS: dict[str, object] = {}
+LAYER_CLASSES: dict[type, type] = {}
+MODEL_STEPS: list[Callable] = []
 
 
 def register_layer_variant(flag: str, cls: type) -> None:
@@ -49,6 +55,17 @@ def register_base_format(name: str, base_format) -> None:
     BASE_FORMATS[name] = base_format
 
 
+def register_layer_class(base_type: type, cls: type) -> None:
+    """`add_lora` wraps a layer of `base_type` (or a subclass) with `cls` instead of `LoRALinear`."""
+    LAYER_CLASSES[base_type] = cls
+
+
+def register_model_step(step: Callable) -> None:
+    """`add_lora` calls `step(model, config, wrapped) -> wrapped` on the [(name, new module)] it is about to put in."""
+    if step not in MODEL_STEPS:
+        MODEL_STEPS.append(step)
+
+
 def registered(table: dict, name, what: str, hint: str):
     if name not in table:
         raise ValueError(f"{what}={name!r} is not available; choose one of {sorted(table)} ({hint})")
@@ -64,6 +81,13 @@ class LoRAConfig:
     dropout on the adapter's input, `target_modules` which layers to adapt (a list of
     names or dotted suffixes, or one regex on the full name). `alpha` and `dropout` are
     accepted wherever settings are given as keywords (`make_config`).
+
+    `modules_to_save`: modules (names a full name ends with, PEFT's rule) trained and saved
+    in full: a trainable copy runs, the original stays frozen. `ensure_weight_tying`: when a
+    targeted module shares its weight with another (GPT-2's `lm_head` is `transformer.wte`'s
+    weight), True keeps the tie: one adapter (or one trained copy) on the embedding, which the
+    tied head uses too; False adapts only the named module, the other keeps W0. PEFT's default
+    is False (and PEFT ties only modules named `embed_tokens`/`lm_head`); ours is True.
     """
 
     r: int = 8
@@ -73,13 +97,15 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    modules_to_save: tuple[str, ...] | None = None
+    ensure_weight_tying: bool = True
 
     def __post_init__(self):
         check_int("r", self.r, minimum=1, hint="r is the rank of the update; r=8 is a common start")
         check_positive("lora_alpha", self.lora_alpha, hint="lora_alpha=2*r is a common start")
         check_fraction("lora_dropout", self.lora_dropout, upper_inclusive=False,
                        hint="use 0.0 for none; 0.05 is common")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         init = self.init_lora_weights
@@ -95,6 +121,13 @@ class LoRAConfig:
             if not all(isinstance(t, str) for t in targets):
                 raise TypeError(f"target_modules must be layer names (strings), got {self.target_modules!r}")
             object.__setattr__(self, "target_modules", targets)
+        saved = self.modules_to_save
+        if saved is not None:
+            saved = (saved,) if isinstance(saved, str) else tuple(saved)
+            if not saved or not all(isinstance(n, str) and n for n in saved):
+                raise TypeError(f"modules_to_save must be module names, e.g. ['wte'], or None; "
+                                f"got {self.modules_to_save!r}")
+            object.__setattr__(self, "modules_to_save", saved)
 
     @property
     def alpha(self) -> float:

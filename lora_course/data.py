@@ -1,269 +1,58 @@
-"""The fine-tuning task: API records -> one documentation sentence that mentions every field.
+"""The task's data: disjoint splits of records, training batches, and greedy decoding to score a model.
 
-In the spirit of the E2E NLG data-to-text task that the LoRA paper fine-tunes GPT-2 on
-(Novikova et al., 2017; Hu et al., 2021, section 5.4), but generated in code (offline,
-as many examples as you like, scored exactly) and set in the domain the course's small
-model was pretrained on, Python's documentation. A record such as
-
-    name: sorted | kind: function | args: 2
-
-must become
-
-    sorted is a function that takes two arguments.
-
-Most fields are copied, `args` must be put into words (2 -> "two"), and the sentence
-has a fixed shape the model never saw in pretraining. The metric is *slot accuracy*:
-the share of a record's fields whose phrase (`slot_phrases`) appears word for word in
-the generated text. A model pretrained on other text scores near zero; a fine-tuned one
-approaches one.
-
-Splits are disjoint by construction: every possible record is enumerated once, shuffled
-with a fixed seed, and cut into test, validation and training records.
+The records themselves, their sentences and the metric live in `tasks.py` (importable from
+here too). Splits are disjoint by construction: a task small enough to enumerate is
+shuffled once with a fixed seed and cut into test, validation and training records; a
+larger one (`ApiRecord`, about 54 million records) is sampled without replacement. The
+loss sees the target sentence only; decoding is greedy, so a score reproduces.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = [
-    "Record",
-    "FIELD_VALUES",
-    "FIELD_NAMES",
-    "TaskSplits",
-    "n_records",
-    "record_at",
-    "RecordSet",
-    "make_splits",
-    "format_prompt",
-    "format_target",
-    "slot_phrases",
-    "slots_realized",
-    "slot_accuracy",
-    "slot_accuracy_by_field",
-    "exact_match",
-    "encode_example",
-    "collate",
-    "batches",
-    "shard_batches",
-    "generate",
-    "evaluate_task",
-    "ApiRecord",
-    "API_FIELD_VALUES",
-    "API_FIELD_NAMES",
-    "TASKS",
-]
+from .tasks import (  # noqa: F401  (the tasks' names, importable from here too)
+    API_FIELD_NAMES,
+    API_FIELD_VALUES,
+    ARGS_IN_WORDS,
+    FIELD_NAMES,
+    FIELD_VALUES,
+    TASKS,
+    ApiRecord,
+    Record,
+    TaskRecord,
+    exact_match,
+    format_prompt,
+    format_target,
+    slot_accuracy,
+    slot_accuracy_by_field,
+    slot_phrases,
+    slots_realized,
+    task_record,
+)
+from .validate import check_int
 
-# Every field's possible values (a closed set each, as in E2E). Each value is one common
-# word of Python's documentation, so that prompts and sentences have the same length for
-# every record under a byte-level BPE trained on it (the course's shipped model).
-FIELD_VALUES: dict[str, tuple[str, ...]] = {
-    "name": (
-        "sorted", "open", "print", "zip", "map", "filter", "range", "round", "format",
-        "split", "join", "append", "update", "insert", "remove", "read", "write", "close",
-        "encode", "decode", "copy", "pop", "clear", "index", "count", "keys", "items",
-        "values", "get", "reverse", "sort", "replace", "find", "lower", "upper", "send",
-    ),
-    "kind": ("function", "method", "class", "generator", "coroutine", "property"),
-    "args": ("0", "1", "2", "3"),
-}
-
-ARGS_IN_WORDS = {"0": "no arguments", "1": "one argument", "2": "two arguments", "3": "three arguments"}
-
-
-def _check_values(record, values: dict[str, tuple[str, ...]]) -> None:
-    """A clear ValueError for the first field whose value is not in its closed set."""
-    for f in fields(record):
-        value = getattr(record, f.name)
-        if value not in values[f.name]:
-            allowed = values[f.name]
-            shown = f"{allowed}" if len(allowed) <= 8 else f"{allowed[:8]} ..."
-            raise ValueError(f"{f.name}={value!r} is not a value of this task; choose one of {shown}")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record describing a (made-up) Python API: three fields, each from a closed set."""
-
-    name: str
-    kind: str
-    args: str
-
-    def __post_init__(self):
-        _check_values(self, FIELD_VALUES)
-
-
-FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Record))
-
-
-# ----------------------------------------------------------------------------- the six-field task
-# A richer record with room between methods: about 260 names and 72 modules to copy (most
-# names are several tokens), an argument count and a return type to put into words, and an
-# exception to copy. About 54 million records exist, so splits are drawn, not enumerated.
-API_FIELD_VALUES: dict[str, tuple[str, ...]] = {
-    "name": (
-        "sorted", "open", "print", "zip", "map", "filter", "range", "round", "format", "split", "join",
-        "append", "update", "insert", "remove", "read", "write", "close", "encode", "decode", "copy", "pop",
-        "clear", "index", "count", "keys", "items", "values", "get", "reverse", "sort", "replace", "find",
-        "lower", "upper", "send", "abs", "all", "any", "ascii", "bin", "bool", "bytearray", "bytes", "callable",
-        "chr", "classmethod", "compile", "complex", "delattr", "dict", "dir", "divmod", "enumerate", "eval",
-        "exec", "float", "frozenset", "getattr", "globals", "hasattr", "hash", "hex", "id", "input", "int",
-        "isinstance", "issubclass", "iter", "len", "list", "locals", "max", "memoryview", "min", "next",
-        "object", "oct", "ord", "pow", "property", "repr", "reversed", "set", "setattr", "slice", "str", "sum",
-        "super", "tuple", "type", "vars", "capitalize", "casefold", "center", "endswith", "expandtabs",
-        "isalnum", "isalpha", "isascii", "isdecimal", "isdigit", "islower", "isnumeric", "isprintable",
-        "isspace", "istitle", "isupper", "ljust", "lstrip", "maketrans", "partition", "rfind", "rindex",
-        "rjust", "rpartition", "rsplit", "rstrip", "splitlines", "startswith", "strip", "swapcase", "title",
-        "translate", "zfill", "extend", "fromkeys", "popitem", "setdefault", "add", "difference", "discard",
-        "isdisjoint", "issubset", "issuperset", "union", "acos", "acosh", "asin", "asinh", "atan", "atanh",
-        "cbrt", "ceil", "comb", "copysign", "cos", "cosh", "degrees", "dist", "erf", "erfc", "exp", "fabs",
-        "factorial", "floor", "fmod", "frexp", "fsum", "gamma", "gcd", "hypot", "isclose", "isfinite", "isinf",
-        "isnan", "isqrt", "lcm", "ldexp", "lgamma", "log", "modf", "nextafter", "perm", "prod", "radians",
-        "remainder", "sin", "sinh", "sqrt", "tan", "tanh", "trunc", "ulp", "abspath", "basename", "commonpath",
-        "dirname", "exists", "expanduser", "expandvars", "getatime", "getctime", "getmtime", "getsize", "isabs",
-        "isdir", "isfile", "islink", "ismount", "lexists", "normcase", "normpath", "realpath", "relpath",
-        "samefile", "samestat", "splitdrive", "splitext", "stat", "chown", "copyfile", "copyfileobj",
-        "copymode", "copystat", "copytree", "move", "rmtree", "which", "accumulate", "chain", "compress",
-        "cycle", "dropwhile", "filterfalse", "groupby", "islice", "pairwise", "product", "repeat", "starmap",
-        "takewhile", "tee", "cache", "namedtuple", "partial", "reduce", "wraps", "escape", "findall",
-        "finditer", "fullmatch", "match", "purge", "search", "sub", "subn", "template", "dump", "dumps", "load",
-        "loads", "dedent", "fill", "indent", "re", "shorten", "wrap", "betavariate", "choice"
-    ),
-    "module": (
-        "builtins", "os", "json", "re", "math", "sys", "time", "random", "string", "shutil", "pathlib",
-        "itertools", "functools", "collections", "typing", "io", "csv", "copy", "heapq", "bisect", "struct",
-        "hashlib", "base64", "zlib", "gzip", "pickle", "socket", "subprocess", "threading", "asyncio", "logging",
-        "argparse", "datetime", "calendar", "decimal", "fractions", "statistics", "textwrap", "unicodedata",
-        "difflib", "glob", "fnmatch", "tempfile", "sqlite3", "urllib", "http", "email", "html", "xml", "zipfile",
-        "tarfile", "shlex", "signal", "select", "queue", "weakref", "inspect", "dis", "ast", "tokenize",
-        "traceback", "warnings", "contextlib", "abc", "enum", "dataclasses", "operator", "array", "codecs",
-        "locale", "platform", "uuid",
-    ),
-    "kind": FIELD_VALUES["kind"],
-    "args": ("0", "1", "2", "3", "4", "5"),
-    "returns": ("str", "int", "bool", "None", "list", "dict", "bytes", "float", "tuple", "iterator"),
-    "raises": ("ValueError", "TypeError", "KeyError", "IndexError", "OSError", "RuntimeError", "AttributeError",
-               "StopIteration"),
-}
-
-API_ARGS_IN_WORDS = {**ARGS_IN_WORDS, "4": "four arguments", "5": "five arguments"}
-RETURNS_IN_WORDS = {
-    "str": "a string", "int": "an integer", "bool": "a boolean", "None": "nothing", "list": "a list",
-    "dict": "a dictionary", "bytes": "bytes", "float": "a float", "tuple": "a tuple", "iterator": "an iterator",
-}
-
-
-@dataclass(frozen=True)
-class ApiRecord:
-    """One record of the six-field task: a (made-up) API's name, module, kind, arity, return type, exception."""
-
-    name: str
-    module: str
-    kind: str
-    args: str
-    returns: str
-    raises: str
-
-    def __post_init__(self):
-        _check_values(self, API_FIELD_VALUES)
-
-
-API_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ApiRecord))
-
-# task name -> (record class, its fields' values); "basic" is the three-field task above.
-TASKS = {"basic": (Record, FIELD_VALUES), "api": (ApiRecord, API_FIELD_VALUES)}
-
-
-def _task(task: str):
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    return TASKS[task]
-
-
-def _values_of(record) -> dict[str, tuple[str, ...]]:
-    return API_FIELD_VALUES if isinstance(record, ApiRecord) else FIELD_VALUES
-
-
-def format_prompt(record: Record) -> str:
-    """The model's input: the record as `field: value` pairs, then a newline."""
-    return " | ".join(f"{k}: {getattr(record, k)}" for k in _values_of(record)) + "\n"
-
-
-def format_target(record: Record) -> str:
-    """The reference sentence (what the loss is computed on), with a leading space."""
-    if isinstance(record, ApiRecord):
-        return (f" {record.name} from {record.module} is a {record.kind} that takes {API_ARGS_IN_WORDS[record.args]}"
-                f" and returns {RETURNS_IN_WORDS[record.returns]}; it can raise {record.raises}.")
-    return f" {record.name} is a {record.kind} that takes {ARGS_IN_WORDS[record.args]}."
-
-
-def slot_phrases(record: Record) -> dict[str, str]:
-    """The exact phrase that shows each field was rendered, by field."""
-    if isinstance(record, ApiRecord):  # the leading spaces anchor each name (" strip from" is not in " rstrip from")
-        return {
-            "name": f" {record.name} from",
-            "module": f" from {record.module} is",
-            "kind": f" is a {record.kind} that",
-            "args": f" takes {API_ARGS_IN_WORDS[record.args]} and",
-            "returns": f" returns {RETURNS_IN_WORDS[record.returns]};",
-            "raises": f" raise {record.raises}.",
-        }
-    return {
-        "name": f"{record.name} is a",
-        "kind": f"a {record.kind} that",
-        "args": f"takes {ARGS_IN_WORDS[record.args]}.",
-    }
-
-
-def slots_realized(text: str, record: Record) -> dict[str, bool]:
-    """For each field: does its exact phrase appear in `text`?"""
-    text = " " + text if isinstance(record, ApiRecord) else text  # a sentence may start without its space
-    return {k: phrase in text for k, phrase in slot_phrases(record).items()}
-
-
-def _check_pairs(texts: Sequence[str], records: Sequence[Record]) -> None:
-    if isinstance(texts, str):
-        raise TypeError("pass a list of generated texts, not one string")
-    if len(texts) != len(records):
-        raise ValueError(f"got {len(texts)} texts for {len(records)} records; pass one text per record")
-    if not records:
-        raise ValueError("no records to score; pass at least one")
-
-
-def slot_accuracy(texts: Sequence[str], records: Sequence[Record]) -> float:
-    """Mean over records of the share of fields realised exactly (0 to 1)."""
-    _check_pairs(texts, records)
-    scores = [sum(hits := slots_realized(t, r).values()) / len(hits) for t, r in zip(texts, records)]
-    return sum(scores) / len(scores)
-
-
-def slot_accuracy_by_field(texts: Sequence[str], records: Sequence[Record]) -> dict[str, float]:
-    """For each field, the share of records whose phrase for it appears in the text."""
-    _check_pairs(texts, records)
-    hits = [slots_realized(t, r) for t, r in zip(texts, records)]
-    return {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
-
-
-def exact_match(texts: Sequence[str], records: Sequence[Record]) -> float:
-    """Share of texts equal to the reference sentence (stripped of outer whitespace)."""
-    _check_pairs(texts, records)
-    return sum(t.strip() == format_target(r).strip() for t, r in zip(texts, records)) / len(records)
+__all__ = ["TaskSplits", "n_records", "record_at", "RecordSet", "make_splits", "encode_example", "collate",
+           "batches", "shard_batches", "generate", "evaluate_task", "TaskRecord", "Record", "ApiRecord", "TASKS",
+           "format_prompt", "format_target", "slot_phrases", "slots_realized", "slot_accuracy", "exact_match",
+           "slot_accuracy_by_field", "FIELD_VALUES", "FIELD_NAMES", "API_FIELD_VALUES", "API_FIELD_NAMES",
+           "ARGS_IN_WORDS"]
 
 
 def n_records(task: str = "basic") -> int:
     """How many different records exist (basic: 36*6*4 = 864; api: about 54 million)."""
-    n = 1
-    for values in _task(task)[1].values():
-        n *= len(values)
-    return n
+    return math.prod(len(values) for values in task_record(task).VALUES.values())
 
 
 def record_at(index: int, task: str = "basic"):
     """The record with this index (0 <= index < n_records(task)), read as mixed-radix digits."""
-    cls, field_values = _task(task)
+    cls = task_record(task)
+    field_values = cls.VALUES
     if not 0 <= index < n_records(task):
         raise IndexError(f"record index {index} out of range [0, {n_records(task)})")
     values = []
@@ -277,7 +66,7 @@ class RecordSet(Sequence):
     """A split: a sequence of records stored as indices, decoded on access."""
 
     def __init__(self, indices: Sequence[int], task: str = "basic"):
-        _task(task)
+        task_record(task)
         self.indices = tuple(int(i) for i in indices)
         self.task = task
 
@@ -311,17 +100,17 @@ def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0, *, ta
     (n_train default 4096) are drawn from the 54 million without replacement.
     """
     n = n_records(task)
-    if n_validation < 1 or n_test < 1:
-        raise ValueError(f"n_validation and n_test must be at least 1, got {n_validation} and {n_test}")
-    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
-        raise ValueError(f"n_train must be a whole number of at least 1, got {n_train!r}")
+    check_int("n_validation", n_validation, minimum=1)
+    check_int("n_test", n_test, minimum=1)
+    if n_train is not None:
+        check_int("n_train", n_train, minimum=1)
     if n_validation + n_test + (n_train or 1) > n:
         raise ValueError(
             f"n_validation + n_test = {n_validation + n_test} leaves no training records "
             f"(there are {n}); ask for fewer"
         )
     held = n_test + n_validation
-    if task == "basic":
+    if task_record(task).ENUMERATED:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         train_ids = order[held:] if n_train is None else order[held : held + n_train]
     else:
@@ -334,24 +123,27 @@ def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0, *, ta
     )
 
 
-def encode_example(tokenizer, record: Record) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, record: Record, target: Callable[[Record], str] = format_target
+                   ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for prompt + target + EOS; labels are -100 on the prompt.
 
     The loss is computed on the target tokens only: the model learns to write the
-    sentence, not to reproduce the record it was given.
+    sentence, not to reproduce the record it was given. `target` writes the answer
+    (default: the task's sentence).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (GPT-2: '<|endoftext|>')")
     prompt_ids = tokenizer(format_prompt(record))["input_ids"]
-    target_ids = tokenizer(format_target(record))["input_ids"] + [tokenizer.eos_token_id]
+    target_ids = tokenizer(target(record))["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
 
-def collate(tokenizer, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+def collate(tokenizer, records: Sequence[Record], target: Callable[[Record], str] = format_target
+            ) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
     if not records:
         raise ValueError("cannot collate an empty batch")
-    encoded = [encode_example(tokenizer, r) for r in records]
+    encoded = [encode_example(tokenizer, r, target) for r in records]
     length = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(records), length), pad, dtype=torch.long)  # (B, T)
@@ -364,10 +156,10 @@ def collate(tokenizer, records: Sequence[Record]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def batches(tokenizer, records: Sequence[Record], batch_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled training batches; the same `seed` gives the same batches."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+def batches(tokenizer, records: Sequence[Record], batch_size: int, seed: int = 0,
+            target: Callable[[Record], str] = format_target) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled training batches (answers written by `target`); the same `seed` gives the same batches."""
+    check_int("batch_size", batch_size, minimum=1)
     if len(records) < batch_size:
         raise ValueError(f"{len(records)} records cannot fill a batch of {batch_size}; lower batch_size")
     rng = random.Random(seed)
@@ -375,7 +167,7 @@ def batches(tokenizer, records: Sequence[Record], batch_size: int, seed: int = 0
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate(tokenizer, [records[i] for i in order[start : start + batch_size]])
+            yield collate(tokenizer, [records[i] for i in order[start : start + batch_size]], target)
 
 
 def shard_batches(batches: Iterator[dict[str, torch.Tensor]], rank: int, world_size: int

@@ -1,10 +1,12 @@
 """The frozen base layers LoRA adapts, read and written through one seam; model surgery by name.
 
-Three kinds of layer hold the same linear map h = W x + b:
+Three kinds of layer hold the same linear map h = W x + b, and an embedding is one too:
 
     nn.Linear            weight (out, in)
     transformers Conv1D  weight (in, out)   GPT-2's layers; PEFT calls this fan_in_fan_out
     quant.Linear4bit     4-bit codes of (out, in), dequantized on the fly (registered by quant.py)
+    nn.Embedding         weight (in, out) = (num_embeddings, embedding_dim): h = W^T onehot(id),
+                         not a linear layer (`is_linear` is False: never quantized, no `linear_features`)
 
 Every path that touches a base weight (LoRA's merge, DoRA's, PiSSA's residual, serving,
 conversions to PEFT) reads and writes it here, as an (out, in) matrix, through the
@@ -24,8 +26,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 __all__ = ["Conv1D", "BaseLayerKind", "register_base_layer", "base_kind", "is_conv1d", "is_adaptable",
-           "linear_features", "fan_in_fan_out", "transpose", "base_weight", "write_base_weight",
-           "add_to_base_weight", "stored_weight_numel", "replace_module"]
+           "is_linear", "base_features", "linear_features", "fan_in_fan_out", "transpose", "base_weight",
+           "write_base_weight", "add_to_base_weight", "stored_weight_numel", "replace_module"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class BaseLayerKind:
     dtype, a view where the layer stores it so; `write(layer, W)` stores an (out, in) matrix,
     rounded once; `fan_in_fan_out(layer)`: True if the layer was a Conv1D (PEFT's config
     flag); `weight_is_parameter`: False when the weight is not an `nn.Parameter` (4-bit codes
-    are buffers), so parameter counts add it by hand.
+    are buffers), so parameter counts add it by hand; `linear`: False for a layer whose input
+    is not a vector (an embedding's token ids), which is never quantized.
     """
 
     features: Callable[[nn.Module], tuple[int, int]]
@@ -44,6 +47,7 @@ class BaseLayerKind:
     write: Callable[[nn.Module, torch.Tensor], None]
     fan_in_fan_out: Callable[[nn.Module], bool]
     weight_is_parameter: bool = True
+    linear: bool = True
 
 
 BASE_LAYERS: dict[type, BaseLayerKind] = {}
@@ -66,8 +70,8 @@ def _kind(layer: nn.Module) -> BaseLayerKind:
     kind = base_kind(layer)
     if kind is None:
         kinds = ", ".join(cls.__name__ for cls in BASE_LAYERS)
-        raise TypeError(f"LoRA here wraps linear layers ({kinds}), got {type(layer).__name__}; choose "
-                        "target_modules that name linear layers (print(model) lists them)")
+        raise TypeError(f"LoRA here wraps linear layers and embeddings ({kinds}), got {type(layer).__name__}; "
+                        "choose target_modules that name those (print(model) lists them)")
     return kind
 
 
@@ -81,8 +85,23 @@ def is_adaptable(layer: nn.Module) -> bool:
     return base_kind(layer) is not None
 
 
+def is_linear(layer: nn.Module) -> bool:
+    """True for the linear base layers (nn.Linear, Conv1D, Linear4bit): what quantization and serving take."""
+    kind = base_kind(layer)
+    return kind is not None and kind.linear
+
+
+def base_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of any base layer, an embedding's (num_embeddings, embedding_dim) included; TypeError otherwise."""
+    return _kind(layer).features(layer)
+
+
 def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a base layer; TypeError for anything else."""
+    """(in_features, out_features) of a linear base layer; TypeError for anything else (an embedding too)."""
+    if not is_linear(layer):
+        kinds = ", ".join(cls.__name__ for cls, kind in BASE_LAYERS.items() if kind.linear)
+        raise TypeError(f"LoRA here wraps linear layers ({kinds}) with this class, got {type(layer).__name__}; "
+                        "choose target_modules that name linear layers (print(model) lists them)")
     return _kind(layer).features(layer)
 
 
@@ -148,6 +167,14 @@ register_base_layer(Conv1D, BaseLayerKind(
     read=lambda layer: layer.weight.T,
     write=lambda layer, W: _write_parameter(layer, W, True),
     fan_in_fan_out=lambda layer: True,
+))
+
+register_base_layer(nn.Embedding, BaseLayerKind(
+    features=lambda layer: (layer.num_embeddings, layer.embedding_dim),  # stored (in, out), as Conv1D
+    read=lambda layer: layer.weight.T,
+    write=lambda layer, W: _write_parameter(layer, W, True),
+    fan_in_fan_out=lambda layer: True,
+    linear=False,
 ))
 
 

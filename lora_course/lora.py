@@ -28,7 +28,9 @@ from .config import (
     BASE_FORMATS,
     CONFIG_NAMES,
     INIT_SCHEMES,
+    LAYER_CLASSES,
     LAYER_VARIANTS,
+    MODEL_STEPS,
     LoRAConfig,
     lora_scaling,
     make_config,
@@ -37,33 +39,20 @@ from .config import (
 )
 from .layers import (
     add_to_base_weight,
+    base_features,
     base_weight,
     fan_in_fan_out,
     is_adaptable,
+    is_linear,
     linear_features,
     replace_module,
     stored_weight_numel,
 )
 
-__all__ = [
-    "LoRAConfig",  # from config.py, where it lives, for `from lora_course.lora import LoRAConfig`
-    "make_config",
-    "targeted_config",
-    "lora_scaling",
-    "LoRALinear",
-    "variant_class",
-    "peft_suffix",
-    "matches_target",
-    "matched_modules",
-    "add_lora",
-    "inject_adapters",
-    "merge_lora",
-    "lora_layers",
-    "update_norm",
-    "count_parameters",
-    "print_trainable_parameters",
-    "trainable_parameters_line",
-]
+__all__ = ["LoRAConfig",  # from config.py, where it lives, for `from lora_course.lora import LoRAConfig`
+           "make_config", "targeted_config", "lora_scaling", "LoRALinear", "variant_class", "peft_suffix",
+           "matches_target", "matched_modules", "add_lora", "inject_adapters", "merge_lora", "lora_layers",
+           "update_norm", "count_parameters", "print_trainable_parameters", "trainable_parameters_line"]
 
 
 class LoRALinear(nn.Module):
@@ -77,13 +66,20 @@ class LoRALinear(nn.Module):
     base-weight seam (`lora_course.layers`), so every kind of base merges the same way.
     `base_format` (a function layer -> layer, e.g. 4-bit storage) is applied to the base
     after the factors are initialised: PiSSA decomposes the full-precision weight first.
+    `untied_from`: modules that share the base weight but not the update (ensure_weight_tying=False);
+    merging then writes W0 + dW into a copy, so they keep W0.
     """
+
+    factor_names = ("lora_A", "lora_B")  # a subclass may store its factors under PEFT's other names
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig | None = None, *,
                  bias: bool = True, base_layer: nn.Module | None = None,
                  base_format: Callable[[nn.Module], nn.Module] | None = None, **settings):
         super().__init__()
         config = make_config(config, **settings)
+        if base_layer is not None and not self.accepts(base_layer):
+            raise TypeError(f"{type(self).__name__} does not wrap a {type(base_layer).__name__}; LoRA here wraps "
+                            "linear layers (LoRALinear.from_linear picks the class for an embedding)")
         if config.r > min(in_features, out_features):
             raise ValueError(
                 f"r={config.r} exceeds min(in_features, out_features) = {min(in_features, out_features)} for a "
@@ -107,10 +103,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         shape_A, shape_B = self.lora_shapes()
         device = _device_of(base_layer)
-        self.lora_A = nn.Parameter(torch.empty(shape_A, device=device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.empty(shape_B, device=device))  # (out, r)
+        setattr(self, self.factor_names[0], nn.Parameter(torch.empty(shape_A, device=device)))  # A: (r, in)
+        setattr(self, self.factor_names[1], nn.Parameter(torch.empty(shape_B, device=device)))  # B: (out, r)
         self.merged = False
         self._merge_state = None  # what a variant's unmerge needs (DoRA: the norm at merge time)
+        self.untied_from, self._shared_weight = (), None  # see the class docstring
         self.reset_lora_parameters()
         if base_format is not None:  # e.g. 4-bit storage, of W0 or of PiSSA's residual
             self.base_layer = base_format(self.base_layer).requires_grad_(False)
@@ -122,12 +119,17 @@ class LoRALinear(nn.Module):
         """Wrap a pretrained base layer; its weight is shared, not copied. A variant flag (use_dora) picks its class."""
         if isinstance(layer, LoRALinear):
             raise TypeError("this layer already carries LoRA; merge_lora() it first or train the existing adapter")
-        in_features, out_features = linear_features(layer)
+        in_features, out_features = base_features(layer)  # TypeError for a layer LoRA does not wrap
         extra = {k: settings.pop(k) for k in list(settings) if k not in CONFIG_NAMES}  # a subclass's own arguments
         config = make_config(config, **settings)
         if cls is LoRALinear:
-            cls = variant_class(config)
+            cls = variant_class(config, layer)
         return cls(in_features, out_features, config, base_layer=layer, base_format=base_format, **extra)
+
+    @classmethod
+    def accepts(cls, layer: nn.Module) -> bool:
+        """True for the base layers this class wraps: the linear ones."""
+        return is_linear(layer)
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """Shapes of lora_A and lora_B: (r, in) and (out, r)."""
@@ -171,6 +173,9 @@ class LoRALinear(nn.Module):
         """Fold the update into the base weight: one matmul at inference, no extra cost."""
         if self.merged:
             raise RuntimeError(f"this {type(self).__name__} is already merged; call unmerge() before merging again")
+        if self.untied_from:  # W0 is also theirs and they keep it: merge into a copy
+            self._shared_weight = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(self._shared_weight.detach().clone(), requires_grad=False)
         self._merge_state = self.merge_into(self.base_layer, self.tensors(), self.scaling)
         self.merged = True
 
@@ -179,7 +184,10 @@ class LoRALinear(nn.Module):
         """Take the update back out of the base weight (exact up to one rounding of what the base stores)."""
         if not self.merged:
             raise RuntimeError(f"this {type(self).__name__} is not merged; there is nothing to unmerge")
-        self.unmerge_from(self.base_layer, self.tensors(), self.scaling, self._merge_state)
+        if self._shared_weight is not None:  # put the shared W0 back, exactly
+            self.base_layer.weight, self._shared_weight = self._shared_weight, None
+        else:
+            self.unmerge_from(self.base_layer, self.tensors(), self.scaling, self._merge_state)
         self._merge_state, self.merged = None, False
 
     # -- the arithmetic of one adapter, on any base layer and tensors: the instance methods above and
@@ -225,6 +233,18 @@ class LoRALinear(nn.Module):
         """The shapes a rank-r adapter in PEFT's layout has at this layer, by tensor name."""
         return {"lora_A": (r, self.in_features), "lora_B": (self.out_features, r)}
 
+    @classmethod
+    def peft_shapes(cls, base_layer: nn.Module, r: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
+        """The tensors (name -> shape) a rank-r PEFT adapter holds for a base layer this class would wrap:
+        A (r, in), B (out, r), and DoRA's magnitude (out,)."""
+        in_f, out_f = linear_features(base_layer)
+        shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        return {**shapes, "lora_magnitude_vector": (out_f,)} if use_dora else shapes
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter's trainable parameters (all but the base layer's)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
     def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An adapter's tensors in PEFT's layout (shapes checked) in this layer's own; ValueError if it cannot."""
         return dict(tensors)
@@ -248,8 +268,12 @@ def peft_suffix(name: str) -> str:
     return f"{name}.weight" if name.startswith(("lora_A", "lora_B")) else name
 
 
-def variant_class(config: LoRAConfig) -> type:
-    """The LoRA layer class a config asks for: `LoRALinear`, or the registered variant of a flag it sets."""
+def variant_class(config: LoRAConfig, layer: nn.Module | None = None) -> type:
+    """The LoRA layer class a config asks for on `layer`: the class registered for the layer's type (an
+    embedding's), else `LoRALinear` or the registered variant of a flag the config sets."""
+    for base_type in type(layer).__mro__ if layer is not None else ():
+        if base_type in LAYER_CLASSES:
+            return LAYER_CLASSES[base_type]  # it refuses the variants it cannot do
     cls = LoRALinear
     for flag in _set_flags(config):
         if flag not in LAYER_VARIANTS:
@@ -282,10 +306,8 @@ def _no_match_error(model: nn.Module, target_modules) -> ValueError:
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     close = sorted({c for t in wanted for c in difflib.get_close_matches(str(t), leaves, n=3, cutoff=0.4)})
     hint = f" Did you mean {close}?" if close else ""
-    return ValueError(
-        f"target_modules={target_modules!r} matched no module in {type(model).__name__}.{hint} "
-        f"Linear layers it has: {leaves}"
-    )
+    return ValueError(f"target_modules={target_modules!r} matched no module in {type(model).__name__}.{hint} "
+                      f"Layers LoRA can adapt it has: {leaves}")
 
 
 def matched_modules(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
@@ -304,10 +326,8 @@ def matched_modules(model: nn.Module, target_modules: str | Iterable[str]) -> li
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already carries LoRA; call merge_lora(model) before adding another")
         if not is_adaptable(module):
-            raise TypeError(
-                f"target {name} is a {type(module).__name__}, not nn.Linear or Conv1D; "
-                "LoRA here adapts linear layers: name those in target_modules"
-            )
+            raise TypeError(f"target {name} is a {type(module).__name__}, not nn.Linear, Conv1D or nn.Embedding; "
+                            "LoRA here adapts those: name them in target_modules")
     return matched
 
 
@@ -315,22 +335,27 @@ def inject_adapters(
     model: nn.Module,
     target_modules: str | Iterable[str],
     wrap: Callable[[nn.Module], nn.Module],
+    config: LoRAConfig | None = None,
 ) -> nn.Module:
-    """Replace every Linear/Conv1D that `target_modules` matches with `wrap(layer)`; freeze the rest.
+    """Replace every layer that `target_modules` matches with `wrap(layer)`; freeze the rest.
 
     The model surgery shared by `add_lora` and `fused.add_fused_lora` (PEFT calls it
-    `inject_adapter`). Every match is checked and wrapped before anything changes.
+    `inject_adapter`). Given the `config`, the registered model steps then adjust the
+    replacements (tied weights, modules_to_save). Every match is checked and wrapped before
+    anything changes.
     """
     matched = matched_modules(model, target_modules)
-    flags = {p: p.requires_grad for _, m in matched for p in m.parameters()}
+    flags = {p: p.requires_grad for p in model.parameters()}
     try:  # wrap every match before changing the model, so bad settings leave it as it was
         wrapped = [(name, wrap(module)) for name, module in matched]
+        for step in MODEL_STEPS if config is not None else ():
+            wrapped = step(model, config, wrapped)
     except Exception:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
-    adapters = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
-                for n, p in m.named_parameters() if not n.startswith("base_layer.")}  # A, B (and DoRA's m)
+    adapters = {id(p) for m in model.modules() if hasattr(m, "adapter_parameters")
+                for p in m.adapter_parameters()}  # A, B (and DoRA's m), trained copies
     for p in model.parameters():  # freeze the base model; adapters added earlier keep their setting
         if id(p) not in adapters:
             p.requires_grad_(False)
@@ -341,7 +366,8 @@ def inject_adapters(
 
 def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None = None, *,
              quantize_base: str | None = None, **settings) -> nn.Module:
-    """Replace every matching Linear/Conv1D with a `LoRALinear`, in place; freeze the rest.
+    """Replace every matching Linear/Conv1D/Embedding with a `LoRALinear` (an embedding's is a
+    `LoRAEmbedding`), in place; freeze the rest.
 
     Either `add_lora(model, LoRAConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))` or
     the keyword form `add_lora(model, ["c_attn"], r=8, alpha=16)`. `target_modules`
@@ -352,17 +378,22 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
     `quantize_base="nf4"` is QLoRA: every linear layer of the frozen base (but the output
     head) is stored in 4-bit NF4 with double quantization (`lora_course.quant`), and the
     adapters train on top in full precision. Everything is checked before the model changes.
+
+    `modules_to_save=["wte"]` trains a full copy of those modules too; `ensure_weight_tying`
+    (default True) keeps a tied head tied (see `LoRAConfig` and `lora_course.embedding`).
     """
     config = targeted_config(config, settings)
     if quantize_base is None:
-        return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config))
+        return inject_adapters(model, config.target_modules, lambda layer: LoRALinear.from_linear(layer, config),
+                               config)
     base_format = registered(BASE_FORMATS, quantize_base, "quantize_base", "'nf4' is QLoRA's")
     targets = {name for name, _ in matched_modules(model, config.target_modules)}
     rest = base_format.replacements(model, skip=targets)  # the frozen layers LoRA does not wrap, quantized
     inject_adapters(model, config.target_modules,
-                    lambda layer: LoRALinear.from_linear(layer, config, base_format=base_format.layer))
+                    lambda layer: LoRALinear.from_linear(layer, config, base_format=base_format.layer), config)
     for name, layer in rest:
-        replace_module(model, name, layer)
+        if is_linear(model.get_submodule(name)):  # not a module a model step wrapped (modules_to_save)
+            replace_module(model, name, layer)
     return model
 
 
@@ -381,25 +412,28 @@ def update_norm(model: nn.Module) -> float:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put the plain layer back."""
+    """Fold every LoRA update into its base weight and put the plain layer back (and a trained copy in its
+    module's place: PEFT's merge_and_unload)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("this model has no LoRALinear layers to merge; did you call add_lora?")
+    untied = any(getattr(m, "untied_from", ()) for m in model.modules())
     for name, lora in layers.items():
         if not lora.merged:
             lora.merge()
         replace_module(model, name, lora.base_layer)
+    for name, saved in [(n, m) for n, m in model.named_modules() if hasattr(m, "modules_to_save")]:
+        replace_module(model, name, saved.modules_to_save)
+    if untied and hasattr(model, "config"):
+        model.config.tie_word_embeddings = False  # the merged weights differ now; PEFT says so too
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; works on the meta device (no memory needed)."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    total += sum(stored_weight_numel(m) for m in model.modules())  # 4-bit weights are codes, not parameters
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params) + sum(stored_weight_numel(m) for m in model.modules())  # + 4-bit codes
     return trainable, total
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import register_base_format
-from .layers import BaseLayerKind, base_weight, fan_in_fan_out, is_adaptable, register_base_layer, replace_module
+from .layers import BaseLayerKind, base_weight, fan_in_fan_out, is_linear, register_base_layer, replace_module
 from .validate import check_int
 
 __all__ = [
@@ -348,6 +348,8 @@ class Linear4bit(nn.Module):
         """Quantize an `nn.Linear` or `Conv1D` (its weight as (out, in)); the original layer is left as it was."""
         if isinstance(layer, Linear4bit):
             raise TypeError("this layer is already stored in 4 bits")
+        if not is_linear(layer):  # an embedding stays in 16 bits, as in QLoRA
+            raise TypeError(f"only linear layers are stored in 4 bits, not a {type(layer).__name__}")
         W = base_weight(layer).detach()  # (out, in); TypeError for anything but a base layer
         quantized = quantize_4bit(W, block_size, quant_type, double_quant)
         return cls(quantized, layer.bias, fan_in_fan_out=fan_in_fan_out(layer))
@@ -430,7 +432,7 @@ class QuantizedBase:
         """(name, 4-bit layer) for every base layer of `model` but the output head, 4-bit ones and `skip` (names)."""
         head = _skip_head(model)
         targets = [(n, m) for n, m in model.named_modules()
-                   if n and is_adaptable(m) and not isinstance(m, Linear4bit) and m is not head and n not in skip]
+                   if n and is_linear(m) and not isinstance(m, Linear4bit) and m is not head and n not in skip]
         lora_parents = {n.rsplit(".", 1)[0] for n, _ in targets if n.endswith(".base_layer")}
         if lora_parents:
             raise ValueError(f"{sorted(lora_parents)[0]} already carries LoRA; quantize the base model first, "
@@ -480,7 +482,7 @@ def base_bytes_by_format(model: nn.Module, block_size: int = 64) -> dict[str, in
     """
     head = _skip_head(model)
     n_total = sum(p.numel() for p in model.parameters())
-    linear = [m.weight.numel() for n, m in model.named_modules() if n and is_adaptable(m) and m is not head]
+    linear = [m.weight.numel() for n, m in model.named_modules() if n and is_linear(m) and m is not head]
     n_rest = n_total - sum(linear)
     out = {"fp32": 4 * n_total, "fp16": 2 * n_total}
     for label, dq in (("nf4", False), ("nf4 + double quant", True)):

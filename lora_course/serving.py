@@ -23,13 +23,31 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .adapters import AdapterError, read_adapter
-from .layers import is_adaptable, replace_module
+from .adapters import AdapterError, read_adapter, read_config
+from .embedding import shared_weights
+from .layers import is_adaptable, is_linear, replace_module
 from .lora import LoRAConfig, LoRALinear, lora_layers, variant_class
 
-__all__ = ["BASE", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
+__all__ = ["BASE", "mixed_rows", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def mixed_rows(x: torch.Tensor, result: torch.Tensor, rows: Sequence, output) -> torch.Tensor:
+    """A mixed batch: row i gets adapter rows[i] (None: the base output), each adapter run once on its rows.
+
+    x (batch, ..., in) and result = base(x) (batch, ..., out); `output(name, x_rows,
+    result_rows)` is one adapter's output for some rows. Each distinct adapter gathers its
+    rows, computes once and scatters back, so the cost grows with the adapters in the batch,
+    not with its rows. `result` is left as it was.
+    """
+    out = result.clone()
+    for name in dict.fromkeys(rows):  # each adapter once, in order of first use
+        if name is None:
+            continue
+        idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)  # its rows
+        out[idx] = output(name, x[idx], result[idx])
+    return out
 
 
 class MultiAdapterLinear(nn.Module):
@@ -52,6 +70,7 @@ class MultiAdapterLinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.row_adapters: list | None = None  # per-row names while a mixed batch runs
+        self.row_mixer = mixed_rows  # how a mixed batch reaches each row's adapter
         self._merge_state = None
 
     def add(self, name: str, tensors: dict[str, torch.Tensor], scaling: float, kind: type[LoRALinear]) -> None:
@@ -87,13 +106,8 @@ class MultiAdapterLinear(nn.Module):
             if len(rows) != x.shape[0]:
                 raise ValueError(f"the mixed batch names {len(rows)} rows' adapters but the input has {x.shape[0]} "
                                  "rows; give one name (or None) per row")
-            out = result.clone()
-            for name in dict.fromkeys(rows):  # each adapter once, in order of first use
-                if name not in self.scaling:  # None / "__base__", or an adapter that skips this layer
-                    continue
-                idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-                out[idx] = self._output(name, x[idx], result[idx])
-            return out
+            # an adapter that skips this layer leaves its rows at the base output
+            return self.row_mixer(x, result, [n if n in self.scaling else None for n in rows], self._output)
         name = self.active_adapter
         if name is None or name == self.merged_adapter or name not in self.scaling:
             return result
@@ -134,6 +148,7 @@ class MultiAdapterModel(nn.Module):
         self.model = model.requires_grad_(False)
         self.adapter_configs: dict[str, dict] = {}
         self._active: str | None = None
+        self.row_mixer = mixed_rows  # fn(x, result, rows, output): how every layer serves a mixed batch
 
     # ------------------------------------------------------------------ what is loaded
     @property
@@ -164,7 +179,9 @@ class MultiAdapterModel(nn.Module):
     def load_adapter(self, path, adapter_name: str) -> str:
         """Read a PEFT-format adapter folder and add it under `adapter_name`; the active adapter is not changed.
 
-        Every check (config, keys, shapes, values) runs before the model changes.
+        Every check (config, keys, shapes, values) runs before the model changes. Served here is LoRA
+        on linear layers whose weight no other module holds: an adapter with LoRA on an embedding or
+        a tied head, or with modules_to_save, is refused (AdapterError); load_adapter takes it into one model.
         """
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; "
@@ -174,7 +191,16 @@ class MultiAdapterModel(nn.Module):
                              "or choose another name")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge_adapter() before loading another")
+        if read_config(path).get("modules_to_save"):
+            raise AdapterError("this adapter trains modules in full (modules_to_save), which a shared base cannot "
+                               "serve; load it into one model with lora_course.load_adapter")
         plan = read_adapter(path, self.model, include=lambda m: isinstance(m, MultiAdapterLinear) or is_adaptable(m))
+        tied = shared_weights(self.model)
+        unserved = [layer.name for layer in plan.layers if layer.name in tied or f"{layer.name}.base_layer" in tied
+                    or not is_linear(getattr(layer.module, "base_layer", layer.module))]
+        if unserved:
+            raise AdapterError(f"this adapter has LoRA on {unserved[0]}, an embedding or a weight another module holds "
+                               "(a tied head), which serving does not hold; load it into one model with load_adapter")
         if plan.init_lora_weights == "pissa":
             raise AdapterError("this is a PiSSA adapter: it only works on its own residual base, not on a base "
                                "shared with other adapters. Convert it first with pissa.save_pissa_as_lora "
@@ -249,7 +275,7 @@ class MultiAdapterModel(nn.Module):
         rows = [None if n == BASE else n for n in names]
         layers = list(self.layers().values())
         for layer in layers:
-            layer.row_adapters = rows
+            layer.row_adapters, layer.row_mixer = rows, self.row_mixer
         try:
             yield
         finally:
