@@ -22,16 +22,23 @@ embeddings' output does not require grad, so the checkpointed blocks look consta
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 import warnings
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 
 from .memory import peak_memory
-from .timing import median_ms
+from .skeletons import transformer_blocks
 
-__all__ = ["VARIANTS", "checkpoint_blocks", "trainable_grads", "compare_checkpointing"]
+__all__ = ["VARIANTS", "checkpoint_blocks", "trainable_grads", "count_block_forwards", "compare_checkpointing"]
 
 # name: (checkpoint the blocks?, reentrant?, enable_input_require_grads?)
 VARIANTS = {
@@ -43,14 +50,8 @@ VARIANTS = {
 
 
 def checkpoint_blocks(model: nn.Module, use_reentrant: bool = True, block_type: type | None = None) -> nn.Module:
-    """Wrap every transformer block (default: the type of `model.transformer.h[0]`) in activation checkpointing."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing,
-        checkpoint_wrapper,
-    )
-
-    block_type = block_type or type(model.transformer.h[0])
+    """Wrap every transformer block (default: the type of the first of `transformer_blocks`) in checkpointing."""
+    block_type = block_type or type(transformer_blocks(model)[0])
     impl = CheckpointImpl.REENTRANT if use_reentrant else CheckpointImpl.NO_REENTRANT
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
                                                                                   checkpoint_impl=impl),
@@ -71,40 +72,74 @@ def trainable_grads(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torc
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def compare_checkpointing(build: Callable[[], nn.Module], input_ids: torch.Tensor,
-                          min_run_time: float = 0.2) -> dict[str, dict]:
-    """Each of `VARIANTS` on a fresh `build()` (a LoRA model): the error, or peak memory, time and gradients.
+def count_block_forwards(model: nn.Module) -> list[int]:
+    """Count every forward of each transformer block, recomputations included: a list that the hooks keep up to date.
+
+    Call before `checkpoint_blocks`; the hooks sit on the blocks themselves, inside any wrapper.
+    """
+    blocks = transformer_blocks(model)
+    counts = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def _variant(build: Callable[[], nn.Module], input_ids: torch.Tensor, ckpt: bool, reentrant: bool,
+             input_grads: bool):
+    """(model, row) of one variant after one step: its error and warning, or its gradients and forwards per block."""
+    model = build().train()
+    counts = count_block_forwards(model)
+    if ckpt:
+        checkpoint_blocks(model, use_reentrant=reentrant)
+    if input_grads:
+        model.enable_input_require_grads()
+    row = {"error": None, "warning": None, "forwards_per_step": None, "grads": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            row["grads"] = trainable_grads(model, input_ids)
+            row["forwards_per_step"] = list(counts)
+        except RuntimeError as err:
+            row["error"] = str(err).strip().splitlines()[0]
+    if caught:
+        row["warning"] = str(caught[0].message)
+    return model, row
+
+
+def compare_checkpointing(build: Callable[[], nn.Module], input_ids: torch.Tensor, rounds: int = 7) -> dict[str, dict]:
+    """Each of `VARIANTS` on a fresh `build()` (a LoRA model): the error, or what one step costs and does.
 
     Returns {variant: {"error": first line or None, "warning": first warning or None,
-    "peak_bytes", "ms" (median forward + backward), "max_grad_diff" (against no checkpointing)}}.
-    Peak memory is measured on the CPU around one forward and backward, gradients freed first.
+    "forwards_per_step" (per block: how many times its forward ran in one step), "peak_bytes",
+    "ms" and "cpu_ms" (median wall-clock and process CPU time of a forward and backward),
+    "max_grad_diff" (against no checkpointing)}}. Peak memory is measured on the CPU around
+    one step, gradients freed first. The variants are timed in `rounds` interleaved rounds
+    (each round steps every variant once), so a change in the machine's load hits all alike.
     """
-    out, reference = {}, None
-    for name, (ckpt, reentrant, input_grads) in VARIANTS.items():
-        model = build().train()
-        if ckpt:
-            checkpoint_blocks(model, use_reentrant=reentrant)
-        if input_grads:
-            model.enable_input_require_grads()
-        row = {"error": None, "warning": None, "peak_bytes": None, "ms": None, "max_grad_diff": None}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                grads = trainable_grads(model, input_ids)
-            except RuntimeError as err:
-                row["error"] = str(err).strip().splitlines()[0]
-        if caught:
-            row["warning"] = str(caught[0].message)
+    out, steps, reference = {}, {}, None
+    for name, flags in VARIANTS.items():
+        model, row = _variant(build, input_ids, *flags)
+        grads = row.pop("grads")
+        row |= {"peak_bytes": None, "ms": None, "cpu_ms": None, "max_grad_diff": None}
         if row["error"] is None:
             reference = reference or grads
             row["max_grad_diff"] = max((grads[k] - reference[k]).abs().max().item() for k in reference)
-            model.zero_grad(set_to_none=True)
-            _, row["peak_bytes"] = peak_memory(lambda: _step(model, input_ids), device="cpu")
 
-            def timed():
+            def step(model=model):
                 model.zero_grad(set_to_none=True)
                 _step(model, input_ids)
 
-            row["ms"] = median_ms(timed, min_run_time=min_run_time)
+            model.zero_grad(set_to_none=True)
+            _, row["peak_bytes"] = peak_memory(lambda: _step(model, input_ids), device="cpu")
+            steps[name] = step
         out[name] = row
+    times = {name: ([], []) for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            times[name][0].append(1e3 * (time.perf_counter() - wall))
+            times[name][1].append(1e3 * (time.process_time() - cpu))
+    for name, (wall, cpu) in times.items():
+        out[name]["ms"], out[name]["cpu_ms"] = statistics.median(wall), statistics.median(cpu)
     return out

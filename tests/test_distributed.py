@@ -1,4 +1,5 @@
-"""lora_course.distributed: torchrun with 2 gloo processes, the bad-input paths, and the arithmetic at scale."""
+"""lora_course.distributed and its command line: torchrun with 2 gloo processes, the bad-input paths, the hook and
+the collective counter on local processes, and the alpha-beta arithmetic at scale."""
 
 import json
 import os
@@ -6,17 +7,29 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from lora_course.cli.distributed import launch, main, torchrun_command
 from lora_course.distributed import (
-    BANDWIDTHS,
-    allreduce_bytes,
-    launch,
-    main,
-    ring_allreduce_seconds,
+    LINKS,
+    Collective,
+    CollectiveCounter,
+    Link,
+    collective_seconds,
+    ddp_traffic,
+    fsdp_traffic,
+    measure_ddp,
+    ring_schedule,
+    ring_steps,
+    run_local,
     scale_table,
+    sharded_bytes,
     step_flops,
-    torchrun_command,
 )
+from lora_course.lora import add_lora
+from lora_course.models import toy_gpt2, toy_gpt2_config
+from lora_course.skeletons import lora_counts
 
 
 def _launch(tmp_path, nproc, *args):
@@ -67,6 +80,14 @@ def test_unused_module_and_fsdp(tmp_path):
         assert rank["weights"] == shard["predicted_per_rank"]["weights"]
         assert rank["gradients"] == shard["predicted_per_rank"]["gradients"]
         assert rank["optimizer"] == shard["predicted_per_rank"]["optimizer"] + shard["adamw_step_bytes"]
+    # One FSDP step, counted on every collective: the prediction byte for byte, 4 blocks + the root.
+    traffic = shard["traffic"]
+    for method in ("lora", "full"):
+        assert traffic[method]["bytes"] == shard["predicted_traffic"][method]
+        assert traffic[method]["calls"]["all-gather"] == 4 + 1 + 4  # forward: blocks + root; backward: blocks
+    assert traffic["lora"]["calls"]["reduce-scatter"] == 4 and traffic["full"]["calls"]["reduce-scatter"] == 5
+    assert traffic["lora"]["bytes"]["reduce-scatter"] == 4 * shard["trainable_params"]
+    assert traffic["lora"]["bytes"]["all-gather"] > traffic["full"]["bytes"]["all-gather"]  # the adapters, too
 
 
 def test_world_size_one_works_and_says_so(tmp_path):
@@ -107,41 +128,123 @@ def test_torchrun_command_names_the_module():
     assert cmd[-4:] == ["-m", "lora_course.distributed", "--steps", "3"]
 
 
-def test_ring_allreduce_by_hand():
-    # 4 ranks, 1 GB at 10 GB/s: each rank moves 2 x 3/4 GB, 0.15 s.
-    assert ring_allreduce_seconds(1e9, 4, 10e9) == pytest.approx(0.15)
-    assert ring_allreduce_seconds(1e9, 1, 10e9) == 0  # nobody to talk to
-    # Toward 2 x bytes / bandwidth as N grows.
-    assert ring_allreduce_seconds(1e9, 1024, 1e9) == pytest.approx(2.0, rel=1e-3)
-    for bad in [dict(nbytes=-1, world_size=2, bandwidth=1), dict(nbytes=1, world_size=0, bandwidth=1),
-                dict(nbytes=1, world_size=2, bandwidth=0)]:
+def test_alpha_beta_by_hand():
+    ethernet = Link(10e9, step_latency=1e-5, base_latency=0.0)
+    # 4 ranks, 1 GB at 10 GB/s: 6 steps of 1/4 GB each, 0.15 s, plus 6 x 10 us.
+    assert collective_seconds(Collective("all-reduce", 10**9), 4, ethernet) == pytest.approx(0.15 + 6e-5)
+    assert collective_seconds(Collective("all-gather", 10**9, calls=2), 4, ethernet) == pytest.approx(0.075 + 6e-5)
+    assert collective_seconds(Collective("all-reduce", 10**9), 1, ethernet) == 0  # nobody to talk to
+    # Toward 2 x bytes / bandwidth as N grows, when the latency is left out.
+    assert collective_seconds(Collective("all-reduce", 10**9), 1024, Link(1e9, 0.0, 0.0)) == pytest.approx(2, rel=1e-3)
+    # NCCL's ring / Simple latencies: a small all-reduce on NVLink costs its latency, not 0.
+    tiny = collective_seconds(Collective("all-reduce", 1000), 8, LINKS["NVLink 450 GB/s"])
+    assert tiny == pytest.approx(8.4e-6 + 14 * 3.4e-6 + 14 / 8 * 1000 / 450e9)
+    assert [ring_steps(k, 8) for k in ("all-reduce", "all-gather", "reduce-scatter")] == [14, 7, 7]
+    for bad in [dict(c=Collective("all-reduce", -1), world_size=2, link=ethernet),
+                dict(c=Collective("all-reduce", 1), world_size=0, link=ethernet),
+                dict(c=Collective("all-reduce", 1), world_size=2, link=Link(0, 1e-6)),
+                dict(c=Collective("broadcast", 1), world_size=2, link=ethernet)]:
         with pytest.raises(ValueError):
-            ring_allreduce_seconds(**bad)
+            collective_seconds(**bad)
 
 
-def test_allreduce_bytes_and_flops():
-    assert allreduce_bytes(1000, 2) == 2000
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_ring_schedule_sums_every_chunk_on_every_rank(n):
+    steps = ring_schedule(n)
+    assert [s["phase"] for s in steps] == ["reduce-scatter"] * (n - 1) + ["all-gather"] * (n - 1)
+    for step in steps:  # each rank sends one chunk to its neighbour per step
+        assert sorted(src for src, _, _ in step["sends"]) == list(range(n))
+        assert all(dst == (src + 1) % n for src, dst, _ in step["sends"])
+    after_rs = steps[n - 2]["summed"]
+    assert all(after_rs[i][(i + 1) % n] == n for i in range(n))  # rank i holds the whole sum of chunk i + 1
+    assert steps[-1]["summed"] == [[n] * n for _ in range(n)]
     with pytest.raises(ValueError):
-        allreduce_bytes(-1)
+        ring_schedule(1)
+
+
+def test_ddp_and_fsdp_traffic_by_hand():
+    (c,) = ddp_traffic(60 * 2**20)  # 60 MiB of gradients: three 25 MiB buckets
+    assert (c.kind, c.nbytes, c.calls) == ("all-reduce", 60 * 2**20, 3)
+    fwd, bwd, rs = fsdp_traffic([10, 10, 10], [1, 0, 1], root_params=5, root_grads=0)
+    assert (fwd.nbytes, fwd.calls) == (35, 4) and (bwd.nbytes, bwd.calls) == (30, 3)
+    assert (rs.kind, rs.nbytes, rs.calls) == ("reduce-scatter", 2, 2)
+    with pytest.raises(ValueError):
+        fsdp_traffic([1, 2], [1])
+    # FSDP2 pads each parameter's dim 0 to a multiple of the world size.
+    assert sharded_bytes([torch.zeros(5, 3), torch.zeros(4)], 2) == (6 * 3 + 4) * 4
+
+
+def test_step_flops():
     assert step_flops(10, 10, 3) == 6 * 10 * 3  # full fine-tuning: 6 P per token
     assert step_flops(10, 0, 3) == 4 * 10 * 3  # nothing trains: forward + backward to the activations
 
 
-def test_scale_table_gpt2_row_by_hand():
-    rows = {(r["model"], r["method"]): r for r in scale_table(world_size=8)}
-    assert len(rows) == 6
-    full, lora = rows["GPT-2 124M", "full"], rows["GPT-2 124M", "lora"]
+def test_scale_table_rows_by_hand():
+    rows = {(r["model"], r["method"], r["engine"]): r for r in scale_table(world_size=8)}
+    assert len(rows) == 12
+    full, lora = rows["GPT-2 small (124M)", "full", "DDP"], rows["GPT-2 small (124M)", "lora", "DDP"]
     assert full["trainable"] == 124_439_808  # GPT-2 small, tied embeddings counted once
     assert lora["trainable"] == 12 * 8 * (768 + 3 * 768)  # r (in + out) per c_attn, 12 layers
     nbytes = 2 * full["trainable"]  # bf16 gradients
-    assert full["allreduce_bytes"] == nbytes
-    eth = BANDWIDTHS["Ethernet 100 Gb/s"]
-    assert full["ring_s[Ethernet 100 Gb/s]"] == pytest.approx(2 * 7 / 8 * nbytes / eth)
+    assert full["bytes"] == nbytes and full["calls"] == 10  # 25 MiB buckets
+    latency = 10 * (8.4e-6 + 14 * 14e-6)  # 10 buckets, each 8.4 us + 14 steps of 14 us
+    assert full["s[Ethernet 100 Gb/s]"] == pytest.approx(latency + 2 * 7 / 8 * nbytes / 12.5e9)
     assert full["compute_s"] == pytest.approx(6 * full["trainable"] * 8 * 2048 / (989e12 * 0.4))
-    for model in ("GPT-2 124M", "LLaMA-7B", "LLaMA-70B"):
-        assert rows[model, "lora"]["allreduce_bytes"] < 0.01 * rows[model, "full"]["allreduce_bytes"]
-        assert rows[model, "lora"]["ratio"] < rows[model, "full"]["ratio"]
-    assert rows["LLaMA-7B", "lora"]["trainable"] == 4_194_304
+    c = lora_counts("LLaMA-70B")
+    fsdp = rows["LLaMA-70B", "lora", "FSDP"]
+    assert fsdp["bytes"] == 2 * (2 * c["blocks"] * c["block"] + c["root"] + c["blocks"] * c["block_trainable"])
+    for model in ("GPT-2 small (124M)", "LLaMA-7B", "LLaMA-70B"):
+        assert rows[model, "lora", "DDP"]["bytes"] < 0.01 * rows[model, "full", "DDP"]["bytes"]
+        assert rows[model, "lora", "FSDP"]["bytes"] > 0.6 * rows[model, "full", "FSDP"]["bytes"]  # the base, gathered
+    assert rows["LLaMA-7B", "lora", "DDP"]["trainable"] == 4_194_304
+    assert rows["LLaMA-7B", "lora", "DDP"]["fits"] and not rows["LLaMA-70B", "lora", "DDP"]["fits"]
+    assert rows["LLaMA-70B", "lora", "FSDP"]["ratio"] > 1  # a slow link: longer than the compute
+
+
+def _toy_lora():
+    return add_lora(toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32), seed=0), ["c_attn"], r=4)
+
+
+def test_measure_ddp_counts_the_adapter_and_averages_like_one_process():
+    rows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    got = measure_ddp(_toy_lora, rows, steps=2)
+    model = _toy_lora().train()
+    model(input_ids=rows, labels=rows).loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    want = 4 * sum(p.numel() for _, p in trainable)
+    assert got.bytes_per_step == [[want, want], [want, want]]
+    assert max((got.grads[n] - p.grad).abs().max().item() for n, p in trainable) < 1e-6
+    with pytest.raises(ValueError, match="split evenly"):
+        measure_ddp(_toy_lora, rows[:3])
+
+
+def _collectives(rank, world):
+    t = torch.full((4,), float(rank + 1))
+    with CollectiveCounter() as comm:
+        dist.all_reduce(t)
+        out = torch.empty(8)
+        dist.all_gather_into_tensor(out, t)
+        dist.reduce_scatter_tensor(torch.empty(4), out)
+    return t.tolist(), comm.bytes, comm.calls
+
+
+def test_run_local_and_the_collective_counter():
+    (t0, nbytes, calls), (t1, _, _) = run_local(_collectives, 2)
+    assert t0 == t1 == [3.0] * 4  # 1 + 2 on both ranks
+    assert nbytes == {"all-reduce": 16, "all-gather": 32, "reduce-scatter": 32}  # whole tensors, not shards
+    assert calls == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1}
+
+
+def _fails_on_rank_1(rank, world):
+    if rank == 1:
+        raise KeyError("rank one")
+    return rank
+
+
+def test_run_local_raises_a_rank_s_exception():
+    with pytest.raises(KeyError, match="rank one"):
+        run_local(_fails_on_rank_1, 2)
+    assert run_local(lambda rank, world, x: (rank, world, x), 3, "x") == [(0, 3, "x"), (1, 3, "x"), (2, 3, "x")]
 
 
 def test_launcher_checks_then_runs_torchrun(tmp_path):

@@ -97,9 +97,17 @@ def not_filled_in(what: str) -> bool:
 def use_or_reference(name: str, yours, check, reference, where: str):
     """A build step's safety net: `yours` if `check(yours)` passes, else `reference`, saying which is used.
 
-    `where` names the reference for the learner (e.g. "lora_course.lessons.l03_lora_linear.LoRALinear").
+    `check` is a checker that prints its verdict and returns a bool, or a check that returns
+    its message or raises `Problem` (then printed here). `where` names the reference for the
+    learner (e.g. "lora_course.quant.nf4_levels").
     """
-    if verdict(check, yours):
+    try:
+        out = check(yours)
+    except Problem as problem:
+        ok = report(False, str(problem))
+    else:
+        ok = report(True, out) if isinstance(out, str) else bool(out)
+    if ok:
         print(f"The rest of this notebook uses your {name}.")
         return yours
     print(f"The rest of this notebook uses the reference {name} ({where}); fix yours and run this cell again "

@@ -1,192 +1,200 @@
-"""Notebook 09 (LoRA beyond one process): pictures of the torchrun records, the ring-time widget, the checkers."""
+"""Notebook 09 (LoRA beyond one process): the hook's check (the reference is the library's), pictures, checkers."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
+
 import ipywidgets as w
 import matplotlib.pyplot as plt
+import torch
+from matplotlib.patches import Patch
 
-from ..distributed import BANDWIDTHS, allreduce_bytes, ring_allreduce_seconds, scale_table
-from ..lora import add_lora
-from ..skeletons import gpt2_config, meta_lora_counts
-from .common import call_learner_fn, close_to, is_blank, not_filled_in, report
+from ..distributed import Collective, Link, collective_seconds, counting_allreduce, measure_ddp, ring_schedule
+from ..lora import add_lora, count_parameters
+from ..models import load_model, toy_gpt2, toy_gpt2_config
+from .common import Problem, call_number, close_to, is_blank, not_filled_in, verdict
 
-__all__ = ["table_rows", "draw_bytes", "draw_losses", "draw_checkpointing", "draw_scale", "ring_view",
-           "ring_widget", "check_allreduce_bytes", "check_lora_allreduce_bytes_fn", "check_ring_time"]
+__all__ = ["counting_allreduce", "check_comm_hook", "shipped_ddp_bytes", "draw_ring_allreduce", "draw_fsdp_step",
+           "draw_losses", "draw_scale", "scale_widget", "check_bytes_prediction", "check_ring_time"]
 
-
-def table_rows(rows: list[dict], bandwidths=BANDWIDTHS) -> list[str]:
-    """`scale_table` rows as aligned text lines (times in milliseconds)."""
-    names = list(bandwidths)
-    head = f"{'model':<11} {'method':<6} {'trainable':>15} {'bytes/step':>12} " + " ".join(
-        f"{'ring ms, ' + n.split()[0]:>18}" for n in names) + f" {'compute ms':>11}"
-    lines = [head]
-    for r in rows:
-        rings = " ".join(f"{1e3 * r[f'ring_s[{n}]']:>18,.2f}" for n in names)
-        lines.append(f"{r['model']:<11} {r['method']:<6} {r['trainable']:>15,d} {r['allreduce_bytes'] / 1e6:>9,.1f} MB "
-                     f"{rings} {1e3 * r['compute_s']:>11,.1f}")
-    return lines
+ROWS = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))  # (B, T): 2 ranks x 2 rows
 
 
-def draw_bytes(record: dict):
-    """Bars: bytes all-reduced per step, measured by the hook and predicted (trainable x bytes per element)."""
-    runs = record["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = list(runs)
-    measured = [runs[m]["allreduce_bytes_per_step"][0] for m in names]
-    predicted = [runs[m]["trainable_params"] * runs[m]["bytes_per_element"] for m in names]
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured (communication hook)")
-    ax.bar([i + 0.2 for i in x], predicted, width=0.4, label="trainable params x 4 bytes", alpha=0.7)
-    for i, m in enumerate(measured):
-        ax.annotate(f"{m / 1e6:.3g} MB", (i - 0.2, m), ha="center", va="bottom", fontsize=9)
-    ax.set(xticks=list(x), xticklabels=names, yscale="log", ylabel="bytes all-reduced per step",
-           title=f"DDP traffic per step, {record['world_size']} processes",
-           ylim=(min(measured) / 10, max(measured) * 10))
-    ax.legend(loc="upper left", fontsize=8)
+def _toy_lora():
+    return add_lora(toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32), seed=0), ["c_attn"], r=4)
+
+
+def check_comm_hook(hook) -> str:
+    """Build step: `hook(state, bucket)` counts each bucket's bytes into state.per_step[-1] and averages it."""
+    if is_blank(hook) or not callable(hook):
+        raise Problem("fill in count_and_allreduce, then run this cell again.")
+    try:
+        got = measure_ddp(_toy_lora, ROWS, hook, steps=2)
+    except Exception as err:  # the learner's error, raised in a rank: its last sentence says what
+        raise Problem("fill in count_and_allreduce (it still raises NotImplementedError), then run this cell again."
+                      if isinstance(err, NotImplementedError) else f"DDP with your hook raised {type(err).__name__}: "
+                      f"{str(err).splitlines()[0].rsplit('. ', 1)[-1][:200]}") from None
+    model = _toy_lora().train()
+    model(input_ids=ROWS, labels=ROWS).loss.backward()  # one process on the whole batch
+    want = 4 * count_parameters(model)[0]
+    if got.bytes_per_step != [[want, want]] * 2:
+        hint = "numbers, not bytes: multiply by element_size()" if got.bytes_per_step[0][0] * 4 == want else \
+            "add buffer.numel() * buffer.element_size() to state.per_step[-1] for each bucket"
+        raise Problem(f"the ranks counted {got.bytes_per_step} bytes over 2 steps, expected {want:,d} per step: {hint}")
+    grads = {n: (got.grads[n], p.grad) for n, p in model.named_parameters() if p.requires_grad}
+    diff = max((mine - ref).abs().max().item() for mine, ref in grads.values())
+    if diff > 1e-5:
+        doubled = all(torch.allclose(mine, 2 * ref, atol=1e-5) for mine, ref in grads.values())
+        raise Problem("the gradients are the sum over the ranks: divide by dist.get_world_size()" if doubled else
+                      f"the averaged gradients differ from one process's on the whole batch by {diff:.2g}")
+    return (f"both ranks counted {want:,d} bytes per step (the trainable gradients x 4 bytes), and DDP's averaged "
+            f"gradients equal one process's on the whole batch (max |difference| {diff:.0e}).")
+
+
+@functools.cache
+def _shipped():
+    return load_model("tiny-gpt2", fast=False, verbose=False)[0]
+
+
+def shipped_ddp_bytes(hook, targets=("c_attn",), r: int = 8) -> tuple[int, int]:
+    """(bytes one DDP step with `hook` all-reduces, trainable parameters): shipped GPT-2, LoRA on `targets` or full."""
+    def build():
+        model = copy.deepcopy(_shipped())
+        return model.requires_grad_(True) if targets is None else add_lora(model, list(targets), r=r)
+
+    return measure_ddp(build, ROWS, hook).bytes_per_step[0][0], count_parameters(build())[0]
+
+
+def draw_ring_allreduce(world_size: int = 4):
+    """Each step of a ring all-reduce: how many ranks' values each rank's copy of each chunk holds, and who sends."""
+    steps = ring_schedule(world_size)
+    fig, axes = plt.subplots(2, world_size - 1, figsize=(3 * (world_size - 1), 5.6), squeeze=False)
+    for ax, (s, step) in zip(axes.flat, enumerate(steps)):
+        ax.imshow(step["summed"], cmap="Blues", vmin=0, vmax=world_size + 1)
+        for rank, chunk in itertools.product(range(world_size), repeat=2):
+            ax.text(chunk, rank, str(step["summed"][rank][chunk]), ha="center", va="center", fontsize=9)
+        for src, dst, chunk in step["sends"]:
+            ax.annotate("", (chunk + 0.3, dst), (chunk + 0.3, src), arrowprops={
+                "arrowstyle": "->", "color": "C3", "connectionstyle": f"arc3,rad={0.5 if dst < src else 0.2}"})
+        ax.set(title=f"step {s + 1}: {step['phase']}", xticks=range(world_size), yticks=range(world_size),
+               xlabel="chunk", ylabel="rank")
+    fig.suptitle("ring all-reduce: how many ranks' values each copy holds; red: what each rank sends", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def draw_fsdp_step(counts: dict, n_blocks: int = 3):
+    """FSDP's collectives around `n_blocks` blocks (`skeletons.lora_counts`), LoRA vs full; widths in bytes."""
+    colors = {"all-gather": "C0", "compute": "0.85", "reduce-scatter": "C1"}
+    fig, ax = plt.subplots(figsize=(11, 2.6))
+    for y, grads in enumerate((counts["block_trainable"], counts["block"])):
+        rs = max(grads / counts["block"], 0.03)  # the reduce-scatter's width: its bytes over the gather's
+        boxes = [b for i in range(n_blocks) for b in (("all-gather", 1, ""), ("compute", 1, f"forward {i}"))]
+        boxes += [b for i in reversed(range(n_blocks))
+                  for b in (("all-gather", 1, ""), ("compute", 1, f"backward {i}"), ("reduce-scatter", rs, ""))]
+        x = 0.0
+        for kind, width, label in boxes:
+            ax.barh(y, width, left=x, color=colors[kind], edgecolor="k", linewidth=0.3)
+            ax.text(x + width / 2, y, label, ha="center", va="center", fontsize=7)
+            x += width
+    ax.set(yticks=[0, 1], yticklabels=["LoRA", "full"], xticks=[], xlabel="time (bytes for the collectives)",
+           title="FSDP per block: gather the weights, compute, free them; backward: gather again, compute, "
+                 "reduce-scatter the gradients")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], fontsize=8, ncol=3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
     return fig
 
 
 def draw_losses(record: dict):
     """Loss curves: DDP (mean over ranks, b rows each) against one process on the global batch."""
-    fig, axes = plt.subplots(1, len(record["runs"]), figsize=(10, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(record["runs"]), figsize=(10, 3), squeeze=False)
     for ax, (method, run) in zip(axes[0], record["runs"].items()):
         ax.plot(run["losses"], "o-", label=f"DDP, {record['world_size']} x {record['batch_size_per_rank']} rows")
-        ref = record["reference"].get(method)
-        if ref:
-            ax.plot(ref["losses"], "x--", label=f"1 process, {ref['batch_size']} rows")
+        ax.plot(record["reference"][method]["losses"], "x--", label=f"1 process, {record['global_batch_size']} rows")
         ax.set(xlabel="step", ylabel="training loss", title=method)
         ax.legend()
     fig.tight_layout()
     return fig
 
 
-def draw_checkpointing(results: dict):
-    """Peak memory and time of one step for each checkpointing variant that ran."""
-    ran = {k: v for k, v in results.items() if v["error"] is None}
-    labels = [k.replace(" + ", "\n+ ") for k in ran]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.2))
-    ax[0].bar(labels, [v["peak_bytes"] / 1e6 for v in ran.values()], color="C0")
-    ax[0].set(ylabel="MB", title="peak memory of one step")
-    ax[1].bar(labels, [v["ms"] for v in ran.values()], color="C1")
-    ax[1].set(ylabel="ms", title="time of one step (median)")
-    for a in ax:
-        a.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def draw_scale(rows: list[dict], ax=None, title: str | None = None):
-    """Per model: compute time and ring all-reduce time at each bandwidth, LoRA and full (log scale)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 3.6))
+def draw_scale(rows: list[dict], link: str, ax=None):
+    """Per model: compute time against one link's communication time, for each method and engine (log scale)."""
+    ax = ax or plt.subplots(figsize=(9, 3.4))[1]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    bw_names = [k[len("ring_s["):-1] for k in rows[0] if k.startswith("ring_s[")]
-    series = [("compute", lambda r: r["compute_s"])] + [(n, lambda r, n=n: r[f"ring_s[{n}]"]) for n in bw_names]
-    width = 0.8 / (2 * len(series))
-    for j, method in enumerate(("full", "lora")):
-        for k, (name, get) in enumerate(series):
-            xs = [i + (j * len(series) + k) * width - 0.4 for i in range(len(models))]
-            ys = [get(next(r for r in rows if r["model"] == m and r["method"] == method)) for m in models]
-            ax.bar(xs, ys, width=width, color=f"C{k}", alpha=1.0 if method == "full" else 0.5,
-                   hatch="" if method == "full" else "//", label=f"{method}: {name}")
+    kinds = [("full", "DDP"), ("full", "FSDP"), ("lora", "DDP"), ("lora", "FSDP")]
+    xs = range(len(models))
+    for k, (method, engine) in enumerate(kinds):
+        mine = [next(r for r in rows if (r["model"], r["method"], r["engine"]) == (m, method, engine)) for m in models]
+        ax.bar([i + 0.2 * k - 0.3 for i in xs], [r[f"s[{link}]"] for r in mine], width=0.2, color=f"C{k}",
+               label=f"{method} {engine}", hatch=["//" if engine == "DDP" and not r["fits"] else "" for r in mine])
+        if engine == "DDP":  # compute time, once per method
+            ax.hlines([r["compute_s"] for r in mine], [i - 0.4 for i in xs], [i + 0.4 for i in xs], colors="k",
+                      linestyles="--" if k else "-", label=f"{method} compute")
     ax.set(xticks=range(len(models)), xticklabels=models, yscale="log", ylabel="seconds per step",
-           title=title or "one step: compute vs ring all-reduce of the gradients")
+           title=f"communication per step over {link} (hatched: a replica too big for DDP)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax
 
 
-def ring_view(world_size: int = 8, bandwidth_gbs: float = 12.5) -> dict:
-    """`scale_table` at one world size and one bandwidth (GB/s): rows and a one-line summary."""
-    rows = scale_table(world_size=world_size, bandwidths={f"{bandwidth_gbs:g} GB/s": bandwidth_gbs * 1e9})
-    worst = max(rows, key=lambda r: r["ratio"])
-    summary = (f"{world_size} ranks at {bandwidth_gbs:g} GB/s: full fine-tuning's all-reduce takes "
-               f"{worst['ratio']:.2f} x its compute, LoRA's "
-               f"{max(r['ratio'] for r in rows if r['method'] == 'lora'):.4f} x")
-    return {"rows": rows, "summary": summary}
-
-
-def ring_widget(world_size: int = 8, bandwidth_gbs: float = 12.5):
-    """Sliders for the number of ranks and the link bandwidth; redraws the at-scale picture."""
-    def show(world_size, bandwidth_gbs):
-        view = ring_view(world_size, bandwidth_gbs)
-        fig, ax = plt.subplots(figsize=(9, 3.6))
-        draw_scale(view["rows"], ax=ax, title=view["summary"])
+def scale_widget(table, world_size: int = 8, bandwidth_gbs: float = 12.5, latency_us: float = 14.0):
+    """Sliders for ranks, bandwidth and per-step latency; `table(world_size, links)` gives the rows to draw."""
+    def show(world_size, bandwidth_gbs, latency_us):
+        link = f"{bandwidth_gbs:g} GB/s, {latency_us:g} us"
+        draw_scale(table(world_size=world_size, links={link: Link(bandwidth_gbs * 1e9, latency_us * 1e-6)}), link)
         plt.show()
 
-    return w.interactive(
-        show,
-        world_size=w.IntSlider(value=world_size, min=2, max=64, description="ranks N", continuous_update=False),
-        bandwidth_gbs=w.FloatLogSlider(value=bandwidth_gbs, base=10, min=0, max=3, step=0.05,
-                                       description="GB/s", continuous_update=False),
-    )
+    log = functools.partial(w.FloatLogSlider, base=10, step=0.05, continuous_update=False)
+    ranks = w.IntSlider(value=world_size, min=2, max=64, description="ranks N", continuous_update=False)
+    return w.interactive(show, world_size=ranks, bandwidth_gbs=log(value=bandwidth_gbs, min=0, max=3,
+                         description="GB/s"), latency_us=log(value=latency_us, min=0, max=2, description="us / step"))
 
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def check_allreduce_bytes(answer, r: int = 8) -> bool:
-    """Exercise 09.1: bytes DDP all-reduces per step for LoRA rank r on c_attn of GPT-2 124M, bf16 gradients."""
+def check_bytes_prediction(answer, hook) -> bool:
+    """Exercise 1: predict the bytes DDP all-reduces per step with LoRA r = 8 on c_attn and c_fc; measured here."""
     if is_blank(answer):
-        return not_filled_in("the number of bytes (an int)")
-    trainable = meta_lora_counts(gpt2_config("small"), lambda m: add_lora(m, ["c_attn"], r=r))["trainable"]
-    want = allreduce_bytes(trainable, 2)
+        return not_filled_in("your prediction (a number of bytes)")
+    return verdict(_compare_bytes, answer, *shipped_ddp_bytes(hook, ("c_attn", "c_fc")), shipped_ddp_bytes(hook)[0])
+
+
+def _compare_bytes(answer, measured: int, trainable: int, before: int) -> str:
     try:
         got = float(answer)
     except (TypeError, ValueError):
-        return report(False, f"give one number of bytes, not {type(answer).__name__}.")
-    if got == want:
-        return report(True, f"{want:,d} bytes = {trainable:,d} trainable parameters x 2 bytes (bf16); "
-                            "the frozen 124M weights send nothing.")
-    if got == trainable:
-        return report(False, "that is the number of trainable parameters; each gradient is 2 bytes in bf16.")
-    if got == 2 * want:
-        return report(False, "that counts 4 bytes per gradient (fp32); the question says bf16.")
-    if got > 1e8:
-        return report(False, "that is the whole model's gradient: DDP only all-reduces parameters that require grad.")
-    return report(False, f"not {got:,.0f}: count r (d_in + d_out) per c_attn (768 in, 3 x 768 out) in each of 12 "
-                         "layers, times the bytes per gradient.")
-
-
-def check_lora_allreduce_bytes_fn(fn) -> bool:
-    """Exercise 09.3: the learner's `lora_allreduce_bytes(n_layer, d_in, d_out, r, bytes_per_grad)`,
-    LoRA on one d_in -> d_out layer per block, against the library's count on several configs."""
-    if is_blank(fn):
-        return not_filled_in("the function lora_allreduce_bytes")
-    cases = [(12, 768, 3 * 768, 8, 2), (24, 1024, 3 * 1024, 16, 4), (32, 4096, 4096, 8, 2), (1, 10, 20, 1, 4)]
-    for n_layer, d_in, d_out, r, per_grad in cases:
-        want = allreduce_bytes(n_layer * r * (d_in + d_out), per_grad)
-        got, problem = call_learner_fn(fn, n_layer, d_in, d_out, r, per_grad)
-        if problem:
-            return report(False, problem)
-        if got == want:
-            continue
-        where = f"for {n_layer} layers of {d_in} -> {d_out} at r = {r} with {per_grad}-byte gradients"
-        if got == want / per_grad:
-            return report(False, f"{where} you count trainable parameters; multiply by the bytes per gradient.")
-        if got == n_layer * d_in * d_out * per_grad:
-            return report(False, f"{where} you count the frozen weight's gradient; DDP only all-reduces A and B.")
-        return report(False, f"{where} expected {want:,d} bytes, got {got:,.0f}: each layer's A and B hold "
-                             "r (d_in + d_out) numbers.")
-    return report(True, f"all {len(cases)} configs match, e.g. GPT-2 124M with r = 8 on c_attn in bf16: "
-                        f"{allreduce_bytes(12 * 8 * (768 + 3 * 768), 2):,d} bytes per step.")
+        raise Problem(f"give one number of bytes, not {type(answer).__name__}") from None
+    if got == measured:
+        return (f"measured {measured:,d} bytes per step: c_attn's {before:,d} plus c_fc's {measured - before:,d}, "
+                f"{trainable:,d} trainable parameters x 4 bytes.")
+    hint = {trainable: "that is the number of trainable parameters; each fp32 gradient is 4 bytes",
+            measured - before: "that is c_fc's adapters alone; c_attn's still send theirs",
+            before: "that is c_attn alone; c_fc's adapters add their gradients to the all-reduce"}.get(
+        got, "each adapted layer sends r (d_in + d_out) gradients of 4 bytes")
+    raise Problem(f"you predicted {got:,.0f}, DDP all-reduced {measured:,d} bytes per step: {hint}.")
 
 
 def check_ring_time(fn) -> bool:
-    """Exercise 09.2: the learner's `ring_time(nbytes, world_size, bandwidth)` against the library's."""
-    if is_blank(fn):
+    """Exercise 2: the learner's `ring_time(nbytes, world_size, bandwidth, latency)`, the alpha-beta all-reduce."""
+    if is_blank(fn) or not callable(fn):
         return not_filled_in("the function ring_time")
-    cases = [(1e9, 4, 10e9), (8.4e6, 8, 12.5e9), (13.5e9, 64, 450e9), (1e6, 2, 1e9), (5e8, 1, 1e9)]
-    for nbytes, n, bw in cases:
-        got, problem = call_learner_fn(fn, nbytes, n, bw)
-        if problem:
-            return report(False, problem)
-        want = ring_allreduce_seconds(nbytes, n, bw)
+    return verdict(_check_ring_time, fn)
+
+
+def _check_ring_time(fn) -> str:
+    cases = [(1e9, 4, 10e9, 0.0), (8.4e6, 8, 12.5e9, 14e-6), (5.9e5, 8, 450e9, 3.4e-6), (5e8, 1, 1e9, 1e-5)]
+    for nbytes, n, bw, lat in cases:
+        got = call_number("your ring_time", fn, nbytes, n, bw, lat)
+        want = collective_seconds(Collective("all-reduce", int(nbytes)), n, Link(bw, lat, base_latency=0.0))
         if close_to(got, want, rel=1e-6, floor=1e-12):
             continue
-        if close_to(got, 2 * nbytes / bw, rel=1e-6):
-            return report(False, f"N={n}: that is 2 x bytes / bandwidth; each rank sends (N-1)/N of it, not all.")
-        if close_to(got, (n - 1) / n * nbytes / bw, rel=1e-6):
-            return report(False, f"N={n}: that is the reduce-scatter alone; the all-gather sends as much again.")
-        return report(False, f"for {nbytes:g} bytes, N={n}, {bw:g} B/s you gave {got:.4g} s, expected {want:.4g} s.")
-    return report(True, f"all {len(cases)} cases equal 2 (N-1)/N x bytes / bandwidth (N = 1: 0 s).")
+        where = f"for {nbytes:g} bytes, N = {n}, {bw:g} B/s, {lat:g} s per step"
+        if close_to(got, want - 2 * (n - 1) * lat, rel=1e-6, floor=1e-12):
+            raise Problem(f"{where}: that leaves out the latency, one per step, 2 (N-1) steps")
+        if close_to(got, 2 * nbytes / bw + 2 * (n - 1) * lat, rel=1e-6):
+            raise Problem(f"{where}: each step sends bytes / N, not all of it: 2 (N-1)/N x bytes in all")
+        raise Problem(f"{where} you gave {got:.4g} s, expected {want:.4g} s")
+    return f"all {len(cases)} cases equal 2 (N-1) x latency + 2 (N-1)/N x bytes / bandwidth (N = 1: 0 s)."
