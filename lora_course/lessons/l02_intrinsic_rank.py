@@ -1,24 +1,10 @@
-"""Notebook 02 (intrinsic rank): a generated pretrain/fine-tune task pair, training in a random
-subspace (d90), the spectrum of a real update dW, its rank slider and the exercise checkers.
+"""Notebook 02 (intrinsic rank): a generated pretrain/fine-tune task pair, training in a random subspace
+theta = theta0 + P z and its d90 (Li et al., 2018, arXiv:1804.08838; from a pretrained theta0, Aghajanyan et
+al., 2020, arXiv:2012.13255), the spectrum of a real update dW, its rank slider and the checkers.
 
-Intrinsic dimension: all D parameters are tied to d << D trainable numbers z through a
-fixed random matrix, theta = theta0 + P z (theta0 (D,) frozen, P (D, d) random, z = 0 at
-start). The smallest d that reaches 90% of what training all D parameters achieves is d90
-(Li et al., "Measuring the Intrinsic Dimension of Objective Landscapes", ICLR 2018,
-arXiv:1804.08838); starting from a pretrained theta0 measures the intrinsic dimension of
-*fine-tuning* (Aghajanyan et al., 2020, arXiv:2012.13255), the observation LoRA builds on.
-
-The data are made here, from a fixed seed: `n_latent` Gaussian factors z mixed linearly
-into `n_features` measurements plus a little noise; a fixed random teacher turns z into
-32 features t = tanh(W_t z); task A (pretraining) labels x by argmax(R_A t), task B
-(fine-tuning) by argmax(R_B t) with R_B = R_A + shift * R'. Same features, a different
-read-out: related tasks, as sentiment and topic labels of the same text are.
-
-LoRA's bet (Hu et al. 2021, arXiv:2106.09685, section 4) is that dW = W_ft - W0 has a low
-intrinsic rank; `with_rank_r_updates` rebuilds the model with each dW cut to rank r, so
-the notebook can show how much of the fine-tuning gain each r keeps, and
-`energy_in_input_directions` shows how much of a layer's dW its inputs alone confine.
-"""
+The data: Gaussian factors z mixed linearly into the inputs x plus a little noise; a fixed random teacher turns
+z into 32 features t = tanh(W_t z); task A labels x by argmax(R_A t), task B by argmax(R_B t) with
+R_B = R_A + shift * R'. Same features, a different read-out: related tasks."""
 
 from __future__ import annotations
 
@@ -34,31 +20,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..lowrank import best_rank_r, effective_rank, energy_captured, singular_values, stable_rank
-from ..runtime import progress_bar
+from ..lowrank import best_rank_r, effective_rank, energy_captured, singular_values
+from ..train import optimizer_step, trainable_parameters
 from ..validate import check_int, is_int
-from .common import call_learner, call_learner_fn, close_to, is_blank, not_filled_in, play, report, sample_spectra
+from .common import Problem, call, call_number, close_to, is_blank, not_filled_in, play, sample_spectra, verdict
 
-__all__ = ["TaskPair", "make_task_pair", "make_mlp", "train_classifier", "accuracy", "SubspaceModel",
+__all__ = ["TaskPair", "make_task_pair", "make_mlp", "train_classifier", "full_fine_tune", "accuracy", "SubspaceModel",
            "intrinsic_dimension_sweep", "d90_threshold", "find_d90", "weight_deltas", "with_rank_r_updates",
            "energy_in_input_directions", "gain_kept", "update_rank_view", "update_rank_widget", "play",
-           "check_find_d90_fn", "check_d90", "check_effective_rank_fn", "check_stable_rank_fn"]
+           "check_find_d90_fn", "check_further_task_d90", "check_effective_rank_fn"]
 
 
-# ----------------------------------------------------------------------------- the task pair
-
-_TEACHER_FEATURES = 32
-
+# ----------------------------------------------------------------------------- the task pair and the model
 
 @dataclass
 class TaskPair:
-    """Train/test inputs shared by two related classification tasks A and B."""
+    """Train/test inputs (n, n_features) shared by two related classification tasks: labels (n,) of A and B."""
 
-    X_train: torch.Tensor  # (n_train, n_features)
-    X_test: torch.Tensor  # (n_test, n_features)
-    y_a_train: torch.Tensor  # (n_train,) labels of task A (pretraining)
+    X_train: torch.Tensor
+    X_test: torch.Tensor
+    y_a_train: torch.Tensor
     y_a_test: torch.Tensor
-    y_b_train: torch.Tensor  # (n_train,) labels of task B (fine-tuning)
+    y_b_train: torch.Tensor
     y_b_test: torch.Tensor
     n_classes: int
 
@@ -71,30 +54,19 @@ class TaskPair:
         return float((self.y_a_test == self.y_b_test).float().mean())
 
 
-def make_task_pair(
-    n_train: int = 2000,
-    n_test: int = 2000,
-    n_features: int = 32,
-    n_latent: int = 8,
-    n_classes: int = 10,
-    shift: float = 0.7,
-    noise: float = 0.05,
-    seed: int = 0,
-) -> TaskPair:
-    """Generate the pretraining task A and the fine-tuning task B (see the module docstring)."""
-    if not (isinstance(n_latent, int) and 1 <= n_latent <= n_features):
+def make_task_pair(n_train: int = 2000, n_test: int = 2000, n_features: int = 32, n_latent: int = 8,
+                   n_classes: int = 10, shift: float = 0.7, noise: float = 0.05, seed: int = 0) -> TaskPair:
+    """Generate the pretraining task A and the fine-tuning task B (see the module docstring). For one seed,
+    every shift gives the same inputs and the same task A: only task B moves."""
+    if not (is_int(n_latent) and 1 <= n_latent <= n_features):
         raise ValueError(f"n_latent must be an int in [1, n_features={n_features}], got {n_latent!r}")
-    if not (isinstance(n_classes, int) and n_classes >= 2):
+    if not (is_int(n_classes) and n_classes >= 2):
         raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
-    if shift < 0 or noise < 0:
-        raise ValueError(f"shift and noise must be >= 0, got shift={shift}, noise={noise}")
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(n_latent, n_features, generator=g) / math.sqrt(n_latent)  # (n_latent, n_features)
-    W_t = torch.randn(_TEACHER_FEATURES, n_latent, generator=g) / math.sqrt(n_latent)  # (32, n_latent)
-    R_a = torch.randn(n_classes, _TEACHER_FEATURES, generator=g) / math.sqrt(_TEACHER_FEATURES)  # (C, 32)
-    R_b = R_a + shift * torch.randn(n_classes, _TEACHER_FEATURES, generator=g) / math.sqrt(_TEACHER_FEATURES)
+    W_t = torch.randn(32, n_latent, generator=g) / math.sqrt(n_latent)  # (32, n_latent): the teacher
+    R_a = torch.randn(n_classes, 32, generator=g) / math.sqrt(32)  # (C, 32)
+    R_b = R_a + shift * torch.randn(n_classes, 32, generator=g) / math.sqrt(32)
 
     def sample(n):
         z = torch.randn(n, n_latent, generator=g)  # (n, n_latent)
@@ -102,66 +74,47 @@ def make_task_pair(
         t = torch.tanh(z @ W_t.T)  # (n, 32)
         return x, (t @ R_a.T).argmax(1), (t @ R_b.T).argmax(1)
 
-    X_train, ya_train, yb_train = sample(n_train)
-    X_test, ya_test, yb_test = sample(n_test)
+    (X_train, ya_train, yb_train), (X_test, ya_test, yb_test) = sample(n_train), sample(n_test)
     return TaskPair(X_train, X_test, ya_train, ya_test, yb_train, yb_test, n_classes)
 
 
 def make_mlp(n_features: int, hidden: int, n_classes: int, seed: int = 0) -> nn.Sequential:
     """A two-hidden-layer ReLU MLP: n_features -> hidden -> hidden -> n_classes."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(n_features, hidden),  # weight (hidden, n_features)
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),  # weight (hidden, hidden)
-        nn.ReLU(),
-        nn.Linear(hidden, n_classes),  # weight (n_classes, hidden)
-    )
+    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(),  # weight (hidden, n_features)
+                         nn.Linear(hidden, hidden), nn.ReLU(),  # weight (hidden, hidden)
+                         nn.Linear(hidden, n_classes))  # weight (n_classes, hidden)
 
 
-def train_classifier(
-    model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    steps: int,
-    lr: float,
-    optimizer: str = "sgd",
-    batch_size: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> list[float]:
-    """Minimise cross-entropy on (X, y) for `steps` steps; trains only params with requires_grad.
-
-    optimizer: "sgd" (momentum 0.9) or "adam". batch_size=None uses the full batch
-    (plain gradient descent, no sampling noise). Returns the loss of every step.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
+def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                     optimizer: str = "sgd", batch_size: int | None = None, seed: int = 0) -> list[float]:
+    """Minimise cross-entropy on X (n, features), y (n,) for `steps` steps, training only the parameters with
+    requires_grad: "sgd" (momentum 0.9) or "adam"; batch_size=None is the full batch. Returns every loss."""
+    params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
+    if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    opt.zero_grad(set_to_none=True)  # no gradient left over from an earlier loop
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    steps_iter = range(steps)
-    if progress:
-        steps_iter = progress_bar(steps_iter, desc="training")
     model.train()
-    for _ in steps_iter:
-        if batch_size is None:
-            xb, yb = X, y
-        else:
-            idx = torch.randint(0, X.shape[0], (batch_size,), generator=g)
-            xb, yb = X[idx], y[idx]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = []
+    for _ in range(steps):
+        idx = slice(None) if batch_size is None else torch.randint(0, X.shape[0], (batch_size,), generator=g)
+        losses.append(optimizer_step(F.cross_entropy(model(X[idx]), y[idx]), opt))
     return losses
+
+
+def full_fine_tune(pretrained: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int = 150,
+                   lr: float = 0.03) -> nn.Module:
+    """A copy of `pretrained` with every weight matrix fine-tuned on (X, y) by full-batch SGD with momentum;
+    the biases stay frozen, so the whole change sits in the weights' dW."""
+    model = copy.deepcopy(pretrained)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("weight"))
+    train_classifier(model, X, y, steps=steps, lr=lr, optimizer="sgd")
+    return model
 
 
 @torch.no_grad()
@@ -174,83 +127,38 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- intrinsic dimension
 
 class SubspaceModel(nn.Module):
-    """`model` reparameterised as theta0 + P z; z (d,) is the only trainable parameter.
-
-    P's columns are Gaussian directions scaled to unit length, as in Li et al. (2018);
-    z starts at 0, so at step 0 this computes exactly what `model` did.
-    """
+    """`model` reparameterised as theta0 + P z; z (d,) is the only trainable parameter. P's columns are
+    Gaussian directions scaled to unit length, as in Li et al. (2018); z starts at 0, so at step 0 this
+    computes exactly what `model` did."""
 
     def __init__(self, model: nn.Module, d: int, seed: int = 0):
         super().__init__()
-        self._names = [name for name, _ in model.named_parameters()]
-        self._shapes = [p.shape for _, p in model.named_parameters()]
+        self._shapes = {name: p.shape for name, p in model.named_parameters()}
         theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # (D,)
-        D = theta0.numel()
-        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= D:
-            raise ValueError(f"d must be an int in [1, D={D}] (D = the model's parameter count), got {d!r}")
-        # Keep a frozen private copy to call functionally; its own parameters never train.
-        self.base = copy.deepcopy(model).requires_grad_(False)
-        g = torch.Generator().manual_seed(seed)
-        P = torch.randn(D, d, generator=g, dtype=theta0.dtype)  # (D, d)
-        P /= P.norm(dim=0, keepdim=True)  # unit-length columns
+        d = check_int("d", d, minimum=1, maximum=theta0.numel(), hint="at most D, the model's parameter count")
+        self.base = copy.deepcopy(model).requires_grad_(False)  # a frozen private copy, called functionally
+        P = torch.randn(theta0.numel(), d, generator=torch.Generator().manual_seed(seed), dtype=theta0.dtype)
         self.register_buffer("theta0", theta0)
-        self.register_buffer("P", P)
+        self.register_buffer("P", P / P.norm(dim=0, keepdim=True))  # (D, d), unit-length columns
         self.z = nn.Parameter(torch.zeros(d, dtype=theta0.dtype))  # (d,)
 
-    @property
-    def d(self) -> int:
-        return self.z.numel()
-
-    @property
-    def D(self) -> int:
-        return self.theta0.numel()
-
-    def theta(self) -> torch.Tensor:
-        """The full parameter vector theta0 + P z.  # (D,)"""
-        return self.theta0 + self.P @ self.z
-
-    def _params(self) -> dict[str, torch.Tensor]:
-        chunks = torch.split(self.theta(), [s.numel() for s in self._shapes])
-        return {name: c.view(shape) for name, c, shape in zip(self._names, chunks, self._shapes)}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, self._params(), (x,))
-
-    @torch.no_grad()
-    def materialize(self) -> nn.Module:
-        """A plain copy of the model holding theta0 + P z as its ordinary parameters."""
-        model = copy.deepcopy(self.base)
-        for p, value in zip(model.parameters(), self._params().values()):
-            p.copy_(value)
-        return model.requires_grad_(True)
+        theta = self.theta0 + self.P @ self.z  # (D,): every parameter of the model, moved only inside span(P)
+        chunks = torch.split(theta, [s.numel() for s in self._shapes.values()])
+        params = {name: c.view(shape) for (name, shape), c in zip(self._shapes.items(), chunks)}
+        return functional_call(self.base, params, (x,))
 
 
-def intrinsic_dimension_sweep(
-    model: nn.Module,
-    X_train: torch.Tensor,
-    y_train: torch.Tensor,
-    X_test: torch.Tensor,
-    y_test: torch.Tensor,
-    dims: Iterable[int],
-    steps: int,
-    lr: float,
-    batch_size: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[int, float]:
-    """Test accuracy after training `model` inside a random d-dim subspace, for each d in dims.
-
-    Each d gets its own P (seeded from `seed` and d) and starts from `model`'s weights.
-    Adam on z; `model` itself is not changed.
-    """
+def intrinsic_dimension_sweep(model: nn.Module, X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
+                              y_test: torch.Tensor, dims: Iterable[int], steps: int = 300, lr: float = 0.03,
+                              batch_size: int | None = 256, seed: int = 0) -> dict[int, float]:
+    """Test accuracy after training `model` inside a random d-dim subspace (Adam on z), for each d in dims.
+    Each d gets its own P (seeded from `seed` and d) and starts from `model`'s weights, which do not change."""
     dims = list(dims)
     if not dims:
         raise ValueError("dims is empty; pass the subspace sizes to try, e.g. [1, 4, 16, 64, 256]")
     results = {}
-    dims_iter = dims
-    if progress:
-        dims_iter = progress_bar(dims, desc="subspace sizes d")
-    for d in dims_iter:
+    for d in dims:
         sub = SubspaceModel(model, d, seed=seed * 100_003 + d)
         train_classifier(sub, X_train, y_train, steps=steps, lr=lr, optimizer="adam", batch_size=batch_size, seed=seed)
         results[d] = accuracy(sub, X_test, y_test)
@@ -258,11 +166,8 @@ def intrinsic_dimension_sweep(
 
 
 def d90_threshold(full_score: float, baseline: float = 0.0, fraction: float = 0.9) -> float:
-    """The score d90 must reach: baseline + fraction * (full_score - baseline).
-
-    baseline=0 is Li et al.'s "90% of full training's accuracy"; baseline = the
-    pretrained model's score asks for 90% of the *gain* of full fine-tuning (stricter).
-    """
+    """The score d90 must reach: baseline + fraction * (full_score - baseline). baseline=0 is Li et al.'s
+    "90% of full training's accuracy"; baseline = the pretrained score asks for 90% of the *gain*."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     return baseline + fraction * (full_score - baseline)
@@ -270,8 +175,7 @@ def d90_threshold(full_score: float, baseline: float = 0.0, fraction: float = 0.
 
 def find_d90(scores: dict[int, float], threshold: float) -> int | None:
     """The smallest d whose score reaches `threshold`, or None if no d in the sweep does."""
-    reached = [d for d, s in scores.items() if s >= threshold]
-    return min(reached) if reached else None
+    return min((d for d, s in scores.items() if s >= threshold), default=None)
 
 
 # ----------------------------------------------------------------------------- the real update dW
@@ -284,33 +188,22 @@ def _linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_deltas(pretrained: nn.Module, finetuned: nn.Module) -> dict[str, torch.Tensor]:
     """dW = W_ft - W0 for every nn.Linear weight, keyed by parameter name.  # each (out, in)"""
     before, after = _linear_weights(pretrained), _linear_weights(finetuned)
-    if before.keys() != after.keys():
-        raise ValueError(
-            "the two models have different linear layers; pass the pretrained model and a fine-tuned copy of it "
-            f"(got {sorted(before)} vs {sorted(after)})"
-        )
-    deltas = {}
-    for name, W0 in before.items():
-        if W0.shape != after[name].shape:
-            raise ValueError(f"{name} has shape {tuple(W0.shape)} before and {tuple(after[name].shape)} after")
-        deltas[name] = (after[name] - W0).detach().clone()
-    return deltas
+    shapes = [{name: tuple(W.shape) for name, W in weights.items()} for weights in (before, after)]
+    if shapes[0] != shapes[1]:
+        raise ValueError("the two models' linear layers differ in names or shapes; pass the pretrained model and a "
+                         f"fine-tuned copy of it (got {shapes[0]} vs {shapes[1]})")
+    return {name: (after[name] - W0).detach().clone() for name, W0 in before.items()}
 
 
 @torch.no_grad()
 def with_rank_r_updates(pretrained: nn.Module, deltas: dict[str, torch.Tensor], r: int) -> nn.Module:
-    """A copy of `pretrained` with every W0 replaced by W0 + best_rank_r(dW, r).
-
-    A layer whose dW has fewer than r singular values (e.g. a 10-class head) keeps
-    its full dW. Biases and everything else stay as in `pretrained`.
-    """
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"r must be an int >= 0, got {r!r}")
+    """A copy of `pretrained` with every W0 replaced by W0 + best_rank_r(dW, r); a layer whose dW has fewer
+    than r singular values (the 10-class head) keeps its full dW. Biases stay as in `pretrained`."""
+    r = check_int("r", r, minimum=0)
     model = copy.deepcopy(pretrained)
     weights = _linear_weights(model)
-    missing = set(deltas) - set(weights)
-    if missing:
-        raise ValueError(f"deltas name layers the model does not have: {sorted(missing)}")
+    if set(deltas) - set(weights):
+        raise ValueError(f"deltas name layers the model does not have: {sorted(set(deltas) - set(weights))}")
     for name, dW in deltas.items():
         weights[name].add_(best_rank_r(dW, min(r, min(dW.shape))))
     return model
@@ -318,66 +211,47 @@ def with_rank_r_updates(pretrained: nn.Module, deltas: dict[str, torch.Tensor], 
 
 @torch.no_grad()
 def energy_in_input_directions(dW: torch.Tensor, inputs: torch.Tensor, q: int) -> float:
-    """Share of ||dW||_F^2 that lies in the top-q right singular directions of the layer's inputs.
-
-    dW (out, in) and inputs (n, in), one row per example. The gradient of a linear layer is
-    a sum of outer products delta x^T, so an update trained on these inputs lies near their span.
-    """
+    """Share of ||dW||_F^2 in the top-q right singular directions of the layer's inputs: dW (out, in), inputs
+    (n, in). A linear layer's gradient is a sum of outer products delta x^T, so its update lies near their span."""
     if dW.ndim != 2 or inputs.ndim != 2 or dW.shape[1] != inputs.shape[1]:
         raise ValueError(f"dW (out, in) and inputs (n, in) must share `in`; got {tuple(dW.shape)} and "
                          f"{tuple(inputs.shape)}")
     q = check_int("q", q, minimum=1, maximum=min(inputs.shape), hint="a number of input directions")
-    _, _, Vh = torch.linalg.svd(inputs.to(dW.dtype), full_matrices=False)  # Vh (m, in)
-    inside = dW @ Vh[:q].T  # (out, q): dW's components along the top-q input directions
+    Vh = torch.linalg.svd(inputs.to(dW.dtype), full_matrices=False)[2]  # (m, in)
     total = dW.square().sum()
-    return float(inside.square().sum() / total) if total > 0 else 1.0
+    return float((dW @ Vh[:q].T).square().sum() / total) if total > 0 else 1.0  # dW @ Vh_q^T: (out, q)
 
 
 def gain_kept(score_r: float, score_pretrained: float, score_finetuned: float) -> float:
     """(score_r - score_pretrained) / (score_finetuned - score_pretrained): 1.0 = all of the gain."""
-    gain = score_finetuned - score_pretrained
-    if gain <= 0:
-        raise ValueError(
-            f"fine-tuning did not improve the score ({score_pretrained:.4f} -> {score_finetuned:.4f}); "
-            "there is no gain to keep. Train longer or with a larger learning rate."
-        )
-    return (score_r - score_pretrained) / gain
+    if score_finetuned <= score_pretrained:
+        raise ValueError(f"fine-tuning did not improve the score ({score_pretrained:.4f} -> {score_finetuned:.4f}); "
+                         "there is no gain to keep. Train longer or with a larger learning rate.")
+    return (score_r - score_pretrained) / (score_finetuned - score_pretrained)
 
 
 def update_rank_view(pretrained, deltas: dict, X, y, r: int, layer: str | None = None) -> dict:
-    """Accuracy on (X, y) of the pretrained model plus every dW cut to rank r, and how
-    much of one layer's dW energy the top r directions hold.
-
-    Returns {"r", "accuracy", "layer", "S" (that layer's singular values), "energy"}.
-    """
+    """Accuracy on (X, y) of the pretrained model plus every dW cut to rank r, and the share of one layer's
+    dW energy (by default the widest) in its top r directions: {"r", "accuracy", "layer", "S", "energy"}."""
     layer = max(deltas, key=lambda name: min(deltas[name].shape)) if layer is None else layer
     if layer not in deltas:
         raise ValueError(f"layer must be one of {sorted(deltas)}, got {layer!r}")
     S = singular_values(deltas[layer])
-    return {
-        "r": r,
-        "accuracy": accuracy(with_rank_r_updates(pretrained, deltas, r), X, y),
-        "layer": layer,
-        "S": S,
-        "energy": energy_captured(S, min(r, S.numel())),
-    }
+    return {"r": r, "accuracy": accuracy(with_rank_r_updates(pretrained, deltas, r), X, y), "layer": layer, "S": S,
+            "energy": energy_captured(S, min(r, S.numel()))}
 
 
 def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float, r: int = 4, max_r: int = 64):
-    """A rank slider over the fine-tuning update: dW's spectrum with the cut at r, and the
-    accuracy the rank-r update keeps. A shell over update_rank_view (latest in `.result`)."""
+    """A rank slider over the fine-tuning update: dW's spectrum with the cut at r, and the accuracy the
+    rank-r update keeps. A shell over update_rank_view (the latest view in `.result`)."""
     def show(r):
         view = update_rank_view(pretrained, deltas, X, y, r)
         S = view["S"].numpy()
         fig, ax = plt.subplots(figsize=(6, 3.4))
         ax.semilogy(range(1, len(S) + 1), S, ".-", label=f"singular values of dW ({view['layer']})")
         ax.axvline(r + 0.5, color="tab:red", ls="--", label=f"keep top {r}")
-        ax.set_xlabel("index i")
-        ax.set_ylabel("s_i")
-        ax.set_title(
-            f"rank {r}: accuracy {view['accuracy']:.3f} (full fine-tune {accuracy_finetuned:.3f}), "
-            f"energy {100 * view['energy']:.1f}%"
-        )
+        ax.set(xlabel="index i", ylabel="s_i", title=f"rank {r}: accuracy {view['accuracy']:.3f} (full fine-tune "
+               f"{accuracy_finetuned:.3f}), energy {100 * view['energy']:.1f}%")
         ax.legend()
         plt.show()
         return view
@@ -387,112 +261,107 @@ def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def _check_spectrum_fn(fn, reference, what: str, hint: str, success: str) -> bool:
-    """Shared loop of the rank-measure exercises: `fn(S)` must match `reference(S)` on every test spectrum."""
-    if is_blank(fn):
-        return not_filled_in(what)
+def _effective_rank_fn(fn) -> str:
     if not callable(fn):
-        return report(False, f"pass your function itself (the name, without calling it), not {fn!r}.")
+        raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for S in sample_spectra():
-        got, problem = call_learner_fn(fn, S.clone())
-        if problem:
-            return report(False, problem)
-        want = reference(S)
+        got, want = call_number("your function", fn, S.clone()), effective_rank(S)
         if not close_to(got, want, 1e-6):
-            return report(False, f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, "
-                                 f"expected {want:.4f}. {hint}")
-    return report(True, success)
+            raise Problem(f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, expected "
+                          f"{want:.4f}. Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).")
+    return "exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones."
 
 
-def check_effective_rank_fn(effective_rank_fn) -> bool:
-    """Exercise: `effective_rank_fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
-    return _check_spectrum_fn(
-        effective_rank_fn, effective_rank, "your function effective_rank_fn(S)",
-        hint="Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).",
-        success="exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones.")
+def check_effective_rank_fn(fn) -> bool:
+    """Exercise: `fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
+    return not_filled_in("your function my_effective_rank(S)") if is_blank(fn) else verdict(_effective_rank_fn, fn)
 
 
-def check_stable_rank_fn(stable_rank_fn) -> bool:
-    """Exercise: `stable_rank_fn(S)` must return ||M||_F^2 / ||M||_2^2 from the singular values."""
-    return _check_spectrum_fn(
-        stable_rank_fn, stable_rank, "your function stable_rank_fn(S)",
-        hint="||M||_F^2 = sum s_i^2 and ||M||_2 = s_1.",
-        success="sum s_i^2 / s_1^2: how many directions of the largest size the energy would fill.")
-
-
-# Sweeps ({d: accuracy}) and thresholds that tell the usual slips apart, in this order: one that
-# dips after crossing (the largest d that gets there is not d90), one whose best d is not the
-# smallest to get there, one exactly on the threshold, one not sorted by d, one that never gets there.
-_D90_CASES = [
-    ({1: 0.30, 4: 0.52, 16: 0.70, 64: 0.81, 256: 0.80, 1024: 0.79}, 0.75),
-    ({4: 0.50, 16: 0.76, 64: 0.85, 256: 0.80}, 0.75),
-    ({8: 0.60, 32: 0.75, 128: 0.90}, 0.75),
-    ({256: 0.80, 64: 0.78, 16: 0.40, 1024: 0.82}, 0.75),
-    ({2: 0.10, 8: 0.20, 32: 0.30}, 0.50),
-]
+# Sweeps ({d: accuracy}) and thresholds that tell the usual slips apart: one that dips after crossing, one whose
+# best d is not the smallest to get there, one exactly on the threshold, one not sorted by d, one that never gets there.
+_D90_CASES = [({1: 0.30, 4: 0.52, 16: 0.70, 64: 0.81, 256: 0.80, 1024: 0.79}, 0.75),
+              ({4: 0.50, 16: 0.76, 64: 0.85, 256: 0.80}, 0.75), ({8: 0.60, 32: 0.75, 128: 0.90}, 0.75),
+              ({256: 0.80, 64: 0.78, 16: 0.40, 1024: 0.82}, 0.75), ({2: 0.10, 8: 0.20, 32: 0.30}, 0.50)]
 
 
 def _d90_slips(scores: dict, threshold: float) -> dict[str, int | None]:
     """The d that common wrong searches return, each with the hint that explains it."""
     reached = [d for d, acc in scores.items() if acc >= threshold]
-    return {
-        "an accuracy exactly at the threshold counts as reaching it: compare with >=, not >.":
+    return {"an accuracy exactly at the threshold counts as reaching it: compare with >=, not >.":
             min([d for d, acc in scores.items() if acc > threshold], default=None),
-        "you returned the first d in the dict's order; a dict keeps the order its keys were added, not "
-        "sorted order. Take the smallest d among those that reach the threshold.": reached[0] if reached else None,
-        "that is the largest d that gets there; d90 is the smallest.": max(reached, default=None),
-        "that is the d with the best accuracy, not the smallest d that reaches the threshold.":
-            max(scores, key=scores.get),
-    }
+            "you returned the first d in the dict's order; a dict keeps the order its keys were added, not sorted "
+            "order. Take the smallest d among those that reach the threshold.": reached[0] if reached else None,
+            "that is the largest d that gets there; d90 is the smallest.": max(reached, default=None),
+            "that is the d with the best accuracy, not the smallest d that reaches the threshold.":
+            max(scores, key=scores.get)}
 
 
-def check_find_d90_fn(find_d90_fn) -> bool:
-    """Exercise: `find_d90_fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy})
-    whose accuracy reaches `threshold`, or None if no d does."""
-    if is_blank(find_d90_fn):
-        return not_filled_in("your function find_d90_fn(scores, threshold)")
-    if not callable(find_d90_fn):
-        return report(False, f"pass your function itself (the name, without calling it), not {find_d90_fn!r}.")
+def _find_d90_fn(fn) -> str:
+    if not callable(fn):
+        raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for scores, threshold in _D90_CASES:
-        got, problem = call_learner(find_d90_fn, dict(scores), threshold)
-        where = f"for scores = {scores} and threshold {threshold}"
-        want = find_d90(scores, threshold)
-        if problem:
-            if problem.startswith("fill in"):
-                return report(False, problem)
-            none_hint = "; no d reaches the threshold here, so return None" if want is None else ""
-            return report(False, f"{problem} ({where}){none_hint}.")
+        where, want = f"for scores = {scores} and threshold {threshold}", find_d90(scores, threshold)
+        try:
+            got = call("your function", fn, dict(scores), threshold)
+        except Problem as problem:
+            none = "; no d reaches the threshold here, so return None" if want is None else ""
+            raise Problem(str(problem) if "fill in" in str(problem) else f"{problem} ({where}){none}.") from None
         if (got is None and want is None) or (is_int(got) and got == want):
             continue
         if want is None:
-            return report(False, f"{where} you returned {got!r}, but no d reaches the threshold: return None, "
-                                 "so that a sweep that fell short is not mistaken for a d90.")
+            raise Problem(f"{where} you returned {got!r}, but no d reaches the threshold: return None, so that a "
+                          "sweep that fell short is not mistaken for a d90.")
         if got is None:
-            return report(False, f"{where} you returned None, but d = {want} reaches it.")
+            raise Problem(f"{where} you returned None, but d = {want} reaches it.")
         if not is_int(got):
-            if got in scores.values():
-                return report(False, f"{where} you returned {got!r}, an accuracy; return the subspace size d.")
-            return report(False, f"{where} you returned {got!r}; return d as an int, one of the keys of scores.")
-        for hint, slip in _d90_slips(scores, threshold).items():
-            if got == slip:
-                return report(False, f"{where} you returned {got!r}: {hint}")
-        return report(False, f"{where} you returned {got!r}. Keep the d whose accuracy is >= the threshold, "
-                             "then take the smallest of them.")
-    return report(True, "the smallest d that reaches the threshold, and None when the sweep falls short.")
+            raise Problem(f"{where} you returned {got!r}, an accuracy; return the subspace size d."
+                          if got in scores.values() else
+                          f"{where} you returned {got!r}; return d as an int, one of the keys of scores.")
+        hint = next((h for h, slip in _d90_slips(scores, threshold).items() if got == slip),
+                    "Keep the d whose accuracy is >= the threshold, then take the smallest of them.")
+        raise Problem(f"{where} you returned {got!r}: {hint}")
+    return "the smallest d that reaches the threshold, and None when the sweep falls short."
 
 
-def check_d90(scores: dict, threshold: float, answer) -> bool:
-    """Exercise: the smallest subspace size d in `scores` ({d: accuracy}) that reaches `threshold`.
+def check_find_d90_fn(fn) -> bool:
+    """Exercise: `fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy}) whose accuracy
+    reaches `threshold`, or None if no d does."""
+    return not_filled_in("your function my_find_d90(scores, threshold)") if is_blank(fn) else verdict(_find_d90_fn, fn)
 
-    None is a real answer here (no d reached it), so the blank placeholder is `...`.
-    """
-    if answer is Ellipsis:
-        return not_filled_in("the smallest d from scores (an int), or None if no d reaches the threshold")
-    expected = find_d90(scores, threshold)
-    if answer == expected:
-        return report(True, f"d90 = {expected}" + ("" if expected is None else
-                            f": accuracy {scores[expected]:.3f} >= {threshold:.3f}, and no smaller d got there."))
-    if answer is not None and answer not in scores:
-        return report(False, f"you said {answer!r}, which is not one of the sizes tried: {sorted(scores)}.")
-    return report(False, f"you said {answer!r}. Take the smallest d whose accuracy is >= {threshold:.3f} "
-                         "(None if no d reached it).")
+
+def _measure_d90(pretrained: nn.Module, task: TaskPair, dims: list[int]) -> tuple[int | None, float, float]:
+    """Fine-tune `pretrained` fully on task B, sweep random subspaces of sizes `dims`: (d90, acc_pre, acc_ft)."""
+    finetuned = full_fine_tune(pretrained, task.X_train, task.y_b_train)
+    acc_pre, acc_ft = accuracy(pretrained, task.X_test, task.y_b_test), accuracy(finetuned, task.X_test, task.y_b_test)
+    scores = intrinsic_dimension_sweep(pretrained, task.X_train, task.y_b_train, task.X_test, task.y_b_test, dims)
+    return find_d90(scores, d90_threshold(acc_ft)), acc_pre, acc_ft
+
+
+def _further_task_d90(prediction, pretrained, task, scores, accuracy_finetuned, dims) -> str:
+    word = prediction.strip().lower() if isinstance(prediction, str) else None
+    if word not in ("lower", "same", "higher"):
+        raise Problem(f'predict with one word, "lower", "same" or "higher", not {prediction!r}.')
+    before = find_d90({d: scores[d] for d in dims}, d90_threshold(accuracy_finetuned))
+    after, acc_pre, acc_ft = _measure_d90(pretrained, task, dims)
+    place = {d: i for i, d in enumerate(dims)} | {None: len(dims)}  # None: no size tried got there
+    measured = "lower" if place[after] < place[before] else "higher" if place[after] > place[before] else "same"
+    what = (f"on the sizes {dims}, d90 is {after} for this task B against {before} for the first"
+            + (" (None: no size reached 90%)" if None in (before, after) else "")
+            + f". Here the pretrained model scores {acc_pre:.3f} and full fine-tuning {acc_ft:.3f}.")
+    if measured == "higher":
+        what += (" d90 counts the random directions it takes to carry the model from where it starts to 90% of where "
+                 "full fine-tuning gets: a task further from pretraining starts further away and needs more of them. "
+                 "The intrinsic dimension belongs to the task *and* the starting point, which is why a good "
+                 "pretrained model makes fine-tuning cheap.")
+    if word != measured:
+        raise Problem(f"you predicted {word}; measured {measured}: {what}")
+    return what
+
+
+def check_further_task_d90(prediction, pretrained: nn.Module, task: TaskPair, scores: dict, accuracy_finetuned: float,
+                           dims=(16, 64, 256, 1024)) -> bool:
+    """Predict, then measure: is d90 "lower", the "same" or "higher" for a task B further from task A? Fine-tunes
+    and sweeps `dims` on `task`, and compares with `scores` (the first sweep) on the same sizes."""
+    if is_blank(prediction):
+        return not_filled_in('my_prediction: "lower", "same" or "higher"')
+    return verdict(_further_task_d90, prediction, pretrained, task, scores, accuracy_finetuned, list(dims))

@@ -17,6 +17,7 @@ from lora_course.lessons.l02_intrinsic_rank import (  # noqa: E402
     accuracy,
     d90_threshold,
     find_d90,
+    full_fine_tune,
     gain_kept,
     intrinsic_dimension_sweep,
     make_mlp,
@@ -73,30 +74,51 @@ def test_train_classifier_learns_and_respects_frozen_params(task):
         train_classifier(model.requires_grad_(False), task.X_train, task.y_a_train, steps=1, lr=0.1)
 
 
+def test_train_classifier_steps_through_the_one_optimizer_step(task, monkeypatch):
+    calls = []
+    real = lesson.optimizer_step
+    monkeypatch.setattr(lesson, "optimizer_step", lambda loss, opt: calls.append(type(opt).__name__) or real(loss, opt))
+    model = make_mlp(task.n_features, 8, task.n_classes, seed=0)
+    losses = train_classifier(model, task.X_train, task.y_a_train, steps=3, lr=0.01, optimizer="adam", batch_size=16)
+    assert calls == ["Adam"] * 3 and len(losses) == 3
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind for the next loop
+
+
+def test_full_fine_tune_moves_only_the_weights_of_a_copy(task):
+    pre = make_mlp(task.n_features, 16, task.n_classes, seed=0)
+    before = copy.deepcopy(pre)
+    ft = full_fine_tune(pre, task.X_train, task.y_b_train, steps=20, lr=0.05)
+    for (name, p0), p1, p_pre in zip(before.named_parameters(), ft.parameters(), pre.parameters()):
+        assert torch.equal(p_pre, p0)  # the pretrained model is untouched
+        assert torch.equal(p1, p0) != name.endswith("weight"), name  # weights moved, biases did not
+    assert accuracy(ft, task.X_train, task.y_b_train) > accuracy(pre, task.X_train, task.y_b_train)
+
+
 def test_subspace_model_starts_at_theta0_and_only_z_trains(task):
     model = make_mlp(task.n_features, 16, task.n_classes, seed=0)
     D = sum(p.numel() for p in model.parameters())
     sub = SubspaceModel(model, d=7, seed=0)
-    assert sub.D == D and sub.d == 7 and sub.P.shape == (D, 7)
+    assert sub.theta0.numel() == D and sub.z.shape == (7,) and sub.P.shape == (D, 7)
     torch.testing.assert_close(sub.P.norm(dim=0), torch.ones(7))
     torch.testing.assert_close(sub(task.X_test), model(task.X_test))  # z = 0: same function
     assert [name for name, p in sub.named_parameters() if p.requires_grad] == ["z"]
     train_classifier(sub, task.X_train, task.y_b_train, steps=20, lr=0.1, optimizer="adam", batch_size=64)
     assert sub.z.abs().sum() > 0
-    # theta moved only inside the span of P: theta - theta0 = P z exactly.
-    torch.testing.assert_close(sub.theta() - sub.theta0, sub.P @ sub.z)
-    # The materialised plain model computes the same function; the original is untouched.
-    plain = sub.materialize()
+    # The model moved only inside the span of P: a plain copy holding theta0 + P z computes the same function.
+    plain = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(sub.theta0 + sub.P @ sub.z.detach(), plain.parameters())
     torch.testing.assert_close(plain(task.X_test), sub(task.X_test))
-    torch.testing.assert_close(model(task.X_test), SubspaceModel(model, d=3)(task.X_test))
+    torch.testing.assert_close(model(task.X_test), SubspaceModel(model, d=3)(task.X_test))  # the original untouched
 
 
 def test_subspace_model_bad_d(task):
     model = make_mlp(task.n_features, 4, task.n_classes)
     D = sum(p.numel() for p in model.parameters())
-    for bad in (0, D + 1, 2.5):
-        with pytest.raises(ValueError, match="d must be an int"):
+    for bad in (0, D + 1):
+        with pytest.raises(ValueError, match="d must be"):
             SubspaceModel(model, d=bad)
+    with pytest.raises(TypeError, match="d must be an int"):
+        SubspaceModel(model, d=2.5)
 
 
 def test_sweep_larger_subspace_learns_more(task):
@@ -139,9 +161,9 @@ def test_weight_deltas():
     for name, dW in deltas.items():
         torch.testing.assert_close(dW, ft.get_parameter(name) - pre.get_parameter(name))
         assert not dW.requires_grad
-    with pytest.raises(ValueError, match="different linear layers"):
+    with pytest.raises(ValueError, match="differ in names or shapes"):
         weight_deltas(pre, make_mlp(6, 8, 3)[:3])
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"\(9, 6\)"):
         weight_deltas(pre, make_mlp(6, 9, 3))
 
 
@@ -159,6 +181,8 @@ def test_with_rank_r_updates_full_rank_is_finetuned_and_zero_is_pretrained():
     torch.testing.assert_close(pre(x), _pair()[0](x))
     with pytest.raises(ValueError, match="r must be"):
         with_rank_r_updates(pre, deltas, -1)
+    with pytest.raises(TypeError, match="r must be an int"):
+        with_rank_r_updates(pre, deltas, 2.0)
     with pytest.raises(ValueError, match="does not have"):
         with_rank_r_updates(pre, {"9.weight": torch.zeros(2, 2)}, 1)
 
@@ -199,60 +223,24 @@ def test_update_rank_slider(finetuned_pair):
         update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=1, layer="nope")
 
 
-def test_checkers_accept_right_and_reject_wrong_answers(capsys):
-    assert lesson.check_effective_rank_fn(effective_rank)
-    assert not lesson.check_effective_rank_fn(stable_rank)
-    assert lesson.check_stable_rank_fn(stable_rank)
-    assert not lesson.check_stable_rank_fn(effective_rank)
-    scores = {4: 0.5, 16: 0.7, 64: 0.8}
-    assert lesson.check_d90(scores, 0.7, 16)
-    assert not lesson.check_d90(scores, 0.7, 64)
-    assert lesson.check_d90(scores, 0.9, None)
+def test_effective_rank_checker_right_wrong_blank(verdict):
+    verdict(lesson.check_effective_rank_fn(effective_rank), True)
+    out = verdict(lesson.check_effective_rank_fn(stable_rank), False)
+    assert "expected" in out and "Normalise" in out
+    for blank in (None, ...):
+        assert verdict(lesson.check_effective_rank_fn(blank), False).startswith("Not yet: fill in")
 
-
-@pytest.mark.parametrize("blank", [None, ...])
-def test_checkers_say_fill_in_for_a_blank_answer(blank, capsys):
-    verdicts = {
-        "effective_rank_fn": lesson.check_effective_rank_fn(blank),
-        "stable_rank_fn": lesson.check_stable_rank_fn(blank),
-    }
-    lines = capsys.readouterr().out.splitlines()
-    assert verdicts == dict.fromkeys(verdicts, False)
-    assert len(lines) == len(verdicts)
-    assert all(line.startswith("Not yet: fill in") for line in lines), lines
-
-
-def test_d90_checker_blank_is_ellipsis_because_none_is_an_answer(capsys):
-    scores = {4: 0.5, 16: 0.7, 64: 0.8}
-    assert not lesson.check_d90(scores, 0.7, ...)
-    assert capsys.readouterr().out.startswith("Not yet: fill in")
-    assert not lesson.check_d90(scores, 0.7, None)  # None claims no d got there; 16 did
-    assert lesson.check_d90(scores, 0.9, None)
-    assert not lesson.check_d90(scores, 0.7, 32)
-    assert "not one of the sizes tried" in capsys.readouterr().out
-
-
-def test_function_checkers_treat_not_implemented_as_blank(capsys):
-    def todo(*args):
+    def todo(S):
         raise NotImplementedError("your code here")
 
-    for checker in (lesson.check_effective_rank_fn, lesson.check_stable_rank_fn):
-        assert not checker(todo)
-        out = capsys.readouterr().out
-        assert out.startswith("Not yet: fill in the body of your function")
+    assert "still raises NotImplementedError" in verdict(lesson.check_effective_rank_fn(todo), False)
 
 
-def test_function_checkers_reject_nan_non_numbers_and_non_functions(capsys):
-    nan = float("nan")
-    assert not lesson.check_effective_rank_fn(lambda S: nan)
-    assert not lesson.check_stable_rank_fn(lambda S: torch.tensor(nan))
-    capsys.readouterr()
-    assert not lesson.check_effective_rank_fn(lambda S: None)  # forgot `return`
-    assert "returned NoneType" in capsys.readouterr().out
-    assert not lesson.check_stable_rank_fn(lambda S: S)  # a whole tensor, not one number
-    assert "return one number" in capsys.readouterr().out
-    assert not lesson.check_stable_rank_fn(2.5)  # called it instead of passing it
-    assert "function itself" in capsys.readouterr().out
+def test_effective_rank_checker_rejects_nan_non_numbers_and_non_functions(verdict):
+    verdict(lesson.check_effective_rank_fn(lambda S: float("nan")), False)
+    assert "returned NoneType" in verdict(lesson.check_effective_rank_fn(lambda S: None), False)  # forgot `return`
+    assert "return one number" in verdict(lesson.check_effective_rank_fn(lambda S: S), False)  # a whole tensor
+    assert "function itself" in verdict(lesson.check_effective_rank_fn(2.5), False)  # called it, not passed it
 
 
 # ----------------------------------------------------------------------------- where the update lies
@@ -320,20 +308,45 @@ def test_find_d90_checker_blank_and_not_a_function(capsys):
         assert not lesson.check_find_d90_fn(blank)
         assert capsys.readouterr().out.startswith("Not yet: fill in your function")
     assert not lesson.check_find_d90_fn(todo)
-    assert capsys.readouterr().out.startswith("Not yet: fill in the body of your function")
+    assert capsys.readouterr().out.startswith("Not yet: fill in your function (it still raises")
     assert not lesson.check_find_d90_fn(16)
     assert "function itself" in capsys.readouterr().out
 
 
-def test_call_learner_returns_any_output_or_a_verdict():
-    from lora_course.lessons.common import call_learner
+# ----------------------------------------------------------------------------- predict, then measure: a further task
 
-    assert call_learner(lambda x: (x, None), 3) == ((3, None), None)
+DIMS = [16, 64, 256, 1024]
+SCORES = {1: 0.49, 16: 0.52, 64: 0.64, 256: 0.76, 1024: 0.81}  # first sweep: d90 = 256 at a threshold of 0.75
 
-    def todo():
-        raise NotImplementedError
 
-    out, problem = call_learner(todo)
-    assert out is None and problem.startswith("fill in the body")
-    out, problem = call_learner(lambda: 1 / 0)
-    assert out is None and problem.startswith("your function raised ZeroDivisionError")
+@pytest.mark.parametrize("measured, right", [(1024, "higher"), (None, "higher"), (256, "same"), (64, "lower")])
+def test_further_task_checker_right_and_wrong(monkeypatch, verdict, measured, right):
+    monkeypatch.setattr(lesson, "_measure_d90", lambda pretrained, task, dims: (measured, 0.26, 0.82))
+    out = verdict(lesson.check_further_task_d90(right, None, None, SCORES, 0.84), True)  # 0.9 * 0.84 = 0.756
+    assert f"d90 is {measured} for this task B against 256" in out
+    assert ("starts further away" in out) == (right == "higher")
+    assert ("None: no size" in out) == (measured is None)
+    for wrong in {"lower", "same", "higher"} - {right}:
+        out = verdict(lesson.check_further_task_d90(wrong.upper() + " ", None, None, SCORES, 0.84), False)
+        assert f"you predicted {wrong}; measured {right}" in out
+
+
+def test_further_task_checker_blank_and_not_a_word(monkeypatch, verdict):
+    monkeypatch.setattr(lesson, "_measure_d90", lambda *args: pytest.fail("measured before a prediction was made"))
+    for blank in (None, ...):
+        assert verdict(lesson.check_further_task_d90(blank, None, None, SCORES, 0.84), False).startswith(
+            "Not yet: fill in my_prediction")
+    assert '"lower", "same" or "higher"' in verdict(lesson.check_further_task_d90(2, None, None, SCORES, 0.84), False)
+
+
+def test_further_task_measurement_runs_the_notebook_experiment_on_a_new_task_b():
+    near, far = make_task_pair(n_train=300, n_test=300, shift=0.7), make_task_pair(n_train=300, n_test=300, shift=1.4)
+    assert torch.equal(near.X_train, far.X_train) and torch.equal(near.y_a_test, far.y_a_test)  # only task B moves
+    assert not torch.equal(near.y_b_test, far.y_b_test)
+    pre = make_mlp(far.n_features, 32, far.n_classes, seed=0)
+    train_classifier(pre, far.X_train, far.y_a_train, steps=100, lr=3e-3, optimizer="adam", batch_size=64)
+    d90, acc_pre, acc_ft = lesson._measure_d90(pre, far, [4, 400])
+    assert acc_pre == accuracy(pre, far.X_test, far.y_b_test)
+    assert acc_ft == accuracy(full_fine_tune(pre, far.X_train, far.y_b_train), far.X_test, far.y_b_test)
+    scores = intrinsic_dimension_sweep(pre, far.X_train, far.y_b_train, far.X_test, far.y_b_test, [4, 400])
+    assert d90 == find_d90(scores, d90_threshold(acc_ft))
