@@ -11,10 +11,8 @@ from lora_course.lessons.l04_rank_alpha import (
     loglog_slope,
     make_low_rank_target,
     make_regression_task,
-    rank_sweep,
     scaling_sweep,
     train_lora,
-    update_sizes,
 )
 from lora_course.lowrank import best_rank_r, singular_values
 
@@ -30,17 +28,12 @@ def test_target_has_the_asked_shape_rank_and_spectrum(target):
     S = singular_values(target.delta)
     assert torch.allclose(S[:6], target.singular_values, atol=1e-5)
     assert S[6:].abs().max() < 1e-5  # rank exactly k
-    custom = make_low_rank_target(8, 8, k=3, singular_values=[3.0, 2.0, 1.0])
-    assert torch.allclose(singular_values(custom.delta)[:3], torch.tensor([3.0, 2.0, 1.0]), atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(out_features=8, in_features=8, k=9), "exceeds"),
-        (dict(k=3, singular_values=[1.0, 2.0, 3.0]), "sorted descending"),
-        (dict(k=3, singular_values=[3.0, 2.0]), "give k=3"),
-        (dict(k=2, singular_values=[1.0, 0.0]), "positive"),
         (dict(k=0), "positive int"),
     ],
 )
@@ -105,12 +98,11 @@ def test_step_one_update_scales_with_the_scaling_exactly(target):
 def test_alpha_over_r_shrinks_early_updates_and_rslora_does_not(target):
     ranks = [1, 4, 16]
     sweep = scaling_sweep(target, ranks, alpha=8, lr=1e-3, steps=10)
-    plain, rs = update_sizes(sweep["alpha/r"], step=10), update_sizes(sweep["alpha/sqrt(r)"], step=10)
-    assert plain == [run.update_norms[-1] for run in sweep["alpha/r"]]
+    plain, rs = ([run.update_norms[10] for run in sweep[rule]] for rule in ("alpha/r", "alpha/sqrt(r)"))
     assert plain[0] > plain[1] > plain[2]
     assert rs[0] < rs[1] < rs[2]
     assert loglog_slope(ranks, rs) - loglog_slope(ranks, plain) == pytest.approx(0.5, abs=0.05)
-    assert update_sizes(sweep["alpha/r"], step=0) == [0.0, 0.0, 0.0]  # B = 0 before the first step
+    assert [run.update_norms[0] for run in sweep["alpha/r"]] == [0.0, 0.0, 0.0]  # B = 0 before the first step
 
 
 def test_first_step_ratios_follow_the_scaling_law(target):
@@ -121,14 +113,13 @@ def test_first_step_ratios_follow_the_scaling_law(target):
     assert first_step_ratios(sgd) == pytest.approx([float(r) for r in ranks], rel=1e-3)
 
 
-def test_sizes_and_ratios_refuse_what_they_cannot_measure(target):
+def test_ratios_refuse_what_is_not_a_scaling_sweep(target):
     sweep = scaling_sweep(target, [1, 2], alpha=8, lr=1e-3, steps=5)
-    with pytest.raises(ValueError, match="step must be between 0 and"):
-        update_sizes(sweep["alpha/r"], step=6)
-    with pytest.raises(ValueError, match="different ranks"):
-        first_step_ratios({"alpha/r": sweep["alpha/r"], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"][:1]})
-    with pytest.raises(ValueError, match="must not use rsLoRA"):
-        first_step_ratios({"alpha/r": sweep["alpha/sqrt(r)"], "alpha/sqrt(r)": sweep["alpha/r"]})
+    for bad in ({"alpha/r": sweep["alpha/r"], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"][:1]},  # ranks differ
+                {"alpha/r": sweep["alpha/r"][::-1], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"]},
+                {"alpha/r": sweep["alpha/sqrt(r)"], "alpha/sqrt(r)": sweep["alpha/r"]}):  # rules swapped
+        with pytest.raises(ValueError, match="pass a scaling_sweep result"):
+            first_step_ratios(bad)
 
 
 def test_loraplus_gives_B_its_own_learning_rate(target):
@@ -149,11 +140,8 @@ def test_regression_loss_is_noise_plus_matrix_loss(target):
 
 def test_sweeps_and_slope():
     t = make_low_rank_target(8, 8, k=2)
-    runs = rank_sweep(t, [1, 2], lr=3e-2, steps=5)
-    assert [run.r for run in runs] == [1, 2] and [run.alpha for run in runs] == [2, 4]
+    assert [train_lora(t, r, lr=3e-2, steps=5).alpha for r in (1, 2)] == [2, 4]  # alpha = 2 r by default
     assert loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="ranks is empty"):
-        rank_sweep(t, [])
     with pytest.raises(ValueError, match="ranks is empty"):
         scaling_sweep(t, [], alpha=1, lr=1e-3, steps=1)
     with pytest.raises(ValueError, match="at least two"):
@@ -194,12 +182,14 @@ def test_dropout_needs_a_task_and_is_off_when_measuring(target):
         train_lora(target, 2, lora_dropout=0.1)
     with pytest.raises(ValueError, match="lora_dropout"):
         train_lora(target, 2, lora_dropout=1.0, task=make_regression_task(target, 16))
-    task = make_regression_task(target, n_train=64, n_test=256, seed=2)
-    run = train_lora(target, 4, lr=3e-2, steps=50, task=task, lora_dropout=0.3, keep_layer=True)
-    assert run.lora_dropout == 0.3 and not run.layer.training  # measured in eval mode: dropout off
-    again = (run.layer(task.X_test) - task.Y_test).square().mean().item()
-    assert again == pytest.approx(run.test_loss, rel=1e-6)  # deterministic: no mask at test time
-    assert run.test_loss == pytest.approx(0.25 + run.final_error ** 2 / target.out_features, rel=0.05)
+    task = make_regression_task(target, n_train=64, n_test=4096, seed=2)
+    run = train_lora(target, 4, lr=3e-2, steps=50, task=task, lora_dropout=0.3)
+    assert run.lora_dropout == 0.3
+    # Measured with dropout off: the error of the learned dW alone. With dropout's masks on, the penalty
+    # p / (1 - p) * ||dW||^2 / out (exercise 3) would come on top, here more than 10% of the loss.
+    expected = 0.25 + run.final_error ** 2 / target.out_features
+    assert run.test_loss == pytest.approx(expected, rel=0.03)
+    assert 0.3 / 0.7 * run.update_norms[-1] ** 2 / target.out_features > 0.1 * expected
 
 
 def test_dropout_shrinks_the_update_on_few_examples(target):

@@ -1,6 +1,5 @@
-"""Notebook 05's lesson module: the pictures' numbers, the memory widget's logic and the exercise checkers."""
-
-import re
+"""Notebook 05's lesson module: the pictures' numbers, the build step's check, the memory widget's logic and the
+exercise checkers."""
 
 import matplotlib
 import pytest
@@ -10,23 +9,22 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lora_course.fused import FusedLoRALinear, add_fused_lora  # noqa: E402
-from lora_course.layers import Conv1D  # noqa: E402
+from lora_course.fused import add_fused_lora  # noqa: E402
+from lora_course.lessons.common import verdict as verdict_of  # noqa: E402
 from lora_course.lessons.l05_transformer import (  # noqa: E402
     MEMORY_TARGETS,
-    adam_steps,
     check_fused_delta,
     check_llama_qkvo_params,
-    check_matches,
+    check_saving_prediction,
     draw_budgets,
     draw_gpt2_block,
     draw_peaks,
-    forward_flops,
+    fused_delta,
     memory_budget_view,
     row_runs,
 )
-from lora_course.lora import add_lora, merge_lora  # noqa: E402
-from lora_course.memory import training_budget  # noqa: E402
+from lora_course.lora import add_lora  # noqa: E402
+from lora_course.memory import train_steps, training_budget  # noqa: E402
 from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
 from lora_course.skeletons import MODEL_PRESETS, meta_gpt2, meta_lora_counts, preset_shape  # noqa: E402
 
@@ -55,14 +53,17 @@ def test_block_picture_marks_exactly_the_adapted_rows():
 
 
 def test_the_drawn_rows_are_the_rows_a_trained_fused_layer_changes():
-    layer = FusedLoRALinear.from_linear(Conv1D(3 * 48, 48), r=4, alpha=8, enable_lora=(True, False, True))
-    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(0))
+    model = add_fused_lora(toy_gpt2(toy_gpt2_config(n_layer=1, n_embd=48, n_head=4)), ["c_attn"], r=4, alpha=8)
+    layer = model.transformer.h[0].attn.c_attn
     assert (layer.lora_B == 0).all()
-    adam_steps(layer, x)
+    train_steps(model, steps=1, lr=1e-2)  # the notebook's one AdamW step
     assert (layer.lora_B != 0).all()  # one step moves every entry of B
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         moved = (layer(x) != layer.base_layer(x)).flatten(0, 1).any(dim=0)
-    assert row_runs(moved) == [(0, 48), (96, 144)]
+        dW = fused_delta(layer.lora_A, layer.lora_B, layer.enable_lora, layer.scaling)
+    assert row_runs(moved) == row_runs((dW != 0).any(dim=1)) == [(0, 48), (96, 144)]
+    assert torch.equal(dW, layer.delta_weight())
 
 
 @pytest.mark.parametrize("mask, runs", [
@@ -74,26 +75,29 @@ def test_row_runs(mask, runs):
 
 
 def test_budget_bars_are_drawn_part_by_part_end_to_end():
-    budgets = {"card": training_budget(7_000_000_000), "LoRA": training_budget(LLAMA_7B + 4_194_304, 4_194_304)}
+    budgets = {"7B": training_budget(7_000_000_000), "LoRA": training_budget(LLAMA_7B + 4_194_304, 4_194_304),
+               "master": training_budget(7_000_000_000, master_weights=True)}
     fig, ax = plt.subplots()
     drawn = draw_budgets(ax, {k: {p: v / 1e9 for p, v in b.parts().items()} for k, b in budgets.items()})
-    assert drawn["card"] == {"weights": (0.0, 14.0), "gradients": (14.0, 14.0), "optimizer": (28.0, 56.0)}
+    assert drawn["7B"] == {"weights": (0.0, 14.0), "gradients": (14.0, 14.0), "optimizer": (28.0, 56.0)}
+    assert drawn["master"]["master_weights"] == (84.0, 28.0)
     left, width = drawn["LoRA"]["optimizer"]
     assert abs((left + width) * 1e9 - budgets["LoRA"].total) < 1
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["weights", "gradients", "optimizer"]
-    draw_peaks({"run": {"measured peak": 2e6, "predicted peak": 2.1e6}}, "title")
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["weights", "gradients", "optimizer", "master weights"]  # one entry per part
     plt.close("all")
 
 
-def test_forward_flops_merged_equals_base_and_unmerged_adds_the_adapter_matmuls():
-    config = toy_gpt2_config()
-    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
-    base = forward_flops(toy_gpt2(config), ids)
-    unmerged = add_lora(toy_gpt2(config), ["c_attn"], r=4)
-    merged = merge_lora(add_lora(toy_gpt2(config), ["c_attn"], r=4))
-    assert forward_flops(merged, ids) == base
-    d = config.n_embd
-    assert forward_flops(unmerged, ids) - base == config.n_layer * 2 * ids.numel() * 4 * (d + 3 * d)
+def test_peak_panels_show_every_part_activations_included_each_on_its_own_scale():
+    small = training_budget(1_000_000, 10_000, precision="fp32", activations=3_000_000)
+    large = training_budget(100_000_000, precision="fp32", activations=900_000_000)
+    drawn = draw_peaks({"small": {"full": (small, 4.1e6)}, "large": {"full": (large, 1.3e9)}})
+    assert set(drawn["small"]["full"]) == {"weights", "gradients", "optimizer", "activations"}
+    left, width = drawn["small"]["full"]["activations"]
+    assert abs(left + width - small.total / 1e6) < 1e-9  # the bar ends at all parts added, in MB
+    axes = plt.gcf().axes
+    assert axes[0].get_xlim()[1] < 10 < 1000 < axes[1].get_xlim()[1]  # separate axes: both rows readable
+    plt.close("all")
 
 
 # ----------------------------------------------------------------------------- the memory widget
@@ -152,64 +156,11 @@ def test_widget_closed_form_equals_meta_device_count(model):
         assert counts["base"] == n_params
 
 
-# ----------------------------------------------------------------------------- exercise 1: target_modules
+# ----------------------------------------------------------------------------- the build step: a fused layer's dW
 
 def _raises(*args):
     raise NotImplementedError
 
-
-def test_check_matches_blank_right_and_wrong(verdict):
-    def peft_rule(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.fullmatch(target_modules, name) is not None
-        return any(name == t or name.endswith("." + t) for t in target_modules)
-
-    def substring(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.fullmatch(target_modules, name) is not None
-        return any(t in name for t in target_modules)
-
-    def no_dot(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.fullmatch(target_modules, name) is not None
-        return any(name.endswith(t) for t in target_modules)
-
-    def suffix_only(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.fullmatch(target_modules, name) is not None
-        return any(name.endswith("." + t) for t in target_modules)
-
-    def searches(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.search(target_modules, name) is not None
-        return peft_rule(name, target_modules)
-
-    def re_match(name, target_modules):
-        if isinstance(target_modules, str):
-            return re.match(target_modules, name) is not None
-        return peft_rule(name, target_modules)
-
-    def string_as_list(name, target_modules):
-        targets = [target_modules] if isinstance(target_modules, str) else target_modules
-        return any(name == t or name.endswith("." + t) for t in targets)
-
-    def characters(name, target_modules):  # iterates a string's characters as if they were names
-        return any(name == t or name.endswith("." + t) for t in target_modules)
-
-    assert "all 9 cases agree with PEFT" in verdict(check_matches(peft_rule), True)
-    assert "fill in" in verdict(check_matches(_raises), False)
-    assert "fill in" in verdict(check_matches(...), False)
-    assert "not any substring" in verdict(check_matches(substring), False)
-    assert "begin right after a dot" in verdict(check_matches(no_dot), False)
-    assert "top-level module" in verdict(check_matches(suffix_only), False)
-    assert "re.fullmatch" in verdict(check_matches(searches), False)
-    assert "re.match only anchors the start" in verdict(check_matches(re_match), False)
-    assert "a single string is a regex" in verdict(check_matches(string_as_list), False)
-    assert "not a list of names (or of characters)" in verdict(check_matches(characters), False)
-    assert "raised KeyError" in verdict(check_matches(lambda name, t: {}[name]), False)
-
-
-# ----------------------------------------------------------------------------- exercise 2: a fused layer's dW
 
 def _fused_delta(lora_A, lora_B, enable_lora, scaling, *, scale=True, packed=False, same_A=False, rows_only=False):
     enabled = [i for i, on in enumerate(enable_lora) if on]
@@ -223,22 +174,31 @@ def _fused_delta(lora_A, lora_B, enable_lora, scaling, *, scale=True, packed=Fal
 
 
 def test_check_fused_delta_blank_right_and_wrong(verdict):
-    assert "equal to FusedLoRALinear.delta_weight" in verdict(check_fused_delta(_fused_delta), True)
-    assert "fill in" in verdict(check_fused_delta(_raises), False)
-    assert "fill in" in verdict(check_fused_delta(None), False)
-    assert "left out scaling" in verdict(check_fused_delta(lambda *a: _fused_delta(*a, scale=False)), False)
-    assert "one after another" in verdict(check_fused_delta(lambda *a: _fused_delta(*a, packed=True)), False)
-    assert "only the enabled slices' 12 rows" in verdict(
-        check_fused_delta(lambda *a: _fused_delta(*a, rows_only=True)), False)
-    assert "next block of r rows of lora_A" in verdict(
-        check_fused_delta(lambda *a: _fused_delta(*a, same_A=True)), False)
-    assert "must be exactly zero" in verdict(
-        check_fused_delta(lambda A, B, e, s: _fused_delta(A, B, e, s) + 1e-3), False)
-    assert "raised RuntimeError" in verdict(check_fused_delta(lambda A, B, e, s: s * B @ A), False)
-    assert "return a tensor" in verdict(check_fused_delta(lambda *a: 0.0), False)
+    check = lambda fn: verdict_of(check_fused_delta, fn)  # noqa: E731  (the build step's verdict line)
+    assert "equal to FusedLoRALinear.delta_weight" in verdict(check(fused_delta), True)  # the reference
+    assert "equal to FusedLoRALinear.delta_weight" in verdict(check(_fused_delta), True)
+    assert "fill in fused_delta" in verdict(check(_raises), False)
+    assert "fused_delta raised TypeError" in verdict(check(None), False)
+    assert "left out scaling" in verdict(check(lambda *a: _fused_delta(*a, scale=False)), False)
+    assert "one after another" in verdict(check(lambda *a: _fused_delta(*a, packed=True)), False)
+    assert "covers all len(enable_lora) x 6 rows" in verdict(check(lambda *a: _fused_delta(*a, rows_only=True)), False)
+    assert "next block of r rows of lora_A" in verdict(check(lambda *a: _fused_delta(*a, same_A=True)), False)
+    assert "must be exactly zero" in verdict(check(lambda A, B, e, s: _fused_delta(A, B, e, s) + 1e-3), False)
+    assert "raised RuntimeError" in verdict(check(lambda A, B, e, s: s * B @ A), False)
+    assert "return a tensor" in verdict(check(lambda *a: 0.0), False)
 
 
-# ----------------------------------------------------------------------------- exercise 3: a count
+def test_the_build_step_continues_with_the_learners_piece_or_the_reference(capsys):
+    from lora_course.lessons.common import use_or_reference
+
+    where = "lora_course.lessons.l05_transformer.fused_delta"
+    assert use_or_reference("fused_delta", _fused_delta, check_fused_delta, fused_delta, where) is _fused_delta
+    assert "uses your fused_delta" in capsys.readouterr().out
+    assert use_or_reference("fused_delta", _raises, check_fused_delta, fused_delta, where) is fused_delta
+    assert "uses the reference fused_delta" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- exercise 2: a count
 
 def test_check_llama_qkvo_params(verdict):
     verdict(check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)), True)
@@ -248,3 +208,18 @@ def test_check_llama_qkvo_params(verdict):
         assert "fill in" in verdict(check_llama_qkvo_params(blank), False)
     assert "int" in verdict(check_llama_qkvo_params("16 million"), False)
     verdict(check_llama_qkvo_params(True), False)
+
+
+# ----------------------------------------------------------------------------- exercise 1: predict, then measure
+
+def test_check_saving_prediction_measures_and_compares(verdict):
+    config = toy_gpt2_config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    args = (config, ["c_attn"], 4, 48)
+    right = verdict(check_saving_prediction(" Smaller ", *args, batches=(1, 4)), True)  # the word, however written
+    assert "at batch 1" in right and "the saving got smaller" in right and "grow with every token" in right
+    wrong = verdict(check_saving_prediction("larger", *args, batches=(1, 4)), False)
+    assert "you predicted larger" in wrong and "the saving got smaller" in wrong
+    for blank in (None, ...):
+        assert "fill in my_prediction" in verdict(check_saving_prediction(blank, *args), False)
+    for junk in ("more", 2.0):
+        assert '"larger" or "smaller"' in verdict(check_saving_prediction(junk, *args), False)
