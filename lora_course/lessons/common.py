@@ -40,7 +40,9 @@ def verdict(check, *args, **kwargs) -> bool:
 
 
 def call(what: str, fn, *args):
-    """`fn(*args)` inside a check: the learner's errors (a blank body included) become a `Problem`."""
+    """`fn(*args)` inside a check: the learner's errors (a blank body or a blank answer included) become a `Problem`."""
+    if is_blank(fn):
+        raise Problem(f"fill in {what}, then run this cell again.")
     try:
         return fn(*args)
     except NotImplementedError:

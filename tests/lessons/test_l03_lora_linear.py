@@ -1,74 +1,103 @@
-"""Notebook 03's lesson module: the build checks (on the notebook's layer and on deliberately wrong ones),
-the picture, the small model, the overhead table, the parameter-budget widget and the exercise checkers."""
+"""Notebook 03's lesson module: the reference passes every build check, the notebook's blank skeletons get
+"Not yet" and the notebook goes on with the reference, each plausible mistake is named, a broken library is
+named as such, and every exercise checker answers blank, right and wrong answers."""
 
+import json
 import math
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import lora_course.lessons.l03_lora_linear as l03
 from lora_course import LoRALinear as LibLoRALinear
 from lora_course import add_lora, count_parameters
+from lora_course.lessons.common import use_or_reference, verdict
 from lora_course.lessons.l03_lora_linear import (
-    check_conv1d_forward,
+    SHAPES,
+    LoRALinear,
+    _scaling_mistakes,
     check_count,
     check_forward,
     check_init,
-    check_lora_param_count,
     check_merge,
     check_recover_update,
     check_swap,
+    check_swapped_init,
     check_unmerge,
-    compare_with_library,
     draw_lora_structure,
-    lora_parameter_budget,
-    lora_parameter_budget_widget,
-    random_shapes,
     recovery_task,
-    thread_times_us,
+    reference,
     toy_model,
-    unmerged_overhead,
 )
+from lora_course.train import optimizer_step
 
-# ----------------------------------------------------------------------------- the notebook's layer
-
-class LoRALinear(nn.Module):
-    """The layer notebook 03 builds, written the same way."""
-
-    def __init__(self, base_layer, r, alpha):
-        super().__init__()
-        self.base_layer = base_layer.requires_grad_(False)
-        d, k = base_layer.weight.shape
-        self.lora_A = nn.Parameter(torch.empty(r, k))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(d, r))
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.merged = False
-
-    def forward(self, x):
-        h = self.base_layer(x)
-        if not self.merged:
-            h = h + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
-        return h
-
-    @torch.no_grad()
-    def merge(self):
-        self.base_layer.weight += self.scaling * self.lora_B @ self.lora_A
-        self.merged = True
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "03_lora_linear_from_scratch.ipynb"
 
 
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def printed(capsys):
+    return capsys.readouterr().out
 
 
-def add_lora_by_name(model, names, r, alpha, cls=LoRALinear, freeze=True):
-    if freeze:
-        model.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, cls(getattr(parent, child), r, alpha))
-    return model
+# ----------------------------------------------------------------------------- the reference and the notebook's paths
+
+def test_the_reference_passes_every_build_check(capsys):
+    assert verdict(check_init, LoRALinear) and verdict(check_forward, LoRALinear) and verdict(check_merge, LoRALinear)
+    assert verdict(check_count, l03.count_trainable) and verdict(check_swap, l03.add_lora_by_name)
+    out = printed(capsys)
+    assert out.count("Correct: ") == 5 and "Not yet" not in out
+    assert "dL/dA = 0 and dL/dB equals the library's" in out
+
+
+def test_a_passing_step_goes_on_with_the_learners_piece(capsys):
+    assert use_or_reference("LoRALinear", LoRALinear, check_forward, reference(), "ref") is LoRALinear
+    assert "The rest of this notebook uses your LoRALinear." in printed(capsys)
+
+
+def test_reference_is_a_fresh_subclass_that_a_learners_later_step_cannot_change():
+    first = reference()
+    first.forward = lambda self, x: None  # a blank step attached to the class the notebook went on with
+    assert issubclass(first, LoRALinear) and first is not reference() and reference().forward is LoRALinear.forward
+    assert verdict(check_forward, reference())
+
+
+def _cells(start_text: str, stop_text: str) -> list[str]:
+    """The notebook's code cells from the first holding `start_text` to the first holding `stop_text`."""
+    code = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    start = next(i for i, c in enumerate(code) if start_text in c)
+    stop = next(i for i, c in enumerate(code) if stop_text in c and i >= start)
+    return code[:1] + code[start:stop + 1]  # the setup cell first
+
+
+def _run(cells: list[str]) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    namespace = {}
+    for cell in cells:
+        exec(compile(cell, str(NOTEBOOK), "exec"), namespace)
+    return namespace
+
+
+def test_the_notebooks_blank_build_says_not_yet_at_each_step_and_goes_on_with_the_reference(capsys):
+    ns = _run(_cells("class LoRALinear", "add_lora_by_name = use_or_reference"))
+    out = printed(capsys)
+    assert out.count("Not yet: ") == 5 and "Correct" not in out, out
+    assert out.count("The rest of this notebook uses the reference") == 5, out
+    assert "fill in __init__" in out and "your forward returned None" in out
+    assert issubclass(ns["LoRALinear"], LoRALinear) and ns["count_trainable"] is l03.count_trainable
+    assert ns["add_lora_by_name"] is l03.add_lora_by_name
+    assert LoRALinear.forward is not ns["forward"] and LoRALinear.merge is not ns["merge"]  # the reference untouched
+    assert all(check(ns["LoRALinear"]) for check in (check_init, check_forward, check_merge))
+
+
+def test_the_notebooks_solutions_pass_every_build_check(capsys):
+    ns = _run(_cells("# Build, steps 1, 2 and 4", "# Build, steps 3 and 5"))
+    out = printed(capsys)
+    assert out.count("Correct: ") == 5 and "Not yet" not in out, out
+    assert ns["LoRALinear"].__module__ != l03.__name__  # the notebook's own class, written out
 
 
 # ----------------------------------------------------------------------------- deliberately wrong layers
@@ -94,6 +123,11 @@ class NoScaling(LoRALinear):
         return self.base_layer(x) + (x @ self.lora_A.T) @ self.lora_B.T
 
 
+class FormsBA(LoRALinear):
+    def forward(self, x):
+        return self.base_layer(x) + self.scaling * x @ (self.lora_B @ self.lora_A).T
+
+
 class BNotZero(LoRALinear):
     def __init__(self, base_layer, r, alpha):
         super().__init__(base_layer, r, alpha)
@@ -106,7 +140,7 @@ class BaseNotFrozen(LoRALinear):
         self.base_layer.requires_grad_(True)
 
 
-class CardInitA(LoRALinear):
+class SmallGaussianA(LoRALinear):  # randn * 0.01, as many write-ups do
     def __init__(self, base_layer, r, alpha):
         super().__init__(base_layer, r, alpha)
         with torch.no_grad():
@@ -132,6 +166,18 @@ class CopiesTheBase(LoRALinear):
         super().__init__(copy.deepcopy(base_layer), r, alpha)
 
 
+class NoMergedFlag(LoRALinear):
+    def __init__(self, base_layer, r, alpha):
+        super().__init__(base_layer, r, alpha)
+        del self.merged
+
+
+class BlankInit(nn.Module):
+    def __init__(self, base_layer, r, alpha):
+        super().__init__()
+        ...
+
+
 class MergeForgetsScaling(LoRALinear):
     @torch.no_grad()
     def merge(self):
@@ -150,36 +196,24 @@ class MergeDoesNothing(LoRALinear):
         self.merged = True
 
 
+class MergeWithoutNoGrad(LoRALinear):
+    def merge(self):
+        self.base_layer.weight += self.scaling * self.lora_B @ self.lora_A
+        self.merged = True
+
+
 class BlankForward(LoRALinear):
     def forward(self, x):
         raise NotImplementedError
 
 
+class NoneForward(LoRALinear):
+    def forward(self, x):
+        ...
+
+
 class NoMerge(LoRALinear):
     merge = None  # the step not written yet
-
-
-def verdict(capsys):
-    return capsys.readouterr().out
-
-
-def test_the_notebooks_layer_passes_every_build_check(capsys):
-    assert check_init(LoRALinear)
-    assert check_forward(LoRALinear)
-    assert check_count(count_trainable, LoRALinear)
-    assert check_merge(LoRALinear)
-    assert check_swap(add_lora_by_name, LoRALinear)
-    out = verdict(capsys)
-    assert out.count("Correct: ") == 5 and "Not yet" not in out
-    assert "dL/dA = 0 and dL/dB equals the library's" in out
-
-
-def test_random_shapes_are_seeded_and_can_show_a_wrong_scaling():
-    shapes = random_shapes()
-    assert shapes == random_shapes() and len(set(shapes)) == len(shapes)
-    for d, k, r, alpha in shapes:
-        assert 2 <= r <= min(d, k) and alpha != r
-    assert len({(d, k) for d, k, _, _ in shapes}) > 1
 
 
 @pytest.mark.parametrize("cls, check, words", [
@@ -187,33 +221,44 @@ def test_random_shapes_are_seeded_and_can_show_a_wrong_scaling():
     (WrongScalingInForward, check_forward, "you scale by alpha; LoRA scales by alpha / r"),
     (RsLoRAScaling, check_forward, "rsLoRA's alpha / sqrt(r)"),
     (NoScaling, check_forward, "the scaling alpha / r is missing"),
+    (FormsBA, check_forward, "never form B A"),
     (BNotZero, check_init, "lora_B is not zero at the start"),
     (BaseNotFrozen, check_init, "the base layer still trains"),
     (BaseNotFrozen, check_forward, "your W0 got a gradient"),
-    (CardInitA, check_init, "kaiming_uniform_(A, a=math.sqrt(5))"),
+    (SmallGaussianA, check_init, "kaiming_uniform_(A, a=math.sqrt(5))"),
     (BothZero, check_init, "your A is all zeros"),
     (TransposedA, check_init, "lora_A has shape"),
     (CopiesTheBase, check_init, "shared, not copied"),
+    (NoMergedFlag, check_init, "no attribute 'merged'"),
+    (BlankInit, check_init, "fill in __init__"),
     (MergeForgetsScaling, check_merge, "the scaling alpha / r is missing"),
     (MergeForgetsFlag, check_merge, "the update counts twice"),
     (MergeDoesNothing, check_merge, "left base_layer.weight as it was"),
+    (MergeWithoutNoGrad, check_merge, "your merge() raised"),
     (NoMerge, check_merge, "no merge() yet"),
     (BlankForward, check_forward, "fill in your forward"),
+    (NoneForward, check_forward, "your forward returned None"),
 ])
 def test_each_wrong_layer_is_caught_with_a_message_that_says_why(cls, check, words, capsys):
-    assert check(cls) is False
-    out = verdict(capsys)
+    assert verdict(check, cls) is False
+    out = printed(capsys)
     assert out.startswith("Not yet: ") and words in out, out
+
+
+def test_at_each_shape_every_scaling_mistake_shows_as_itself():
+    for d, k, r, alpha in SHAPES:
+        factors = sorted([1.0] + [f for f, _ in _scaling_mistakes(r, alpha)])
+        assert 2 <= r <= min(d, k) and all(b > 1.1 * a if a > 0 else b > a + 0.1 for a, b in zip(factors, factors[1:]))
 
 
 def test_a_check_gives_the_same_verdict_every_run_and_leaves_the_callers_random_state(capsys):
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    assert check_forward(LoRALinear) and check_merge(LoRALinear)
+    assert verdict(check_forward, LoRALinear) and verdict(check_merge, LoRALinear)
     assert torch.equal(torch.random.get_rng_state(), state)
-    first = verdict(capsys)
-    assert check_forward(LoRALinear) and check_merge(LoRALinear)
-    assert verdict(capsys) == first
+    first = printed(capsys)
+    assert verdict(check_forward, LoRALinear) and verdict(check_merge, LoRALinear)
+    assert printed(capsys) == first
 
 
 def test_a_class_that_does_not_take_base_r_alpha_is_reported_not_raised(capsys):
@@ -221,38 +266,44 @@ def test_a_class_that_does_not_take_base_r_alpha_is_reported_not_raised(capsys):
         def __init__(self, d, k):
             super().__init__()
 
-    assert check_init(Wrong) is False
-    assert "raised TypeError" in verdict(capsys)
-    assert check_init(LoRALinear(nn.Linear(4, 4), 2, 4)) is False  # an instance, not the class
-    assert "pass your class itself" in verdict(capsys)
+    assert verdict(check_init, Wrong) is False
+    assert "raised TypeError" in printed(capsys)
+    assert verdict(check_init, LoRALinear(nn.Linear(4, 4), 2, 4)) is False  # an instance, not the class
+    assert "pass your class itself" in printed(capsys)
 
 
 def test_count_check_tells_all_parameters_from_trainable_ones(capsys):
-    assert check_count(..., LoRALinear) is False
-    assert "fill in" in verdict(capsys)
-    assert check_count(lambda m: sum(p.numel() for p in m.parameters()), LoRALinear) is False
-    assert "including the frozen base" in verdict(capsys)
+    assert verdict(check_count, lambda model: None) is False
+    assert "you counted None" in printed(capsys)
+    assert verdict(check_count, lambda m: sum(p.numel() for p in m.parameters())) is False
+    assert "the frozen ones too" in printed(capsys)
 
 
-def test_swap_check_catches_an_unfrozen_model_a_missed_layer_and_an_extra_one(capsys):
-    assert check_swap(..., LoRALinear) is False
-    assert "fill in" in verdict(capsys)
-    assert check_swap(lambda m, n, r, a: add_lora_by_name(m, n, r, a, freeze=False), LoRALinear) is False
-    assert "Freeze the rest of the model" in verdict(capsys)
-    assert check_swap(lambda m, n, r, a: add_lora_by_name(m, n[:1], r, a), LoRALinear) is False
-    assert "attn.v_proj is still a Linear" in verdict(capsys)
-    assert check_swap(lambda m, n, r, a: add_lora_by_name(m, n + ["attn.k_proj"], r, a), LoRALinear) is False
-    assert "you also wrapped ['attn.k_proj']" in verdict(capsys)
+def swap_with(names_of=lambda names: names, freeze=True):
+    """The reference add_lora_by_name, on the names `names_of` picks, with or without freezing the model."""
+    def swap(model, names, r, alpha):
+        model.requires_grad_(not freeze)
+        for name in names_of(list(names)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha))
+        return model
+
+    return swap
 
 
-def test_compare_with_library_is_float32_close_for_the_right_layer_and_not_for_a_wrong_one():
-    diffs = compare_with_library(LoRALinear)
-    assert set(diffs) == {"output", "grad_A", "grad_B", "merged_weight", "trainable_count"}
-    assert max(diffs.values()) < 1e-5
-    assert compare_with_library(WrongScalingInForward)["output"] > 1e-2
-    assert compare_with_library(MergeForgetsScaling)["merged_weight"] > 1e-2
-    assert compare_with_library(BaseNotFrozen)["trainable_count"] > 0
+def test_swap_check_catches_a_blank_an_unfrozen_model_a_missed_layer_and_an_extra_one(capsys):
+    assert verdict(check_swap, lambda model, names, r, alpha: None) is False
+    assert "model.layers.0.self_attn.q_proj is still a Linear" in printed(capsys)
+    assert verdict(check_swap, swap_with(freeze=False)) is False
+    assert "Freeze the rest of the model" in printed(capsys)
+    assert verdict(check_swap, swap_with(lambda names: names[:1])) is False
+    assert "model.layers.0.self_attn.v_proj is still a Linear" in printed(capsys)
+    assert verdict(check_swap, swap_with(lambda names: names + ["model.layers.0.self_attn.k_proj"])) is False
+    assert "you also wrapped ['model.layers.0.self_attn.k_proj']" in printed(capsys)
 
+
+# ----------------------------------------------------------------------------- a broken library is named
 
 class _LibraryScalesByAlpha(LibLoRALinear):
     def __init__(self, *args, **kwargs):
@@ -279,20 +330,18 @@ class _LibraryMergeForgetsScaling(LibLoRALinear):
 
 
 @pytest.mark.parametrize("broken, check, words", [
-    (_LibraryScalesByAlpha, check_init, "does not start with B = 0 and scaling alpha / r"),
+    (_LibraryScalesByAlpha, check_init, "does not start with B = 0, scaling alpha / r"),
     (_LibraryScalesByAlpha, check_forward, "does not compute W0 x + b + (alpha / r)"),
     (_LibraryBNotZero, check_init, "does not start with B = 0"),
     (_LibraryBNotZero, check_forward, "at step 0"),
-    (_LibraryNotFrozen, check_init, "trains"),
-    (_LibraryNotFrozen, check_forward, "lets W0 get a gradient"),
+    (_LibraryNotFrozen, check_init, "trainable parameters"),
+    (_LibraryNotFrozen, check_forward, "or its gradients"),
     (_LibraryMergeForgetsScaling, check_merge, "does not merge to W0 + (alpha / r) B A"),
 ])
 def test_a_broken_library_fails_the_checks_of_a_right_layer_and_is_named(broken, check, words, monkeypatch, capsys):
-    import lora_course.lessons.l03_lora_linear as lesson
-
-    monkeypatch.setattr(lesson, "LoRALinear", broken)
-    assert check(LoRALinear) is False
-    out = verdict(capsys)
+    monkeypatch.setattr(l03, "lora", types.SimpleNamespace(LoRALinear=broken))
+    assert verdict(check, LoRALinear) is False
+    out = printed(capsys)
     assert "the library, not your layer, is off" in out and words in out, out
 
 
@@ -309,80 +358,30 @@ def test_the_picture_draws_each_matrix_as_wide_as_its_input_and_tall_as_its_outp
     assert sizes == {"W0": (64, 96), "A": (64, 4), "B": (4, 96)}
 
 
-def test_toy_model_has_llama_names_and_add_lora_adapts_it():
+def test_toy_model_is_a_seeded_llama_that_add_lora_adapts():
     model = toy_model()
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert linears == {f"attn.{p}_proj" for p in "qkvo"} | {"mlp.up_proj", "mlp.down_proj"}
-    x = torch.randn(2, 5, 32)
+    linears = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
-        want = model(x)
+        want = model(ids).logits
         adapted = add_lora(toy_model(), ["q_proj", "v_proj"], r=4, alpha=8)
-        assert torch.equal(adapted(x), want)
-    assert count_parameters(adapted)[0] == 2 * (32 + 32) * 4
-
-
-def test_thread_times_count_this_threads_work_for_each_function():
-    idle, busy = thread_times_us([lambda: None, lambda: sum(range(20_000))], number=10, repeat=3)
-    assert 0 <= idle < busy
-    busy_first = thread_times_us([lambda: sum(range(20_000)), lambda: None], number=10, repeat=3)
-    assert busy_first[1] < busy_first[0]
-
-
-def test_unmerged_overhead_rows():
-    rows = unmerged_overhead(k=64, d=64, r=4, tokens=(1, 8))
-    assert [row["tokens"] for row in rows] == [1, 8]
-    for row in rows:
-        assert row["merged_us"] > 0 and row["unmerged_us"] > 0
-        assert row["ratio"] == pytest.approx(row["unmerged_us"] / row["merged_us"])
-        assert row["extra_us_per_token"] == pytest.approx((row["unmerged_us"] - row["merged_us"]) / row["tokens"])
-
-
-# ----------------------------------------------------------------------------- the parameter budget
-
-@pytest.mark.parametrize("d, k, r", [(4096, 4096, 8), (2304, 768, 4), (64, 128, 1)])
-def test_parameter_budget(d, k, r):
-    budget = lora_parameter_budget(d, k, r)
-    assert budget["full"] == d * k and budget["lora"] == (d + k) * r
-    assert budget["reduction_pct"] == pytest.approx(100 * (1 - (d + k) * r / (d * k)))
-
-
-def test_parameter_budget_rejects_impossible_rank():
-    with pytest.raises(ValueError, match="exceeds min"):
-        lora_parameter_budget(64, 32, 33)
-
-
-def test_parameter_budget_widget_builds_and_redraws():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    ui = lora_parameter_budget_widget(d=768, k=768, r=4)
-    assert [c.description for c in ui.children[:3]] == ["d (out)", "k (in)", "r"]
-    ui.children[2].value = 16  # moving the slider re-runs the redraw without error
-    assert ui.children[2].value == 16
+        assert torch.equal(adapted(ids).logits, want)
+    assert count_parameters(adapted)[0] == 2 * 2 * (32 + 32) * 4  # 2 layers, q and v, (d + k) r each
 
 
 def test_play_shows_the_live_widget_and_a_static_copy_of_its_view(monkeypatch):
     import ipywidgets
 
-    from lora_course.lessons import common
-
     shown, drawn = [], []
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
     widget = ipywidgets.interactive(lambda r: drawn.append(r), r=ipywidgets.IntSlider(value=3, min=1, max=8))
     drawn.clear()  # interactive draws once when it is built
-    common.play(widget)
+    l03.play(widget)
     assert shown == [widget] and drawn == [3]  # the static copy uses the sliders' current value
-    widget.children[0].value = 5  # the live widget redraws itself
-    assert drawn == [3, 5]
-    common.play(widget)
-    assert drawn == [3, 5, 5]
 
 
 # ----------------------------------------------------------------------------- exercises
-
-def conv1d_right(x, W, b, A, B, scaling):
-    return x @ W + b + scaling * (x @ A.T) @ B.T
-
 
 @torch.no_grad()
 def unmerge_right(layer):
@@ -396,21 +395,17 @@ def no_grad(fn):
 
 def fit_lora(W0, x, y, r, steps=300, lr=1e-2, train_base=False, zero_A=False):
     d, k = W0.shape
-    layer = LibLoRALinear(k, d, r=r, alpha=2 * r, bias=False)
+    base = nn.Linear(k, d, bias=False)
     with torch.no_grad():
-        layer.base_layer.weight.copy_(W0)
-        if zero_A:
-            layer.lora_A.zero_()
-    params = [layer.lora_A, layer.lora_B]
-    if train_base:
-        layer.base_layer.requires_grad_(True)
-        params.append(layer.base_layer.weight)
+        base.weight.copy_(W0)
+    layer = LoRALinear(base, r, 2 * r)
+    if zero_A:
+        nn.init.zeros_(layer.lora_A)
+    params = [layer.lora_A, layer.lora_B] + ([layer.base_layer.weight] if train_base else [])
+    layer.base_layer.requires_grad_(train_base)
     optimizer = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
-        loss = (layer(x) - y).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        optimizer_step((layer(x) - y).pow(2).mean(), optimizer)
     return layer
 
 
@@ -420,48 +415,39 @@ def blank_fn(*args):
 
 # (checker, answer, accepted, words the verdict must contain): the blank, the solution, the plausible slips
 EXERCISES = [
-    (check_lora_param_count, ..., False, "fill in"),
-    (check_lora_param_count, 4_194_304, True, "Correct: 4,194,304"),
-    (check_lora_param_count, 4_194_304 // 2, False, "one projection per layer"),
-    (check_lora_param_count, 4_194_304 // 32, False, "that is one layer"),
-    (check_lora_param_count, 2 * 32 * 4096 * 4096, False, "full d x k"),
-    (check_lora_param_count, 12345, False, "Count A"),
-    (check_conv1d_forward, ..., False, "fill in"),
-    (check_conv1d_forward, blank_fn, False, "fill in"),
-    (check_conv1d_forward, conv1d_right, True, "Correct"),
-    (check_conv1d_forward, lambda x, W, b, A, B, s: x @ W + b, False, "frozen layer alone"),
-    (check_conv1d_forward, lambda x, W, b, A, B, s: x @ W.T + b + s * (x @ A.T) @ B.T, False,
-     "Conv1D stores W as (in, out)"),
-    (check_conv1d_forward, lambda x, W, b, A, B, s: x @ W + b + (x @ A.T) @ B.T, False,
-     "the scaling alpha / r is missing"),
-    (check_conv1d_forward, lambda x, W, b, A, B, s: x @ W + b + s * (x @ B) @ A, False, "(x A^T) B^T"),
-    (check_conv1d_forward, lambda x, W, b, A, B, s: (x @ W + b)[:, :2], False, "expected a tensor of shape"),
+    (check_swapped_init, ..., False, "fill in your prediction"),
+    (check_swapped_init, "A", True, "max |dL/dB| = 0"),
+    (check_swapped_init, " a ", True, "A moves first"),
+    (check_swapped_init, "B", False, "you predicted 'B'"),
+    (check_swapped_init, "both", False, "dL/dB = s g (A x)^T is zero"),
+    (check_swapped_init, "neither", False, "dL/dA = s B^T g x^T is not"),
+    (check_swapped_init, 2, False, "answer 'A', 'B', 'both' or 'neither'"),
     (check_unmerge, ..., False, "fill in"),
     (check_unmerge, blank_fn, False, "fill in"),
-    (check_unmerge, unmerge_right, True, "Correct"),
-    (check_unmerge, lambda layer: None, False, "still holds the update"),
+    (check_unmerge, unmerge_right, True, "W0 is back"),
+    (check_unmerge, lambda layer: None, False, "you took out 0 times"),
     (check_unmerge, no_grad(lambda layer: layer.base_layer.weight.add_(layer.scaling * layer.lora_B @ layer.lora_A)),
-     False, "added the update again"),
+     False, "you took out -1 times"),
     (check_unmerge, no_grad(lambda layer: layer.base_layer.weight.sub_(layer.lora_B @ layer.lora_A)), False,
-     "without the scaling"),
+     "you took out 0.333 times"),
     (check_unmerge, no_grad(lambda layer: layer.base_layer.weight.sub_(layer.scaling * layer.lora_B @ layer.lora_A)),
      False, "merged is still True"),
     (check_recover_update, ..., False, "fill in"),
     (check_recover_update, blank_fn, False, "fill in"),
-    (check_recover_update, fit_lora, True, "Correct"),
+    (check_recover_update, fit_lora, True, "within 2% of the rank-2 dW*"),
     (check_recover_update, lambda W0, x, y, r: fit_lora(W0, x, y, r, steps=20, train_base=True), False,
      "W0 changed"),
     (check_recover_update, lambda W0, x, y, r: fit_lora(W0, x, y, r, zero_A=True), False, "still zero"),
     (check_recover_update, lambda W0, x, y, r: fit_lora(W0, x, y, r, steps=10), False, "train longer"),
-    (check_recover_update, lambda W0, x, y, r: fit_lora(W0, x, y, r=2), False, "rank 2; use r = 4"),
-    (check_recover_update, lambda W0, x, y, r: W0, False, "return the trained LoRA layer"),
+    (check_recover_update, lambda W0, x, y, r: fit_lora(W0, x, y, r=2), False, "not a LoRALinear of rank 2"),
+    (check_recover_update, lambda W0, x, y, r: W0, False, "return the trained rank-4 LoRA layer"),
 ]
 
 
 @pytest.mark.parametrize("check, answer, accepted, words", EXERCISES)
 def test_exercise_checkers_accept_the_solution_and_say_why_a_slip_is_wrong(check, answer, accepted, words, capsys):
     assert check(answer) is accepted
-    out = verdict(capsys)
+    out = printed(capsys)
     assert out.startswith("Correct: " if accepted else "Not yet: ") and words in out, out
 
 
