@@ -1,8 +1,9 @@
-"""Notebook 07 (QLoRA): the weights it measures, its pictures, the Play widget and the exercise checkers.
+"""Notebook 07 (QLoRA): the weights it measures, its pictures, the Play widget and the checkers.
 
-The NF4 format itself is library code (`lora_course.quant`); this module holds what only
-the lesson needs: reconstruction errors over a model's linear layers, the error-vs-memory
-sweep the widget draws, and the checkers for the learner's quantizer and packer.
+The NF4 format itself is library code (`lora_course.quant`, whose `nf4_levels` is the
+reference for the levels the learner builds); this module holds what only the lesson
+needs: reconstruction errors over a model's linear layers, the error-vs-memory sweep the
+widget draws, and the checkers for the learner's levels, quantizer, packer and prediction.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ..layers import is_adaptable, is_conv1d, transpose
-from ..quant import BLOCK_SIZES, bits_per_parameter, levels_for, nearest_level, pack_4bit, quantize_4bit, unpack_4bit
-from .common import call_learner, is_blank, not_filled_in, play, report
+from .. import quant
+from ..layers import base_weight, is_linear
+from ..quant import BLOCK_SIZES, bits_per_parameter, levels_for, nf4_levels, quantize_4bit
+from .common import Problem, call, is_blank, not_filled_in, play, report, verdict
 
 __all__ = ["linear_weights", "relative_error", "errors_by_layer", "sweep_block_sizes", "draw_levels",
-           "draw_sweep", "quant_tradeoff_widget", "check_absmax_quantize", "check_pack", "play"]
+           "draw_sweep", "quant_tradeoff_widget", "check_nf4_levels", "check_absmax_quantize", "check_pack",
+           "check_block_size_prediction", "play"]
 
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The (out, in) weight of every linear layer but the output head, by name (detached)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n: transpose(m.weight.detach(), is_conv1d(m)).contiguous() for n, m in model.named_modules()
-            if n and is_adaptable(m) and m is not head}
+    return {n: base_weight(m).detach().contiguous() for n, m in model.named_modules()
+            if n and is_linear(m) and m is not head}
 
 
 def relative_error(weights: dict[str, torch.Tensor], fmt: str, block_size: int = 64,
@@ -53,15 +56,17 @@ def sweep_block_sizes(weights: dict[str, torch.Tensor], block_sizes=BLOCK_SIZES,
                   for b in block_sizes] for fmt in ("nf4", "int4")}
 
 
-def draw_levels(ax, weights: dict[str, torch.Tensor], block_size: int = 64) -> None:
-    """Histogram of a model's weights divided by their block's absmax, with the NF4 and int4 levels on it."""
+def draw_levels(ax, weights: dict[str, torch.Tensor], levels: dict[str, torch.Tensor] | None = None,
+                block_size: int = 64) -> None:
+    """Histogram of a model's weights divided by their block's absmax, with sets of levels (default NF4, int4)."""
+    levels = levels or {"nf4": nf4_levels(), "int4": quant.int4_levels()}
     scaled = torch.cat([(W.flatten().view(-1, block_size) / W.flatten().view(-1, block_size).abs().amax(1, True))
                         .flatten() for W in weights.values()])
     ax.hist(scaled.numpy(), bins=200, density=True, color="0.8", label="weights / block absmax")
-    for i, (fmt, color) in enumerate([("nf4", "C0"), ("int4", "C1")]):
-        levels = levels_for(fmt).numpy()
+    for i, (name, values) in enumerate(levels.items()):
         ymax = ax.get_ylim()[1]
-        ax.vlines(levels, 0, ymax * (0.9 - 0.25 * i), color=color, lw=1.2, label=f"{fmt} levels ({len(levels)})")
+        ax.vlines(values.numpy(), 0, ymax * (0.9 - 0.25 * i), color=f"C{i}", lw=1.2,
+                  label=f"{name} levels ({len(values)})")
     ax.set(xlabel="w / absmax of its block", ylabel="density", xlim=(-1.05, 1.05))
     ax.legend(fontsize=8, loc="upper left")
 
@@ -107,7 +112,40 @@ def quant_tradeoff_widget(weights: dict[str, torch.Tensor], block_size: int = 64
     )
 
 
+# ----------------------------------------------------------------------------- the learner's levels
+
+def check_nf4_levels(fn) -> bool:
+    """Build step: `fn(offset)` -> NF4's 16 levels, ascending, from normal quantiles (equal to `quant.nf4_levels`)."""
+    if is_blank(fn) or not callable(fn):
+        return not_filled_in("your nf4_levels function")
+    return verdict(_check_nf4_levels, fn)
+
+
+def _check_nf4_levels(fn) -> str:
+    got = torch.as_tensor(call("your nf4_levels(offset)", fn, quant.NF4_OFFSET)).flatten().float()
+    want = nf4_levels()
+    if got.numel() != 16:
+        raise Problem(f"you returned {got.numel()} levels; a 4-bit code has 16: 7 negative, zero, 8 positive")
+    if not torch.isfinite(got).all():
+        raise Problem("a level is infinite: Q(1) is, so the outer probability must stay below 1 (use `offset`)")
+    if not torch.all(got[1:] > got[:-1]):
+        raise Problem("the levels must be ascending and distinct (sort them), so the nearest-level search works")
+    if not (got == 0).any():
+        raise Problem("zero is not one of your levels: NF4 keeps zero exact, which is why one side has 8 levels "
+                      "and the other 7 (an even split 8 + 8 of quantiles has no zero)")
+    if got[0] != -1 or got[-1] != 1:
+        raise Problem(f"your levels run from {got[0]:.4f} to {got[-1]:.4f}; divide by the largest |level| so "
+                      "they end at -1 and 1 (a block is divided by its absmax, so it lies in [-1, 1])")
+    if not torch.allclose(got, want, atol=1e-6):
+        worst = int((got - want).abs().argmax())
+        raise Problem(f"level {worst} is {got[worst]:.4f}, QLoRA's is {want[worst]:.4f}: the positive side uses 9 "
+                      "evenly spaced probabilities from 0.5 to `offset` (0.5 gives zero), the negative side 8 "
+                      "(0.5 left out), each through the normal quantile Q(p) = torch.special.ndtri(p)")
+    return f"your 16 levels equal QLoRA's NF4 table (largest difference {(got - want).abs().max():.1e})."
+
+
 # ----------------------------------------------------------------------------- exercise checkers
+
 
 def _cases():
     g = torch.Generator().manual_seed(7)
@@ -122,65 +160,83 @@ def check_absmax_quantize(fn) -> bool:
     """Exercise 1: `fn(x, levels, block_size)` -> (codes (n,), absmax (n / block_size,)) for a flat x."""
     if is_blank(fn) or not callable(fn):
         return not_filled_in("your absmax_quantize function")
+    return verdict(_check_absmax_quantize, fn)
+
+
+def _check_absmax_quantize(fn) -> str:
     for x, fmt, block in _cases():
         levels = levels_for(fmt)
-        out, problem = call_learner(fn, x.clone(), levels, block)
-        if problem:
-            return report(False, problem)
+        out = call("your absmax_quantize", fn, x.clone(), levels, block)
         if not (isinstance(out, tuple) and len(out) == 2):
-            return report(False, "return a pair: (codes, absmax)")
+            raise Problem("return a pair: (codes, absmax)")
         codes, absmax = (torch.as_tensor(t) for t in out)
         want = quantize_4bit(x, block, fmt)
         blocks = x.view(-1, block).abs().amax(1)
         if absmax.shape != blocks.shape:
-            return report(False, f"absmax has shape {tuple(absmax.shape)}; there is one per block of {block}: "
-                                 f"{tuple(blocks.shape)} (hint: x.view(-1, block_size))")
+            raise Problem(f"absmax has shape {tuple(absmax.shape)}; there is one per block of {block}: "
+                          f"{tuple(blocks.shape)} (hint: x.view(-1, block_size))")
         if not torch.allclose(absmax.float(), blocks):
-            return report(False, "absmax should be the largest |x| in each block")
+            raise Problem("absmax should be the largest |x| in each block")
         if codes.numel() != x.numel():
-            return report(False, f"return one code per number ({x.numel()}), got {codes.numel()}")
+            raise Problem(f"return one code per number ({x.numel()}), got {codes.numel()}")
         codes = codes.flatten().long()
         if codes.min() < 0 or codes.max() >= len(levels):
-            return report(False, f"codes index the levels: 0..{len(levels) - 1}")
-        if not torch.equal(codes, want.codes()):
-            scaled = (x.view(-1, block) / blocks.clamp(min=1e-38)[:, None]).flatten()
-            if torch.equal(codes, nearest_level(scaled.clamp(-1, 1), levels)):
-                pass  # a division instead of a multiplication by 1/absmax can flip an exact tie: accept
-            elif torch.equal(codes, torch.round((scaled + 1) / 2 * (len(levels) - 1)).long()):
-                return report(False, "these are codes of evenly spaced levels; pick the index of the *nearest* "
-                                     "entry of `levels` (hint: compare with the midpoints between levels)")
-            else:
-                wrong = int((codes != want.codes()).sum())
-                return report(False, f"{wrong} of {x.numel()} codes differ; divide each block by its absmax, then "
-                                     f"take the nearest level ({fmt}, block {block})")
-    return report(True, "blockwise absmax quantization: one absmax per block, each number to its nearest level.")
+            raise Problem(f"codes index the levels: 0..{len(levels) - 1}")
+        scaled = (x.view(-1, block) / blocks.clamp(min=1e-38)[:, None]).flatten()
+        # A division instead of a multiplication by 1/absmax can flip an exact tie: accept either.
+        if torch.equal(codes, want.codes()) or torch.equal(codes, quant.nearest_level(scaled.clamp(-1, 1), levels)):
+            continue
+        if torch.equal(codes, torch.round((scaled + 1) / 2 * (len(levels) - 1)).long()):
+            raise Problem("these are codes of evenly spaced levels; pick the index of the *nearest* entry of "
+                          "`levels` (hint: compare with the midpoints between levels)")
+        wrong = int((codes != want.codes()).sum())
+        raise Problem(f"{wrong} of {x.numel()} codes differ; divide each block by its absmax, then take the nearest "
+                      f"level ({fmt}, block {block})")
+    return "blockwise absmax quantization: one absmax per block, each number to its nearest level."
 
 
 def check_pack(pack, unpack) -> bool:
     """Exercise 2: `pack(codes)` -> uint8 (n/2,), first code in the high nibble; `unpack` inverts it."""
     if is_blank(pack) or is_blank(unpack) or not (callable(pack) and callable(unpack)):
         return not_filled_in("your pack and unpack functions")
+    return verdict(_check_pack, pack, unpack)
+
+
+def _check_pack(pack, unpack) -> str:
     codes = torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(3))
-    packed, problem = call_learner(pack, codes.clone())
-    if problem:
-        return report(False, problem)
-    packed = torch.as_tensor(packed).flatten()
+    packed = torch.as_tensor(call("your pack", pack, codes.clone())).flatten()
     if packed.numel() != 32:
-        return report(False, f"64 codes should fill 32 bytes, got {packed.numel()} values")
+        raise Problem(f"64 codes should fill 32 bytes, got {packed.numel()} values")
     if packed.dtype != torch.uint8:
-        return report(False, f"store bytes: the packed tensor should be uint8, got {packed.dtype}")
-    want = pack_4bit(codes)
+        raise Problem(f"store bytes: the packed tensor should be uint8, got {packed.dtype}")
+    want = quant.pack_4bit(codes)
     if not torch.equal(packed, want):
         swapped = (codes[1::2].to(torch.uint8) << 4) | codes[0::2].to(torch.uint8)
         if torch.equal(packed, swapped):
-            return report(False, "the nibbles are swapped: bitsandbytes puts the first code of each pair in the "
-                                 "high nibble (codes[0::2] << 4)")
-        return report(False, "each byte should be (first code << 4) | second code")
-    back, problem = call_learner(unpack, want.clone())
-    if problem:
-        return report(False, problem)
-    back = torch.as_tensor(back).flatten()
-    if not torch.equal(back.long(), unpack_4bit(want)):
-        return report(False, "unpack(pack(codes)) should give the codes back, in order: high nibble first "
-                             "(byte >> 4), then the low one (byte & 15)")
-    return report(True, "two codes per byte, first in the high nibble, as bitsandbytes stores NF4.")
+            raise Problem("the nibbles are swapped: bitsandbytes puts the first code of each pair in the high "
+                          "nibble (codes[0::2] << 4)")
+        raise Problem("each byte should be (first code << 4) | second code")
+    back = torch.as_tensor(call("your unpack", unpack, want.clone())).flatten()
+    if not torch.equal(back.long(), quant.unpack_4bit(want)):
+        raise Problem("unpack(pack(codes)) should give the codes back, in order: high nibble first (byte >> 4), "
+                      "then the low one (byte & 15)")
+    return "two codes per byte, first in the high nibble, as bitsandbytes stores NF4."
+
+
+def check_block_size_prediction(prediction, weights: dict[str, torch.Tensor], block_size: int = 4096) -> bool:
+    """Exercise 3: will NF4 at `block_size` err "higher" or "lower" than uniform int4 at block 64? Measured."""
+    if is_blank(prediction):
+        return not_filled_in('your prediction, "higher" or "lower"')
+    if prediction not in ("higher", "lower"):
+        return report(False, f'predict "higher" or "lower", got {prediction!r}')
+    nf4 = relative_error(weights, "nf4", block_size)
+    int4 = relative_error(weights, "int4", 64)
+    measured = "higher" if nf4 > int4 else "lower"
+    numbers = (f"NF4 at block {block_size} errs {nf4:.4f} ({bits_per_parameter(block_size):.3f} bits), uniform int4 "
+               f"at block 64 {int4:.4f} ({bits_per_parameter(64):.3f} bits)")
+    why = {"higher": f"one absmax per {block_size} weights lets the largest weight of a block stretch the grid for "
+                     "all the others, which costs more than NF4's better placed levels win back",
+           "lower": "NF4's levels, placed where the weights are, win back more than the coarser blocks cost"}[measured]
+    if prediction == measured:
+        return report(True, f"{numbers}: {why}.")
+    return report(False, f"{numbers}, so the answer is {measured!r}: {why}.")

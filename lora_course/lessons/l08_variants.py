@@ -1,4 +1,4 @@
-"""Notebook 08 (DoRA, PiSSA, many adapters on one base): the style tasks, the serving widget, the checkers.
+"""Notebook 08 (DoRA, PiSSA, many adapters on one base): the style tasks, serving costs, the widget, the checkers.
 
 Three adapters learn three *styles* of answer to notebook 06's records (the same prompt,
 `name: sorted | kind: function | args: 2`), so that serving them from one base shows at
@@ -13,7 +13,7 @@ a glance which adapter wrote which row:
 
 from __future__ import annotations
 
-import random
+import copy
 import re
 from typing import Sequence
 
@@ -22,16 +22,19 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ..data import ARGS_IN_WORDS, Record, format_prompt, format_target, generate
+from ..data import ARGS_IN_WORDS, Record, batches, format_prompt, format_target, generate
 from ..dora import DoRALinear
+from ..lora import add_lora
 from ..pissa import pissa_factors
 from ..runtime import seed_everything
-from ..serving import MultiAdapterModel
-from .common import call_learner, is_blank, not_filled_in, play, report
+from ..serving import MultiAdapterModel, mixed_rows
+from ..timing import median_ms
+from ..train import TrainConfig, optimizer_step, train
+from .common import Problem, call, is_blank, not_filled_in, play, report, verdict
 
-__all__ = ["STYLES", "style_target", "style_matches", "style_batches", "train_style_adapter", "style_scores",
-           "row_texts", "magnitude_direction_change", "draw_style_scores", "serving_widget", "check_dora_forward",
-           "check_pissa_init", "check_dora_extra_params", "play"]
+__all__ = ["STYLES", "style_target", "style_matches", "train_style_adapter", "style_scores", "row_texts",
+           "magnitude_direction_change", "draw_style_scores", "serving_widget", "mixed_batch_costs",
+           "check_mixed_rows", "check_dora_forward", "check_pissa_init", "check_pissa_prediction", "play"]
 
 STYLES = ("sentence", "call", "question")
 
@@ -64,44 +67,14 @@ def style_matches(text: str, record: Record, style: str, exact: bool = True) -> 
     return _FORMS[style].fullmatch(text.strip()) is not None
 
 
-def style_batches(tokenizer, records: Sequence[Record], style: str, batch_size: int, seed: int = 0):
-    """Endless shuffled batches of prompt + style answer + EOS; the loss sees the answer only."""
-    rng = random.Random(seed)
-    order = list(range(len(records)))
-    while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = []
-            for i in order[start:start + batch_size]:
-                prompt = tokenizer(format_prompt(records[i]))["input_ids"]
-                answer = tokenizer(style_target(records[i], style))["input_ids"] + [tokenizer.eos_token_id]
-                rows.append((prompt + answer, [-100] * len(prompt) + answer))
-            length = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), length), tokenizer.eos_token_id)  # (B, T), right-padded
-            labels = torch.full((len(rows), length), -100)
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for j, (ids, lab) in enumerate(rows):
-                input_ids[j, :len(ids)], labels[j, :len(lab)], mask[j, :len(ids)] = \
-                    torch.tensor(ids), torch.tensor(lab), 1
-            yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
 def train_style_adapter(model: nn.Module, tokenizer, records: Sequence[Record], style: str, steps: int,
                         lr: float = 1e-2, batch_size: int = 16, seed: int = 0) -> list[float]:
     """AdamW on the model's trainable parameters (its adapter) for `steps` batches of `style`; the losses."""
     seed_everything(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    data = style_batches(tokenizer, records, style, batch_size, seed=seed)
-    losses = []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    data = batches(tokenizer, records, batch_size, seed=seed, target=lambda r: style_target(r, style))
     model.train()
-    for _ in range(steps):
-        loss = model(**next(data)).loss
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = [optimizer_step(model(**next(data)).loss, optimizer, grad_clip=1.0) for _ in range(steps)]
     model.eval()
     return losses
 
@@ -179,6 +152,72 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
     return w.interactive(show, **controls)
 
 
+# ----------------------------------------------------------------------------- the mixed batch
+
+def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batches_of_names: dict[str, Sequence],
+                      rounds: int = 3, min_run_time: float = 0.1) -> dict[str, dict[str, float]]:
+    """For each mixed batch (label -> one adapter name per row): adapter calls per layer in one forward, counted, and
+    ms per forward (median of `rounds` interleaved rounds, so a busy machine slows every batch alike)."""
+    calls: list = []
+
+    def counting(x, result, rows, output):
+        return server_mixer(x, result, rows, lambda *a: calls.append(a[0]) or output(*a))
+
+    server_mixer, server.row_mixer = server.row_mixer, counting
+    n_layers = len(server.layers())
+    costs = {}
+    try:
+        with torch.no_grad():
+            for label, names in batches_of_names.items():
+                calls.clear()
+                server(input_ids, adapter_names=list(names))
+                costs[label] = {"calls per layer": len(calls) / n_layers, "ms": []}
+            for _ in range(rounds):
+                for label, names in batches_of_names.items():
+                    costs[label]["ms"].append(median_ms(lambda: server(input_ids, adapter_names=list(names)),
+                                                        min_run_time))
+    finally:
+        server.row_mixer = server_mixer
+    return {k: {"calls per layer": v["calls per layer"], "ms": sorted(v["ms"])[len(v["ms"]) // 2]}
+            for k, v in costs.items()}
+
+
+def check_mixed_rows(fn) -> bool:
+    """Build step: `fn(x, result, rows, output)` serves a mixed batch as `serving.mixed_rows` does."""
+    if is_blank(fn) or not callable(fn):
+        return not_filled_in("your mixed_rows function")
+    return verdict(_check_mixed_rows, fn)
+
+
+def _check_mixed_rows(fn) -> str:
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(6, 3, 4, generator=g), {n: torch.randn(4, 5, generator=g) for n in "abc"}  # (B, T, in)
+    result = torch.randn(6, 3, 5, generator=g)  # (B, T, out): the base output
+    rows = ["a", None, "b", "a", "c", None]
+    calls = []
+
+    def output(name, x_rows, result_rows):  # an adapter: the base output plus x W_name
+        calls.append((name, len(x_rows)))
+        return result_rows + x_rows @ W[name]
+
+    kept = result.clone()
+    got = call("your mixed_rows", fn, x, result, rows, output)
+    if not torch.equal(result, kept):
+        raise Problem("you changed `result` in place; build the output in a copy (result.clone())")
+    want = mixed_rows(x, kept, rows, lambda n, xr, rr: rr + xr @ W[n])
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        raise Problem(f"return the batch's output, shape {tuple(want.shape)}; got {getattr(got, 'shape', got)}")
+    wrong = [i for i in range(len(rows)) if not torch.allclose(got[i], want[i], atol=1e-6)]
+    if wrong:
+        i = wrong[0]
+        raise Problem(f"row {i} (adapter {rows[i]!r}) is wrong: " + ("a None row keeps the base output"
+                      if rows[i] is None else "it should be output(its adapter, its x, its base output)"))
+    if len(calls) != len(set(n for n in rows if n is not None)):
+        raise Problem(f"the rows are right, but you called the adapters {len(calls)} times for 3 distinct adapters: "
+                      "gather each adapter's rows and call it once, so the cost follows the adapters, not the rows")
+    return "each row got its own adapter, each adapter ran once on its rows, and the base rows kept the base output."
+
+
 # ----------------------------------------------------------------------------- exercise checkers
 
 def _dora_case(seed: int = 0):
@@ -191,64 +230,76 @@ def _dora_case(seed: int = 0):
 
 
 def check_dora_forward(dora_forward) -> bool:
-    """`dora_forward(x, W0, bias, lora_A, lora_B, magnitude, scaling)` must equal DoRALinear's output."""
+    """Exercise 1: `dora_forward(x, W0, bias, lora_A, lora_B, magnitude, scaling)` must equal DoRALinear's output."""
+    if is_blank(dora_forward) or not callable(dora_forward):
+        return not_filled_in("your dora_forward function")
+    return verdict(_check_dora_forward, dora_forward)
+
+
+def _check_dora_forward(dora_forward) -> str:
     for seed in (0, 1):
         layer, x = _dora_case(seed)
         args = (x, layer.W0.detach(), layer.base_layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(),
                 layer.lora_magnitude_vector.detach(), layer.scaling)
-        got, problem = call_learner(dora_forward, *args)
-        if problem:
-            return report(False, problem)
-        if is_blank(got):
-            return not_filled_in("dora_forward's return value")
+        got = call("your dora_forward", dora_forward, *args)
         want = layer(x).detach()
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            return report(False, f"return a tensor of shape {tuple(want.shape)} (batch, out), got "
-                                 f"{getattr(got, 'shape', type(got).__name__)}")
+            raise Problem(f"return a tensor of shape {tuple(want.shape)} (batch, out), got "
+                          f"{getattr(got, 'shape', type(got).__name__)}")
         if not torch.allclose(got, want, atol=1e-5):
             plain = x @ (layer.W0 + layer.delta_weight()).T.detach() + layer.base_layer.bias
             if torch.allclose(got, plain, atol=1e-5):
-                return report(False, "that is plain LoRA's output; scale each output row by m / ||W0 + s B A||_row")
-            return report(False, f"off by up to {(got - want).abs().max().item():.3g}; the norm is over the input "
-                                 "dimension of the (out, in) weight (dim=1), and the bias is added unscaled")
-    return report(True, "your forward equals DoRALinear's (and so PEFT's) on two random layers.")
+                raise Problem("that is plain LoRA's output; scale each output row by m / ||W0 + s B A||_row")
+            raise Problem(f"off by up to {(got - want).abs().max().item():.3g}; the norm is over the input dimension "
+                          "of the (out, in) weight (dim=1), and the bias is added unscaled")
+    return "your forward equals DoRALinear's (and so PEFT's) on two random layers."
 
 
 def check_pissa_init(pissa_init_from_svd) -> bool:
-    """`pissa_init_from_svd(W0, r, scaling)` must return (A (r, in), B (out, r), W_res (out, in)) as PEFT does."""
+    """Exercise 2: `pissa_init_from_svd(W0, r, scaling)` -> (A (r, in), B (out, r), W_res (out, in)) as PEFT's."""
+    if is_blank(pissa_init_from_svd) or not callable(pissa_init_from_svd):
+        return not_filled_in("your pissa_init_from_svd function")
+    return verdict(_check_pissa_init, pissa_init_from_svd)
+
+
+def _check_pissa_init(pissa_init_from_svd) -> str:
     W0 = torch.randn(7, 10, generator=torch.Generator().manual_seed(2))
     r, scaling = 3, 2.0
-    got, problem = call_learner(pissa_init_from_svd, W0.clone(), r, scaling)
-    if problem:
-        return report(False, problem)
-    if is_blank(got):
-        return not_filled_in("the (A, B, W_res) your function returns")
+    got = call("your pissa_init_from_svd", pissa_init_from_svd, W0.clone(), r, scaling)
     if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, torch.Tensor) for t in got)):
-        return report(False, "return a tuple of three tensors: (A, B, W_res)")
+        raise Problem("return a tuple of three tensors: (A, B, W_res)")
     A, B, W_res = got
     want_A, want_B = pissa_factors(W0, r, scaling)
     if A.shape != (r, 10) or B.shape != (7, r) or W_res.shape != W0.shape:
-        return report(False, f"shapes: A must be (r, in) = ({r}, 10), B (out, r) = (7, {r}), W_res like W0; got "
-                             f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(W_res.shape)}")
+        raise Problem(f"shapes: A must be (r, in) = ({r}, 10), B (out, r) = (7, {r}), W_res like W0; got "
+                      f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(W_res.shape)}")
     if not torch.allclose(W_res + scaling * B @ A, W0, atol=1e-5):
-        return report(False, "W_res + scaling * B @ A must give back W0 (the layer starts where the model was)")
+        raise Problem("W_res + scaling * B @ A must give back W0 (the layer starts where the model was)")
     if not torch.allclose(scaling * B @ A, scaling * want_B @ want_A, atol=1e-5):
-        return report(False, "scaling * B @ A must be W0's best rank-r part: the top r singular triplets")
+        raise Problem("scaling * B @ A must be W0's best rank-r part: the top r singular triplets")
     if not (torch.allclose(A, want_A, atol=1e-5) and torch.allclose(B, want_B, atol=1e-5)):
-        return report(False, "the product is right but the split is not PEFT's: A = sqrt(S_r / scaling) Vh_r, "
-                             "B = U_r sqrt(S_r / scaling)")
-    return report(True, "A, B and the residual equal PEFT's PiSSA init.")
+        raise Problem("the product is right but the split is not PEFT's: A = sqrt(S_r / scaling) Vh_r, "
+                      "B = U_r sqrt(S_r / scaling)")
+    return "A, B and the residual equal PEFT's PiSSA init."
 
 
-def check_dora_extra_params(answer) -> bool:
-    """DoRA's extra trainable parameters over LoRA for r=8 on c_attn of GPT-2 124M: one m per output, 12 x 2304."""
-    if is_blank(answer):
-        return not_filled_in("answer (an int)")
-    want = 12 * 3 * 768
-    if answer == want:
-        return report(True, f"{want:,d}: one magnitude per output row of each c_attn, whatever r is.")
-    if answer == 12 * 768:
-        return report(False, "that counts one magnitude per input; m has one entry per output row (3 x 768)")
-    if answer == 12 * 8 * (768 + 3 * 768) + want:
-        return report(False, "that is LoRA's count plus DoRA's; give only what DoRA adds")
-    return report(False, f"got {answer!r}; m holds one number per output row of each adapted layer")
+def check_pissa_prediction(prediction, base: nn.Module, tokenizer, records: Sequence[Record], r: int = 2,
+                           steps: int = 20) -> bool:
+    """Exercise 3: at rank `r`, is PiSSA's mean loss over the first `steps` steps lower than LoRA's? Measured."""
+    if is_blank(prediction):
+        return not_filled_in('your prediction, "yes" or "no"')
+    if prediction not in ("yes", "no"):
+        return report(False, f'predict "yes" or "no", got {prediction!r}')
+    early = {}
+    for init in (True, "pissa"):
+        seed_everything(0)
+        model = add_lora(copy.deepcopy(base), ["c_attn"], r=r, alpha=2 * r, init_lora_weights=init)
+        run = train(model, tokenizer, records, records, TrainConfig(steps=steps, batch_size=16, lr=1e-2, n_eval=16,
+                                                                    progress=False))
+        early[init] = sum(run.losses) / steps
+    measured = "yes" if early["pissa"] < early[True] else "no"
+    numbers = f"at r = {r}, mean loss over the first {steps} steps: PiSSA {early['pissa']:.3f}, LoRA {early[True]:.3f}"
+    why = {"yes": f"even {r} principal directions of W0 are a better start than B = 0",
+           "no": f"at r = {r} the principal part PiSSA hands the adapter is too small to help"}[measured]
+    return report(prediction == measured, f"{numbers}: {why}." if prediction == measured
+                  else f"{numbers}, so the answer is {measured!r}: {why}.")

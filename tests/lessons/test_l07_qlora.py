@@ -8,8 +8,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lora_course.lessons.common import use_or_reference  # noqa: E402
 from lora_course.lessons.l07_qlora import (  # noqa: E402
     check_absmax_quantize,
+    check_block_size_prediction,
+    check_nf4_levels,
     check_pack,
     draw_levels,
     draw_sweep,
@@ -20,7 +23,7 @@ from lora_course.lessons.l07_qlora import (  # noqa: E402
     sweep_block_sizes,
 )
 from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
-from lora_course.quant import BLOCK_SIZES, bits_per_parameter, nf4_levels  # noqa: E402
+from lora_course.quant import BLOCK_SIZES, bits_per_parameter, int4_levels, nf4_levels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,8 @@ def test_pictures_draw(weights):
     fig, ax = plt.subplots(1, 2)
     draw_levels(ax[0], weights)
     assert len(ax[0].collections) >= 2  # the two sets of level lines
+    draw_levels(ax[0], weights, {"mine": nf4_levels(), "int4": int4_levels(), "third": int4_levels() / 2})
+    assert [t.get_text() for t in ax[0].get_legend().get_texts()][-1] == "third levels (15)"
     sweep = sweep_block_sizes(weights, block_sizes=(32, 64))
     draw_sweep(ax[1], sweep, highlight=("int4", 64), fp16_error=1e-4)
     assert len(ax[1].lines) == 4  # nf4, int4, the highlighted point, the fp16 line
@@ -156,3 +161,56 @@ def test_check_pack_blank_right_and_wrong(verdict):
         raise NotImplementedError
 
     assert "fill in" in verdict(check_pack(blank, unpack), False)
+
+
+def _levels(offset=0.9677083):
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9).double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    levels = torch.cat([negative, positive]).float().sort().values
+    return levels / levels.max()
+
+
+def test_check_nf4_levels_blank_right_and_each_slip(verdict):
+    verdict(check_nf4_levels(...), False)
+
+    def blank(offset):
+        raise NotImplementedError
+
+    assert "fill in" in verdict(check_nf4_levels(blank), False)
+    verdict(check_nf4_levels(_levels), True)
+    slips = {
+        "has no zero": lambda o: (lambda q: torch.cat([-q.flip(0), q]) / q.max())(
+            torch.special.ndtri(torch.linspace(0.53, o, 8))),
+        "divide by the largest": lambda o: _levels(o) * 1.848,
+        "ascending": lambda o: _levels(o).flip(0),
+        "infinite": lambda o: torch.special.ndtri(torch.linspace(1.0, 0.5, 16)),
+        "16": lambda o: _levels(o)[1:],
+        "QLoRA's is": lambda o: (lambda lv: lv / lv.abs().max())(  # 8 + 8 spaced to 0.99: the wrong outer edge
+            torch.cat([-torch.special.ndtri(torch.linspace(0.99, 0.5, 8)[:-1]), torch.zeros(1),
+                       torch.special.ndtri(torch.linspace(0.99, 0.5, 9)[:-1])]).sort().values),
+    }
+    words = {"has no zero": "zero is not one of your levels", "divide by the largest": "divide by the largest",
+             "ascending": "ascending", "infinite": "infinite", "16": "16", "QLoRA's is": "QLoRA's is"}
+    for slip, fn in slips.items():
+        assert words[slip] in verdict(check_nf4_levels(fn), False), slip
+
+
+def test_the_build_step_continues_with_the_reference_when_the_levels_are_wrong(capsys):
+    assert use_or_reference("NF4 levels", _levels, check_nf4_levels, nf4_levels, "ref") is _levels
+    assert "uses your NF4 levels" in capsys.readouterr().out
+
+    def blank(offset):
+        raise NotImplementedError
+
+    assert use_or_reference("NF4 levels", blank, check_nf4_levels, nf4_levels, "lora_course.quant") is nf4_levels
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet") and "uses the reference NF4 levels (lora_course.quant)" in out
+
+
+def test_check_block_size_prediction_blank_right_wrong_and_unknown(verdict, weights):
+    verdict(check_block_size_prediction(..., weights), False)
+    assert "predict" in verdict(check_block_size_prediction("much higher", weights), False)
+    measured = "higher" if relative_error(weights, "nf4", 4096) > relative_error(weights, "int4", 64) else "lower"
+    other = {"higher": "lower", "lower": "higher"}[measured]
+    assert "4096" in verdict(check_block_size_prediction(measured, weights, 4096), True)
+    assert f"the answer is {measured!r}" in verdict(check_block_size_prediction(other, weights, 4096), False)

@@ -9,17 +9,18 @@ import torch
 matplotlib.use("Agg")
 
 from lora_course import add_lora, save_adapter  # noqa: E402
-from lora_course.data import Record, make_splits  # noqa: E402
+from lora_course.data import Record, batches, make_splits  # noqa: E402
 from lora_course.lessons.l08_variants import (  # noqa: E402
     STYLES,
-    check_dora_extra_params,
     check_dora_forward,
+    check_mixed_rows,
     check_pissa_init,
+    check_pissa_prediction,
     draw_style_scores,
     magnitude_direction_change,
+    mixed_batch_costs,
     row_texts,
     serving_widget,
-    style_batches,
     style_matches,
     style_scores,
     style_target,
@@ -27,7 +28,7 @@ from lora_course.lessons.l08_variants import (  # noqa: E402
 )
 from lora_course.models import load_model  # noqa: E402
 from lora_course.runtime import num_threads  # noqa: E402
-from lora_course.serving import MultiAdapterModel  # noqa: E402
+from lora_course.serving import MultiAdapterModel, mixed_rows  # noqa: E402
 
 RECORD = Record(name="sorted", kind="function", args="2")
 
@@ -76,7 +77,7 @@ def test_styles_write_every_field_and_their_forms_tell_them_apart():
 
 def test_style_batches_score_the_answer_only(shipped):
     _, tokenizer, records = shipped
-    batch = next(style_batches(tokenizer, records, "call", batch_size=4))
+    batch = next(batches(tokenizer, records, batch_size=4, target=lambda r: style_target(r, "call")))
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
         scored = labels[labels != -100]
@@ -160,7 +161,7 @@ def test_dora_forward_checker(verdict):
     assert "dim=1" in verdict(check_dora_forward(wrong_norm), False)
     assert "fill in" in verdict(check_dora_forward(blank), False)
     assert "shape" in verdict(check_dora_forward(lambda *a: torch.zeros(2)), False)
-    assert "fill in" in verdict(check_dora_forward(lambda *a: ...), False)
+    assert "got ellipsis" in verdict(check_dora_forward(lambda *a: ...), False)
 
 
 def test_pissa_init_checker(verdict):
@@ -193,9 +194,66 @@ def test_pissa_init_checker(verdict):
     assert "raised" in verdict(check_pissa_init(lambda *a: 1 / 0), False)
 
 
-def test_dora_extra_params_checker(verdict):
-    verdict(check_dora_extra_params(12 * 3 * 768), True)
-    assert "per input" in verdict(check_dora_extra_params(12 * 768), False)
-    assert "LoRA's count" in verdict(check_dora_extra_params(12 * 8 * 4 * 768 + 12 * 3 * 768), False)
-    assert "fill in" in verdict(check_dora_extra_params(...), False)
-    verdict(check_dora_extra_params(5), False)
+def test_mixed_batch_costs_count_one_call_per_adapter_and_layer(server, shipped):
+    _, tokenizer, records = shipped
+    ids = tokenizer(["a b c"] * 4, return_tensors="pt")["input_ids"]
+    costs = mixed_batch_costs(server, ids, {"one": ["call"] * 4, "two": ["call", "sentence"] * 2,
+                                            "base and one": [None, "call", None, None]}, rounds=1, min_run_time=0.01)
+    assert [c["calls per layer"] for c in costs.values()] == [1, 2, 1]
+    assert all(c["ms"] > 0 for c in costs.values())
+    assert server.row_mixer is mixed_rows  # the counting mixer is taken out again
+
+
+def _mixed_right(x, result, rows, output):
+    out = result.clone()
+    for name in dict.fromkeys(n for n in rows if n is not None):
+        idx = torch.tensor([i for i, n in enumerate(rows) if n == name])
+        out[idx] = output(name, x[idx], result[idx])
+    return out
+
+
+def test_mixed_rows_checker_blank_right_and_each_slip(verdict):
+    verdict(check_mixed_rows(...), False)
+
+    def blank(x, result, rows, output):
+        raise NotImplementedError
+
+    assert "fill in" in verdict(check_mixed_rows(blank), False)
+    verdict(check_mixed_rows(_mixed_right), True)
+    verdict(check_mixed_rows(mixed_rows), True)
+
+    def per_row(x, result, rows, output):  # right rows, one call per row
+        out = result.clone()
+        for i, name in enumerate(rows):
+            if name is not None:
+                out[i:i + 1] = output(name, x[i:i + 1], result[i:i + 1])
+        return out
+
+    assert "called the adapters 4 times" in verdict(check_mixed_rows(per_row), False)
+
+    def in_place(x, result, rows, output):
+        for name in dict.fromkeys(n for n in rows if n is not None):
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name])
+            result[idx] = output(name, x[idx], result[idx])
+        return result
+
+    assert "in place" in verdict(check_mixed_rows(in_place), False)
+
+    def first_adapter_for_all(x, result, rows, output):
+        name = next(n for n in rows if n is not None)
+        return output(name, x, result)
+
+    assert "row 1 (adapter None) is wrong: a None row keeps the base output" in \
+        verdict(check_mixed_rows(first_adapter_for_all), False)
+    assert "shape" in verdict(check_mixed_rows(lambda *a: 3), False)
+
+
+def test_pissa_prediction_checker_blank_unknown_right_and_wrong(verdict, shipped, capsys):
+    base, tokenizer, records = shipped
+    verdict(check_pissa_prediction(..., base, tokenizer, records), False)
+    assert 'predict "yes" or "no"' in verdict(check_pissa_prediction("maybe", base, tokenizer, records), False)
+    said_yes = check_pissa_prediction("yes", base, tokenizer, records, r=2, steps=3)
+    line = capsys.readouterr().out
+    assert "PiSSA" in line and "LoRA" in line and line.startswith("Correct" if said_yes else "Not yet")
+    assert "the answer is" in verdict(check_pissa_prediction("no" if said_yes else "yes", base, tokenizer, records,
+                                                             r=2, steps=3), False)
