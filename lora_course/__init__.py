@@ -48,7 +48,8 @@ from .lora import (
     trainable_parameters_line,
     update_norm,
 )
-from .memory import optimizer_state_bytes, peak_memory, training_budget
+from .measure import optimizer_state_bytes, peak_memory
+from .memory import training_budget
 from .models import load_model, shipped_model_path
 from .modules_to_save import ModulesToSaveWrapper
 from .runtime import by_mode, get_device, is_fast_mode, num_threads, seed_everything

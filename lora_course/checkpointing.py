@@ -35,7 +35,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-from .memory import peak_memory
+from .measure import peak_memory
 from .skeletons import transformer_blocks
 
 __all__ = ["VARIANTS", "checkpoint_blocks", "trainable_grads", "count_block_forwards", "compare_checkpointing"]

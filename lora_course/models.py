@@ -229,42 +229,13 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
         if fast:
             reason = "fast mode is on (LORA_COURSE_FAST=1), which uses the small shipped model"
         else:
-            errors = []
-            try:  # the learner's cache first, read as a local folder: no network at all
-                snapshot = _cached_snapshot(target, rev, cache_dir)
-                loaded = _from_pretrained(snapshot, local_files_only=True)
-                source, loaded_from = "hub-cache", snapshot
-            except (OSError, ValueError) as err:  # not cached, partly cached, or bad revision
-                errors.append(_short(err))
-            if loaded is None and allow_download:
-                if _hub_reachable():
-                    try:
-                        loaded = _from_pretrained(target, revision=rev, cache_dir=cache_dir)
-                        source, loaded_from = "hub-download", target
-                    except (OSError, ValueError) as err:
-                        errors.append(_short(err))
-                    blocked = "the download failed"
-                else:  # no network: skip huggingface_hub's retries (over a minute)
-                    blocked = f"{_hub_endpoint()[0]} cannot be reached (no network?)"
-            else:
-                blocked = "downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE or allow_download=False)"
-            if loaded is None:
-                reason = (f"{target}@{(rev or 'main')[:12]} is not in the local Hugging Face cache "
-                          f"and {blocked} [{errors[-1]}]")
+            loaded, source, loaded_from, reason = _from_hub(target, rev, cache_dir, allow_download)
         if loaded is None:  # fall back to the shipped model, through the same path
             kind, target, rev = "shipped", str(shipped_model_path()), None
     if loaded is None:
         loaded = _from_pretrained(target, local_files_only=True)
         source, loaded_from = kind, target
-    model, tokenizer = loaded
-    _name_the_loss(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
-
+    model, tokenizer = _ready(*loaded, device)
     info = ModelInfo(
         requested=os.fspath(name),
         name=SHIPPED_MODEL_NAME if source == "shipped" else target,
@@ -279,6 +250,40 @@ def load_model(name: str = "gpt2", *, revision: str | None = None, device: str |
     if verbose:
         print(info.summary())
     return model, tokenizer, info
+
+
+def _from_hub(target: str, rev: str, cache_dir, allow_download: bool):
+    """(loaded or None, source, where from, why not): the learner's cache first (no network at all), then a
+    download when allowed and the hub answers."""
+    errors, source, loaded_from = [], None, None
+    try:
+        snapshot = _cached_snapshot(target, rev, cache_dir)
+        return _from_pretrained(snapshot, local_files_only=True), "hub-cache", snapshot, None
+    except (OSError, ValueError) as err:  # not cached, partly cached, or bad revision
+        errors.append(_short(err))
+    if not allow_download:
+        blocked = "downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE or allow_download=False)"
+    elif not _hub_reachable():  # no network: skip huggingface_hub's retries (over a minute)
+        blocked = f"{_hub_endpoint()[0]} cannot be reached (no network?)"
+    else:
+        try:
+            return _from_pretrained(target, revision=rev, cache_dir=cache_dir), "hub-download", target, None
+        except (OSError, ValueError) as err:
+            errors.append(_short(err))
+        blocked = "the download failed"
+    reason = f"{target}@{(rev or 'main')[:12]} is not in the local Hugging Face cache and {blocked} [{errors[-1]}]"
+    return None, source, loaded_from, reason
+
+
+def _ready(model, tokenizer, device):
+    """Name the loss, give the tokenizer a pad token (GPT-2 has none: EOS), move to `device`, eval mode."""
+    _name_the_loss(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------- small random GPT-2s

@@ -10,16 +10,12 @@ trains LoRA factors in higher precision on top. Its weight format, step by step:
     5. optionally (double quantization) store the fp32 absmax constants themselves in 8 bits,
        in blocks of 256, with one fp32 scale per block and one fp32 offset (their mean).
 
-Dequantizing is a table look-up and a multiply: w ~ levels[code] * absmax.
-
-NF4's 16 levels are quantiles of the standard normal (pretrained weights are roughly
-normal, so each level gets about the same share of them), rescaled to [-1, 1],
-asymmetric (8 positive, 7 negative) so that zero is exact. `int4_levels` is the uniform
-alternative (round(7 w / absmax)), kept for comparison.
-
-Storage per parameter: 4 bits + 32/64 for the absmax (4.5 bits), or with double
-quantization 4 + 8/64 + 32/(64*256) (about 4.127 bits). The format and codes are those of
-bitsandbytes' `quantize_4bit(w, blocksize=64, quant_type="nf4")` (tests check it, bit for bit).
+Dequantizing is a table look-up and a multiply: w ~ levels[code] * absmax. NF4's 16 levels
+are quantiles of the standard normal (pretrained weights are roughly normal), rescaled to
+[-1, 1], 8 positive and 7 negative so that zero is exact; `int4_levels` is the uniform
+alternative. Storage: 4 + 32/64 = 4.5 bits a parameter, or 4 + 8/64 + 32/(64*256) = 4.127
+with double quantization. Codes and values equal bitsandbytes' `quantize_4bit(w,
+blocksize=64, quant_type="nf4")` bit for bit (tests check it).
 """
 
 from __future__ import annotations
@@ -36,32 +32,11 @@ from .config import register_base_format
 from .layers import BaseLayerKind, base_weight, fan_in_fan_out, is_linear, register_base_layer, replace_module
 from .validate import check_int
 
-__all__ = [
-    "BLOCK_SIZES",
-    "ABSMAX_BLOCK_SIZE",
-    "NF4_OFFSET",
-    "QUANT_TYPES",
-    "nf4_levels",
-    "int4_levels",
-    "dynamic_levels",
-    "levels_for",
-    "nearest_level",
-    "pack_4bit",
-    "unpack_4bit",
-    "Weight4bit",
-    "quantize_4bit",
-    "quantize_nf4",
-    "bits_per_parameter",
-    "weight4bit_nbytes",
-    "Linear4bitFunction",
-    "Linear4bit",
-    "QuantizedBase",
-    "quantize_base_layer",
-    "quantize_model",
-    "quantized_layers",
-    "weight_bytes",
-    "base_bytes_by_format",
-]
+__all__ = ["BLOCK_SIZES", "ABSMAX_BLOCK_SIZE", "NF4_OFFSET", "QUANT_TYPES", "nf4_levels", "int4_levels",
+           "dynamic_levels", "levels_for", "nearest_level", "check_block_size", "pack_4bit", "unpack_4bit",
+           "Weight4bit", "quantize_4bit", "quantize_nf4", "bits_per_parameter", "weight4bit_nbytes",
+           "Linear4bitFunction", "Linear4bit", "QuantizedBase", "quantize_model", "quantized_layers", "weight_bytes",
+           "base_bytes_by_format"]
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes supports
 ABSMAX_BLOCK_SIZE = 256  # double quantization: absmax constants in 8 bits, blocks of 256 (QLoRA's choice)
@@ -152,16 +127,22 @@ def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 0xF], dim=1).flatten()  # (n/2, 2) -> (n,)
 
 
+def check_block_size(block_size) -> int:
+    """A block size bitsandbytes supports, or a ValueError that lists them."""
+    check_int("block_size", block_size, minimum=1)
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size} is not supported; use one of {list(BLOCK_SIZES)} "
+                         "(64 is QLoRA's choice)")
+    return block_size
+
+
 def _check_weight(weight, block_size: int) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor (fp32, fp16 or bf16), got {weight.dtype}; "
                         "integer tensors are already quantized, or are not weights")
-    check_int("block_size", block_size, minimum=1)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size={block_size} is not supported; use one of {list(BLOCK_SIZES)} "
-                         "(64 is QLoRA's choice)")
+    check_block_size(block_size)
     if weight.numel() == 0 or weight.numel() % block_size:
         raise ValueError(f"a weight of {weight.numel():,d} numbers {tuple(weight.shape)} does not split into blocks "
                          f"of {block_size}; use a block size that divides it (e.g. 64 for most model widths)")
@@ -421,9 +402,7 @@ class QuantizedBase:
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quantize_base must be one of {list(QUANT_TYPES)} or None, got {self.quant_type!r} "
                              "(\"nf4\" is QLoRA's)")
-        check_int("block_size", self.block_size, minimum=1)
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size={self.block_size} is not supported; use one of {list(BLOCK_SIZES)}")
+        check_block_size(self.block_size)
 
     def layer(self, layer: nn.Module) -> Linear4bit:
         return Linear4bit.from_linear(layer, self.block_size, self.quant_type, self.double_quant)
@@ -442,11 +421,6 @@ class QuantizedBase:
 
 for _quant_type in QUANT_TYPES:
     register_base_format(_quant_type, QuantizedBase(_quant_type))
-
-
-def quantize_base_layer(quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True):
-    """A function layer -> `Linear4bit` with these settings (checked now)."""
-    return QuantizedBase(quant_type, block_size, double_quant).layer
 
 
 def quantize_model(model: nn.Module, block_size: int = 64, quant_type: str = "nf4", double_quant: bool = True,

@@ -306,7 +306,7 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
     "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and the median
     kept, so a busy machine slows them alike. The server's active adapter is restored.
     """
-    from .timing import median_ms
+    from .measure import median_ms
 
     server._check_name(adapter)
     before = server.active_adapter

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import Record, batches, collate, shard_batches
 from .lora import count_parameters
-from .memory import StepMemory, optimizer_state_bytes, peak_memory, training_step_memory
+from .measure import StepMemory, optimizer_state_bytes, peak_memory, training_step_memory
 from .runtime import get_device, progress_bar, seed_everything
 from .validate import check_int, check_positive
 
@@ -41,6 +41,8 @@ __all__ = [
     "optimizer_step",
     "StepCost",
     "step_costs",
+    "train_steps",
+    "measure_training_peak",
 ]
 
 
@@ -256,6 +258,45 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
     return {name: StepCost(costs[name], statistics.median(times[name])) for name in models}
 
 
+def train_steps(model: nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,
+                lr: float = 1e-4, seed: int = 0) -> float:
+    """AdamW on the trainable parameters, `steps` steps on one fixed random batch of token ids.
+
+    Enough to measure a training step's memory, or to move every LoRA B away from zero.
+    `model` is a causal LM taking `input_ids` and `labels` (e.g. `GPT2LMHeadModel`); the
+    batch (batch_size, seq_len) comes from a generator seeded with `seed`. The model is
+    left in eval mode; returns the last step's loss.
+    """
+    check_int("steps", steps, minimum=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; add_lora(model, ...) or unfreeze some first")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g).to(params[0].device)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = optimizer_step(model(input_ids=x, labels=x).loss, optimizer)
+    model.eval()
+    return loss
+
+
+def measure_training_peak(build: Callable[[], nn.Module], steps: int = 3, *, batch_size: int = 4,
+                          seq_len: int = 32, lr: float = 1e-4, device="cpu") -> tuple[nn.Module, int]:
+    """Build a model with `build()` and `train_steps` it, all inside `peak_memory`: (model, peak bytes).
+
+    Building inside the measurement lets the CPU count see every byte the step frees (see
+    `peak_memory`), so the figure is the whole training step: weights, gradients, AdamW
+    state and activations. Compare it with `gpt2_training_budget(model, ...).peak`.
+    """
+    def run():
+        model = build().to(device)
+        train_steps(model, steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
+        return model
+
+    return peak_memory(run, device=device)
+
+
 def _lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -266,16 +307,45 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
-def train(
-    model: nn.Module,
-    tokenizer,
-    train_records: Sequence[Record],
-    val_records: Sequence[Record],
-    config: TrainConfig | None = None,
-    method: str | None = None,
-    checkpoint: Callable[[int, nn.Module], None] | None = None,
-    checkpoint_every: int = 0,
-) -> TrainRecord:
+def _start_record(model: nn.Module, config: TrainConfig, method: str | None, device: torch.device,
+                  use_bf16: bool) -> TrainRecord:
+    n_trainable, total_params = count_parameters(model)  # a 4-bit base's weights are codes, counted too
+    return TrainRecord(
+        method=method or ("full" if n_trainable == total_params else "LoRA"),
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        precision="bf16 autocast" if use_bf16 else "fp32",
+        steps=config.steps,
+        batch_size=config.batch_size,
+        trainable_params=n_trainable,
+        total_params=total_params,
+    )
+
+
+def _training_batches(tokenizer, records: Sequence[Record], config: TrainConfig):
+    if config.shard is None:
+        return batches(tokenizer, records, config.batch_size, seed=config.seed)
+    # every rank draws the same global batch of batch_size x world_size and keeps its own rows
+    rank, world = config.shard
+    return shard_batches(batches(tokenizer, records, config.batch_size * world, seed=config.seed), rank, world)
+
+
+def _run_steps(step: Callable[[int, bool], None], config: TrainConfig, device: torch.device,
+               record: TrainRecord) -> None:
+    """All steps; the first `memory_steps` under the peak-memory tracker (slower, so left out of the timing
+    when there are others): the first step allocates gradients and optimizer state, so later steps look alike."""
+    n_probe = min(config.memory_steps, config.steps)
+    probe = lambda: [step(i, n_probe == config.steps) for i in range(n_probe)]  # noqa: E731
+    if device.type in ("cuda", "cpu"):
+        _, record.peak_memory_bytes = peak_memory(probe, device)
+    else:  # peak_memory measures CUDA and CPU only (on MPS the record keeps 0)
+        probe()
+    for i in range(n_probe, config.steps):
+        step(i, True)
+
+
+def train(model: nn.Module, tokenizer, train_records: Sequence[Record], val_records: Sequence[Record],
+          config: TrainConfig | None = None, method: str | None = None,
+          checkpoint: Callable[[int, nn.Module], None] | None = None, checkpoint_every: int = 0) -> TrainRecord:
     """Train `model` in place on the task; return what was measured.
 
     LoRA or full fine-tuning is decided by which parameters require grad. `method`
@@ -291,30 +361,12 @@ def train(
     device = get_device(config.device)
     model.to(device)
     use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
-    n_trainable, total_params = count_parameters(model)  # a 4-bit base's weights are codes, counted too
-    record = TrainRecord(
-        method=method or ("full" if n_trainable == total_params else "LoRA"),
-        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        precision="bf16 autocast" if use_bf16 else "fp32",
-        steps=config.steps,
-        batch_size=config.batch_size,
-        trainable_params=n_trainable,
-        total_params=total_params,
-    )
+    record = _start_record(model, config, method, device, use_bf16)
     seed_everything(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    if config.shard is None:
-        data = batches(tokenizer, train_records, config.batch_size, seed=config.seed)
-    else:  # every rank draws the same global batch of batch_size x world_size and keeps its own rows
-        rank, world = config.shard
-        data = shard_batches(batches(tokenizer, train_records, config.batch_size * world, seed=config.seed),
-                             rank, world)
+    data = _training_batches(tokenizer, train_records, config)
     val_records = val_records[: config.n_eval]
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def step(index: int, timed: bool) -> None:
         t0 = time.perf_counter()
@@ -323,34 +375,24 @@ def train(
             loss = target_loss(model, batch)  # mean cross-entropy over the target tokens
         record.losses.append(optimizer_step(loss, optimizer, grad_clip=config.grad_clip, scheduler=scheduler))
         if timed:
-            synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             record.train_seconds += time.perf_counter() - t0
             record.tokens += int(batch["attention_mask"].sum())
             record.timed_steps += 1
         bar.update()
         bar.set_postfix(loss=f"{record.losses[-1]:.3f}", refresh=False)  # redrawn at mininterval
-        if checkpoint is not None and (index + 1 == config.steps or (
-                checkpoint_every and (index + 1) % checkpoint_every == 0)):
-            checkpoint(index + 1, model)
+        done = index + 1
+        if checkpoint is not None and (done == config.steps or (checkpoint_every and done % checkpoint_every == 0)):
+            checkpoint(done, model)
             model.train()
-        if config.eval_every and (index + 1) % config.eval_every == 0 and index + 1 < config.steps:
-            record.val_steps.append(index + 1)
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            record.val_steps.append(done)
             record.val_losses.append(validation_loss(model, tokenizer, val_records, bf16=use_bf16))
 
     model.train()
     bar = progress_bar(total=config.steps, desc=config.desc, disable=not config.progress)
-    # Peak memory over the first steps: the first step allocates the gradients and the
-    # optimizer state, so from then on every step looks the same. These steps run under
-    # the memory tracker (slower), so they are left out of the timing when there are others.
-    n_probe = min(config.memory_steps, config.steps)
-    timed_probe = n_probe == config.steps
-    probe = lambda: [step(i, timed_probe) for i in range(n_probe)]  # noqa: E731
-    if device.type in ("cuda", "cpu"):
-        _, record.peak_memory_bytes = peak_memory(probe, device)
-    else:  # peak_memory measures CUDA and CPU only (on MPS the record keeps 0)
-        probe()
-    for i in range(n_probe, config.steps):
-        step(i, True)
+    _run_steps(step, config, device, record)
     bar.close()
     record.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     record.val_steps.append(config.steps)

@@ -25,10 +25,10 @@ from torch import nn
 from ..data import ARGS_IN_WORDS, Record, batches, format_prompt, format_target, generate
 from ..dora import DoRALinear
 from ..lora import add_lora
+from ..measure import median_ms
 from ..pissa import pissa_factors
 from ..runtime import seed_everything
 from ..serving import MultiAdapterModel, mixed_rows
-from ..timing import median_ms
 from ..train import TrainConfig, optimizer_step, train
 from .common import Problem, call, is_blank, not_filled_in, play, report, verdict
 
