@@ -12,6 +12,11 @@ os.environ.setdefault("LORA_COURSE_FAST", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist runs the suite in one worker per core (pyproject.toml: -n auto): each worker, and the notebook
+# kernels nbval starts from it, keeps torch to one thread, so the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 def pytest_collection_modifyitems(items):

@@ -2,7 +2,8 @@
 installed and enabled, in the lab a learner starts and in the page it serves.
 
 Without it JupyterLab prints a widget's text repr, or "Error displaying widget: model
-not found", instead of a slider. These checks need no browser.
+not found", instead of a slider. This check needs no browser (that the page a lab serves
+loads it is checked in test_widgets_in_lab.py, which holds every test that needs the lab).
 """
 
 import re
@@ -24,13 +25,3 @@ def test_labextension_list_shows_the_widget_manager_enabled_and_ok():
     name, version, status, health, *_ = lines[0]
     assert (status, health) == ("enabled", "OK"), (
         f"{name} {version} is {status} {health} (jupyter labextension enable {WIDGET_MANAGER}):\n{listing}")
-
-
-def test_the_lab_page_loads_the_widget_manager(lab):
-    config = lab.page_config()
-    loaded = {ext["name"] for ext in config.get("federated_extensions", [])}
-    assert WIDGET_MANAGER in loaded, f"the lab page does not load {WIDGET_MANAGER}; it loads {sorted(loaded)}"
-    disabled = config.get("disabledExtensions", [])
-    disabled = disabled if isinstance(disabled, list) else [k for k, v in disabled.items() if v]
-    assert not [d for d in disabled if d == WIDGET_MANAGER or d.startswith(WIDGET_MANAGER + ":")], (
-        f"{WIDGET_MANAGER} is disabled: {disabled}")

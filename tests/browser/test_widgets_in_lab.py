@@ -1,5 +1,8 @@
 """Every notebook with a widget, run in JupyterLab in a real browser, the way a learner uses it.
 
+Every test that needs the lab server is in this module, so that the whole suite starts one
+JupyterLab (pytest-xdist keeps a module's tests on one worker).
+
 The kernel-side widget tests set `slider.value` in Python; these prove what the learner
 sees: the widget manager renders each widget, and moving a control with the keyboard
 changes its readout and redraws the output it drives (the text, or the image's bytes).
@@ -54,3 +57,13 @@ def test_widgets_render_and_respond(page, lab, screenshots, notebook):
     assert not errors, f"{notebook} raised after its controls moved: {errors}"
     widget_cell = nb.panel().locator(".jp-CodeCell").filter(has=page.locator(CONTROLS)).first
     widget_cell.screenshot(path=str(screenshots / f"{notebook.removesuffix('.ipynb')}.png"))
+
+
+def test_the_lab_page_loads_the_widget_manager(lab):
+    config = lab.page_config()
+    loaded = {ext["name"] for ext in config.get("federated_extensions", [])}
+    assert WIDGET_MANAGER in loaded, f"the lab page does not load {WIDGET_MANAGER}; it loads {sorted(loaded)}"
+    disabled = config.get("disabledExtensions", [])
+    disabled = disabled if isinstance(disabled, list) else [k for k, v in disabled.items() if v]
+    assert not [d for d in disabled if d == WIDGET_MANAGER or d.startswith(WIDGET_MANAGER + ":")], (
+        f"{WIDGET_MANAGER} is disabled: {disabled}")
