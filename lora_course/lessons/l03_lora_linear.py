@@ -17,13 +17,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import lora
+from ..layers import Conv1D
 from ..lora import add_lora, count_parameters
-from ..runtime import num_threads
 from .common import Problem, call, is_blank, not_filled_in, play, verdict
 
 __all__ = ["LoRALinear", "count_trainable", "add_lora_by_name", "reference", "SHAPES", "draw_lora_structure",
            "check_init", "check_forward", "check_count", "check_merge", "toy_model", "check_swap",
-           "check_swapped_init", "check_unmerge", "recovery_task", "check_recover_update", "play"]
+           "check_swapped_init", "check_unmerge", "check_merge_conv1d", "play"]
 
 ATOL = 1e-5  # float32 agreement between two implementations of the same arithmetic
 
@@ -451,30 +451,30 @@ def check_unmerge(unmerge_fn, cls=LoRALinear) -> str:
     return "W0 is back (to float32 rounding), merged is False, and the layer computes W0 x + b + (alpha / r) B A x."
 
 
-def recovery_task(d: int = 32, k: int = 32, rank: int = 2, n: int = 512, noise: float = 0.01, seed: int = 0) -> dict:
-    """A frozen W0 (d, k), a rank-`rank` dW* (singular values 1, 1/2, ...), x (n, k), y = x (W0 + dW*)^T + noise."""
-    g = torch.Generator().manual_seed(seed)
-    W0 = torch.randn(d, k, generator=g) / math.sqrt(k)
-    U, V = (torch.linalg.qr(torch.randn(m, rank, generator=g))[0] for m in (d, k))
-    delta = U @ torch.diag(1 / torch.arange(1.0, rank + 1)) @ V.T  # (d, k), rank `rank`
-    x = torch.randn(n, k, generator=g)
-    return {"W0": W0, "x": x, "y": x @ (W0 + delta).T + noise * torch.randn(n, d, generator=g), "delta_star": delta}
-
-
-@_exercise("your function fit_lora(W0, x, y, r)")
-def check_recover_update(fit_fn, r: int = 4, tolerance: float = 0.02) -> str:
-    """`fit_fn(W0, x, y, r)` trains LoRA on W0 and returns the layer: scaling B A = dW* (relative `tolerance`)."""
-    task = recovery_task()
-    with num_threads(1):  # small matrices run fastest on one thread
-        layer = call("your fit_lora(W0, x, y, r)", fit_fn, task["W0"].clone(), task["x"], task["y"], r)
-    if not all(hasattr(layer, n) for n in ("base_layer", "lora_A", "lora_B", "scaling")) or layer.lora_A.shape[0] != r:
-        raise Problem(f"return the trained rank-{r} LoRA layer (a LoRALinear), not a {type(layer).__name__}"
-                      + (f" of rank {layer.lora_A.shape[0]}." if hasattr(layer, "lora_A") else "."))
-    if not torch.allclose(layer.base_layer.weight.detach(), task["W0"], atol=1e-6):
-        raise Problem("W0 changed during training: LoRA trains only A and B; keep the base frozen.")
-    delta, want = (layer.scaling * layer.lora_B @ layer.lora_A).detach(), task["delta_star"]  # (d, k)
-    if (error := ((delta - want).norm() / want.norm()).item()) > tolerance:
-        raise Problem("the learned update is still zero: did A start at zero, or the optimizer not step A and B?"
-                      if error > 0.999 else f"the learned update is {error:.0%} away from dW*; train longer or "
-                      "with a larger learning rate (Adam at 1e-2 for a few hundred steps works here).")
-    return f"scaling B A is within {tolerance:.0%} of the rank-2 dW* (error {error:.1%}), and W0 never moved."
+@_exercise("your function merge_conv1d(conv, lora_A, lora_B, scaling)")
+def check_merge_conv1d(merge_fn, r: int = 8, scaling: float = 2.0) -> str:
+    """`merge_fn(conv, A, B, scaling)` folds scaling B A into a frozen transformers Conv1D, whose weight is stored
+    (in, out) = (k, d), so that conv(x) computes what the base plus the unmerged adapter did."""
+    g = torch.Generator().manual_seed(0)
+    for k, d in ((768, 768), (768, 2304)):  # square first: there an update added the wrong way round still fits
+        conv = Conv1D(d, k).requires_grad_(False)  # Conv1D(nf=out, nx=in): x @ weight (k, d) + bias (d,); its own init
+        A, B, x = (torch.randn(*shape, generator=g) for shape in ((r, k), (d, r), (5, k)))
+        W0, want = conv.weight.clone(), conv(x) + scaling * (x @ A.T) @ B.T  # (k, d), (5, d)
+        call("your merge_conv1d(conv, lora_A, lora_B, scaling)", merge_fn, conv, A, B, scaling)
+        if conv.weight.shape != W0.shape:
+            raise Problem(f"conv.weight is now {tuple(conv.weight.shape)}; keep its (in, out) shape, {(k, d)}.")
+        delta, update = conv.weight.detach() - W0, scaling * (B @ A).T  # (k, d): what a merge adds in this layout
+        c = _ratio(delta, update)
+        for wrong, message in [
+                (d == k and torch.allclose(delta, update.T, rtol=1e-4, atol=1e-3),
+                 "you added scaling B A as nn.Linear stores it, (out, in); a Conv1D stores (in, out), so add the "
+                 "transpose, (scaling B A)^T. On a square layer the shapes fit either way."),
+                (abs(c) < 1e-3, "conv.weight did not change: add the update into it, in place."),
+                (not torch.allclose(delta, update, rtol=1e-4, atol=1e-3), f"you added {c:.3g} times (scaling B A)^T; "
+                 "add it exactly once." if torch.allclose(delta, c * update, rtol=1e-4, atol=1e-3) else
+                 "what you added to conv.weight is not (scaling B A)^T, shape (in, out)."),
+                (not torch.allclose(conv(x), want, rtol=1e-4, atol=1e-3), "conv(x) is not the base plus the adapter.")]:
+            if wrong:
+                raise Problem(message)
+    return ("on a 768 x 768 Conv1D and a 768 -> 2304 one (like c_attn), conv(x) after your merge equals the base plus "
+            "the unmerged adapter: x A^T B^T = x (B A)^T, so an (in, out) weight takes (scaling B A)^T.")

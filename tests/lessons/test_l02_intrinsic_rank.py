@@ -22,6 +22,7 @@ from lora_course.lessons.l02_intrinsic_rank import (  # noqa: E402
     intrinsic_dimension_sweep,
     make_mlp,
     make_task_pair,
+    sweep_over_seeds,
     train_classifier,
     update_rank_view,
     update_rank_widget,
@@ -131,11 +132,20 @@ def test_sweep_larger_subspace_learns_more(task):
         intrinsic_dimension_sweep(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test, [], 1, 0.1)
 
 
+def test_sweep_over_seeds_averages_independent_seeds(task):
+    model = make_mlp(task.n_features, 8, task.n_classes, seed=0)
+    data = task.X_train, task.y_b_train, task.X_test, task.y_b_test
+    mean, runs = sweep_over_seeds(model, *data, dims=[2, 30], seeds=2, steps=20, lr=0.05, batch_size=32)
+    assert runs == [intrinsic_dimension_sweep(model, *data, dims=[2, 30], steps=20, lr=0.05, batch_size=32, seed=s)
+                    for s in (0, 1)]
+    assert runs[0] != runs[1]  # each seed its own P and batches
+    assert mean == pytest.approx({d: (runs[0][d] + runs[1][d]) / 2 for d in (2, 30)})
+
+
 def test_d90_threshold_and_find_d90():
-    assert d90_threshold(0.8) == pytest.approx(0.72)
-    assert d90_threshold(0.8, baseline=0.5) == pytest.approx(0.77)
-    with pytest.raises(ValueError, match="fraction"):
-        d90_threshold(0.8, fraction=0.0)
+    assert d90_threshold(0.5, 0.8) == pytest.approx(0.77)  # 90% of the gain, not 90% of 0.8
+    assert d90_threshold(0.0, 0.8) == pytest.approx(0.72)
+    assert d90_threshold(0.5, 0.9, fraction=0.5) == pytest.approx(0.7)
     scores = {4: 0.5, 16: 0.7, 64: 0.8, 256: 0.79}
     assert find_d90(scores, 0.7) == 16
     assert find_d90(scores, 0.75) == 64
@@ -315,28 +325,31 @@ def test_find_d90_checker_blank_and_not_a_function(capsys):
 
 # ----------------------------------------------------------------------------- predict, then measure: a further task
 
-DIMS = [16, 64, 256, 1024]
-SCORES = {1: 0.49, 16: 0.52, 64: 0.64, 256: 0.76, 1024: 0.81}  # first sweep: d90 = 256 at a threshold of 0.75
+DIMS = [64, 256, 1024]
+SCORES = {16: 0.52, 64: 0.66, 256: 0.75, 1024: 0.81}  # first task: 0.49 -> 0.83, 90% of the gain at 0.796: d90 = 1024
 
 
-@pytest.mark.parametrize("measured, right", [(1024, "higher"), (None, "higher"), (256, "same"), (64, "lower")])
-def test_further_task_checker_right_and_wrong(monkeypatch, verdict, measured, right):
-    monkeypatch.setattr(lesson, "_measure_d90", lambda pretrained, task, dims: (measured, 0.26, 0.82))
-    out = verdict(lesson.check_further_task_d90(right, None, None, SCORES, 0.84), True)  # 0.9 * 0.84 = 0.756
-    assert f"d90 is {measured} for this task B against 256" in out
-    assert ("starts further away" in out) == (right == "higher")
-    assert ("None: no size" in out) == (measured is None)
+@pytest.mark.parametrize("far, right", [({64: 0.50, 256: 0.70, 1024: 0.79}, "same"),  # 0.26 -> 0.82: bar 0.764
+                                        ({64: 0.50, 256: 0.70, 1024: 0.75}, "higher"),  # never gets there
+                                        ({64: 0.50, 256: 0.77, 1024: 0.79}, "lower")])
+def test_further_task_checker_right_and_wrong(monkeypatch, verdict, far, right):
+    monkeypatch.setattr(lesson, "_further_task", lambda pretrained, task, dims: (far, 0.26, 0.82))
+    out = verdict(lesson.check_further_task_d90(right, None, None, SCORES, 0.49, 0.83), True)
+    assert "first task B 50%, 76%, 94%" in out and "pretrained 0.260, against 0.490" in out
+    assert "d90 is " + {"same": "1024", "higher": "over 1024", "lower": "256"}[right] + " here against 1024" in out
+    assert ("about the same share" in out) == (right == "same")
     for wrong in {"lower", "same", "higher"} - {right}:
-        out = verdict(lesson.check_further_task_d90(wrong.upper() + " ", None, None, SCORES, 0.84), False)
+        out = verdict(lesson.check_further_task_d90(wrong.upper() + " ", None, None, SCORES, 0.49, 0.83), False)
         assert f"you predicted {wrong}; measured {right}" in out
 
 
 def test_further_task_checker_blank_and_not_a_word(monkeypatch, verdict):
-    monkeypatch.setattr(lesson, "_measure_d90", lambda *args: pytest.fail("measured before a prediction was made"))
+    monkeypatch.setattr(lesson, "_further_task", lambda *args: pytest.fail("measured before a prediction was made"))
     for blank in (None, ...):
-        assert verdict(lesson.check_further_task_d90(blank, None, None, SCORES, 0.84), False).startswith(
+        assert verdict(lesson.check_further_task_d90(blank, None, None, SCORES, 0.49, 0.83), False).startswith(
             "Not yet: fill in my_prediction")
-    assert '"lower", "same" or "higher"' in verdict(lesson.check_further_task_d90(2, None, None, SCORES, 0.84), False)
+    assert '"lower", "same" or "higher"' in verdict(lesson.check_further_task_d90(2, None, None, SCORES, 0.49, 0.83),
+                                                    False)
 
 
 def test_further_task_measurement_runs_the_notebook_experiment_on_a_new_task_b():
@@ -345,8 +358,7 @@ def test_further_task_measurement_runs_the_notebook_experiment_on_a_new_task_b()
     assert not torch.equal(near.y_b_test, far.y_b_test)
     pre = make_mlp(far.n_features, 32, far.n_classes, seed=0)
     train_classifier(pre, far.X_train, far.y_a_train, steps=100, lr=3e-3, optimizer="adam", batch_size=64)
-    d90, acc_pre, acc_ft = lesson._measure_d90(pre, far, [4, 400])
+    mean, acc_pre, acc_ft = lesson._further_task(pre, far, [4, 400])
     assert acc_pre == accuracy(pre, far.X_test, far.y_b_test)
     assert acc_ft == accuracy(full_fine_tune(pre, far.X_train, far.y_b_train), far.X_test, far.y_b_test)
-    scores = intrinsic_dimension_sweep(pre, far.X_train, far.y_b_train, far.X_test, far.y_b_test, [4, 400])
-    assert d90 == find_d90(scores, d90_threshold(acc_ft))
+    assert mean == sweep_over_seeds(pre, far.X_train, far.y_b_train, far.X_test, far.y_b_test, dims=[4, 400])[0]
