@@ -49,6 +49,7 @@ __all__ = ["Link", "LINKS", "Collective", "ring_steps", "collective_seconds", "r
            "counting_allreduce", "CollectiveCounter", "run_local", "DDPMeasurement", "measure_ddp"]
 
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb: 25 MiB per all-reduce
+DDP_FIRST_BUCKET_BYTES = 2**20  # ... except the first bucket (the last layers' gradients, ready first): 1 MiB
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,18 @@ def ring_schedule(world_size: int) -> list[dict]:
     return steps
 
 
-def ddp_traffic(grad_bytes: int, bucket_bytes: int = DDP_BUCKET_BYTES) -> list[Collective]:
-    """One DDP step: the trainable gradients all-reduced, one collective per bucket of `bucket_bytes`."""
+def ddp_traffic(grad_bytes: int, bucket_bytes: int = DDP_BUCKET_BYTES,
+                first_bucket_bytes: int = DDP_FIRST_BUCKET_BYTES) -> list[Collective]:
+    """One DDP step: the trainable gradients all-reduced, one collective per bucket.
+
+    DDP's buckets (as rebuilt after the first step): the first holds up to `first_bucket_bytes`,
+    each next one up to `bucket_bytes`. Counted by bytes alone: a bucket holds whole tensors, so
+    one larger than the cap gets a bucket of its own and a real count can be higher.
+    """
     check_int("grad_bytes", grad_bytes, minimum=0)
-    calls = math.ceil(grad_bytes / check_int("bucket_bytes", bucket_bytes, minimum=1))
+    check_int("bucket_bytes", bucket_bytes, minimum=1)
+    first = min(check_int("first_bucket_bytes", first_bucket_bytes, minimum=1), bucket_bytes)
+    calls = 0 if grad_bytes == 0 else 1 + math.ceil(max(grad_bytes - first, 0) / bucket_bytes)
     return [Collective("all-reduce", grad_bytes, calls, "backward: all-reduce the gradients")]
 
 
@@ -333,29 +342,33 @@ class DDPMeasurement:
     grads: dict[str, torch.Tensor]
 
 
-def _ddp_rank(rank: int, world: int, build, input_ids, hook, steps: int):
+def _ddp_rank(rank: int, world: int, build, input_ids, hook, steps: int, labels):
     model = build().train()
     ddp = DistributedDataParallel(model)
     counter = ByteCounter().attach(ddp, hook)
-    rows = input_ids.chunk(world)[rank]  # this rank's share of the global batch
+    rows, targets = input_ids.chunk(world)[rank], labels.chunk(world)[rank]  # this rank's share of the global batch
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
-        ddp(input_ids=rows, labels=rows).loss.backward()
+        ddp(input_ids=rows, labels=targets).loss.backward()
     grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
     return counter.per_step, grads if rank == 0 else None
 
 
 def measure_ddp(build: Callable[[], torch.nn.Module], input_ids: torch.Tensor, hook: Callable | None = None,
-                nprocs: int = 2, steps: int = 1, timeout: float = 120.0) -> DDPMeasurement:
+                nprocs: int = 2, steps: int = 1, timeout: float = 120.0,
+                labels: torch.Tensor | None = None) -> DDPMeasurement:
     """Train-step a causal LM under DDP on `nprocs` local ranks with a comm hook; what it all-reduced.
 
     Every rank calls `build()` (the same model: seed it) and back-propagates the language-model
-    loss of its rows of `input_ids` (B, T), B divisible by `nprocs`; no optimizer step.
+    loss of its rows of `input_ids` (B, T), B divisible by `nprocs`, against the same rows of
+    `labels` (B, T; default `input_ids`, -100 masks a target); no optimizer step.
     `hook(state: ByteCounter, bucket) -> Future` defaults to `counting_allreduce`.
     """
-    if input_ids.shape[0] % nprocs:
-        raise ValueError(f"the batch of {input_ids.shape[0]} rows must split evenly over {nprocs} ranks")
-    out = run_local(_ddp_rank, nprocs, build, input_ids, hook, steps, timeout=timeout)
+    labels = input_ids if labels is None else labels
+    if input_ids.shape[0] % nprocs or labels.shape != input_ids.shape:
+        raise ValueError(f"the batch of {input_ids.shape[0]} rows must split evenly over {nprocs} ranks, and labels "
+                         f"{tuple(labels.shape)} match input_ids {tuple(input_ids.shape)}")
+    out = run_local(_ddp_rank, nprocs, build, input_ids, hook, steps, labels, timeout=timeout)
     return DDPMeasurement([per_step for per_step, _ in out], {n: torch.from_numpy(g) for n, g in out[0][1].items()})
 
 

@@ -49,7 +49,7 @@ def test_torchrun_two_processes_steps_3(tmp_path):
         run = runs[method]
         # DDP all-reduces exactly one fp32 gradient per trainable parameter, every step.
         assert run["allreduce_bytes_per_step"] == [run["trainable_params"] * 4] * 3
-        assert run["replicas_identical"] and len(run["digests"]) == 2
+        assert run["replicas_identical"] and len(run["digests"]) == 2 and run["max_replica_diff"] == 0.0
         # Two processes on 4 rows each follow one process on 8 rows.
         ref = record["reference"][method]
         assert ref["batch_size"] == 8
@@ -66,6 +66,7 @@ def test_unused_module_and_fsdp(tmp_path):
     assert "find_unused_parameters=True" in unused["error"]
     found, frozen = unused["find_unused_parameters=True"], unused["frozen skipped adapters"]
     assert found["replicas_identical"] and frozen["replicas_identical"]
+    assert found["max_replica_diff"] == frozen["max_replica_diff"] == 0.0
     # find_unused_parameters=True still all-reduces the skipped adapters (as zeros); freezing them sends less.
     assert found["allreduce_bytes_per_step"] == [found["trainable_params"] * 4] * 2
     assert frozen["allreduce_bytes_per_step"] == [frozen["trainable_params"] * 4] * 2
@@ -163,8 +164,10 @@ def test_ring_schedule_sums_every_chunk_on_every_rank(n):
 
 
 def test_ddp_and_fsdp_traffic_by_hand():
-    (c,) = ddp_traffic(60 * 2**20)  # 60 MiB of gradients: three 25 MiB buckets
-    assert (c.kind, c.nbytes, c.calls) == ("all-reduce", 60 * 2**20, 3)
+    (c,) = ddp_traffic(60 * 2**20)  # 60 MiB of gradients: a 1 MiB first bucket, then 25 + 25 + 9 MiB
+    assert (c.kind, c.nbytes, c.calls) == ("all-reduce", 60 * 2**20, 4)
+    assert [ddp_traffic(n)[0].calls for n in (0, 2**20, 2**20 + 1, 26 * 2**20, 26 * 2**20 + 1)] == [0, 1, 2, 2, 3]
+    assert ddp_traffic(60 * 2**20, first_bucket_bytes=25 * 2**20)[0].calls == 3  # bucket_cap_mb set: no small first
     fwd, bwd, rs = fsdp_traffic([10, 10, 10], [1, 0, 1], root_params=5, root_grads=0)
     assert (fwd.nbytes, fwd.calls) == (35, 4) and (bwd.nbytes, bwd.calls) == (30, 3)
     assert (rs.kind, rs.nbytes, rs.calls) == ("reduce-scatter", 2, 2)
@@ -186,8 +189,8 @@ def test_scale_table_rows_by_hand():
     assert full["trainable"] == 124_439_808  # GPT-2 small, tied embeddings counted once
     assert lora["trainable"] == 12 * 8 * (768 + 3 * 768)  # r (in + out) per c_attn, 12 layers
     nbytes = 2 * full["trainable"]  # bf16 gradients
-    assert full["bytes"] == nbytes and full["calls"] == 10  # 25 MiB buckets
-    latency = 10 * (8.4e-6 + 14 * 14e-6)  # 10 buckets, each 8.4 us + 14 steps of 14 us
+    assert full["bytes"] == nbytes and full["calls"] == 11  # 237 MiB: a 1 MiB bucket, then ten of up to 25 MiB
+    latency = 11 * (8.4e-6 + 14 * 14e-6)  # 11 buckets, each 8.4 us + 14 steps of 14 us
     assert full["s[Ethernet 100 Gb/s]"] == pytest.approx(latency + 2 * 7 / 8 * nbytes / 12.5e9)
     assert full["compute_s"] == pytest.approx(6 * full["trainable"] * 8 * 2048 / (989e12 * 0.4))
     c = lora_counts("LLaMA-70B")
@@ -216,6 +219,23 @@ def test_measure_ddp_counts_the_adapter_and_averages_like_one_process():
     assert max((got.grads[n] - p.grad).abs().max().item() for n, p in trainable) < 1e-6
     with pytest.raises(ValueError, match="split evenly"):
         measure_ddp(_toy_lora, rows[:3])
+    with pytest.raises(ValueError, match="labels"):
+        measure_ddp(_toy_lora, rows, labels=rows[:, :8])
+
+
+def test_measure_ddp_labels_each_rank_averages_its_own_targets():
+    rows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = rows.clone()
+    labels[2:, 4:] = -100  # rank 1 keeps 3 targets per row, rank 0 all 15
+    state = torch.get_rng_state()  # the forked ranks build their LoRA (A's random init) from this state
+    got = measure_ddp(_toy_lora, rows, labels=labels)
+    halves = []  # one process on each rank's rows: DDP must give the mean of the two ranks' gradients
+    for part in (slice(0, 2), slice(2, 4)):
+        torch.set_rng_state(state)
+        model = _toy_lora().train()
+        model(input_ids=rows[part], labels=labels[part]).loss.backward()
+        halves.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert max((got.grads[n] - (halves[0][n] + halves[1][n]) / 2).abs().max().item() for n in halves[0]) < 1e-6
 
 
 def _collectives(rank, world):

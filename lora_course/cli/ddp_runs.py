@@ -81,6 +81,16 @@ class Rank:
         dist.destroy_process_group()
 
 
+def _replica_gap(model) -> float:
+    """Largest |difference| between any rank's parameters and rank 0's (0.0: identical replicas)."""
+    flat = torch.cat([p.detach().float().flatten() for _, p in sorted(model.state_dict().items())])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    gap = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return gap.item()
+
+
 def _digest(model) -> str:
     """SHA-256 of every parameter's bytes, in order (equal digests: equal replicas)."""
     h = hashlib.sha256()
@@ -120,7 +130,7 @@ def ddp_run(args, rank: Rank, method: str, find_unused: bool = False, prepare=No
         "bytes_per_element": next(p for p in model.parameters() if p.requires_grad).element_size(),
         "allreduce_bytes_per_step": counter.per_step, "losses": rank.mean(record.losses),
         "val_loss": record.final_val_loss, "time_per_step_s": record.time_per_step,
-        "digests": digests, "replicas_identical": len(set(digests)) == 1,
+        "digests": digests, "replicas_identical": len(set(digests)) == 1, "max_replica_diff": _replica_gap(model),
     }
 
 
@@ -134,7 +144,7 @@ def reference_run(args, rank: Rank, method: str) -> dict:
 
 
 def skip_last_block(model) -> None:
-    """Make the forward skip the last transformer block (as layer dropping does): its adapters get no gradient."""
+    """Make the forward skip the last transformer block in every step: its adapters never get a gradient."""
     def skip(module, args, kwargs, output):
         return args[0] if args else kwargs["hidden_states"]
 
@@ -158,7 +168,7 @@ def unused_runs(args, rank: Rank) -> dict:
     frozen = ddp_run(args, rank, "lora", find_unused=False, prepare=freeze_last_block, steps=2)
     for name, run in (("find_unused_parameters=True", fixed), ("frozen skipped adapters", frozen)):
         out[name] = {k: run[k] for k in ("trainable_params", "allreduce_bytes_per_step", "losses",
-                                         "replicas_identical")}
+                                         "replicas_identical", "max_replica_diff")}
     return out
 
 

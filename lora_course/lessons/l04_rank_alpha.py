@@ -1,13 +1,12 @@
 """Notebook 04 (rank and alpha): LoRA trained on a target of known rank, the sliders, the exercise checkers.
 
-A `LoRALinear` on a frozen W0 (out, in) learns dW = scaling * B A toward a target dW* of rank k
-and chosen spectrum, from the matrix loss ||dW - dW*||_F^2 / out or from a regression task
-y = (W0 + dW*) x + noise, x ~ N(0, I) (the same loss plus the noise variance). Every outcome
-meets a theory: the Eckart-Young floor below k, dW* itself from k on, the scaling laws.
+A `LoRALinear` on a frozen W0 (out, in) learns dW = scaling * B A toward a target dW* of rank k and chosen
+spectrum, from the matrix loss ||dW - dW*||_F^2 / out or from a regression task y = (W0 + dW*) x + noise,
+x ~ N(0, I) (the same loss plus the noise variance). Every outcome meets a theory: the Eckart-Young floor below k,
+dW* itself from k on, the scaling laws.
 
-References: Hu et al., "LoRA" (2021), arXiv:2106.09685; Eckart & Young (1936); Baldi &
-Hornik (1989), no spurious minima; Kalajdzievski, "rsLoRA" (2023), arXiv:2312.03732;
-Hayou et al., "LoRA+" (2024), arXiv:2402.12354.
+References: Hu et al., "LoRA" (2021), arXiv:2106.09685; Eckart & Young (1936); Baldi & Hornik (1989), no spurious
+minima; Kalajdzievski, "rsLoRA" (2023), arXiv:2312.03732; Hayou et al., "LoRA+" (2024), arXiv:2402.12354.
 """
 
 from __future__ import annotations
@@ -22,16 +21,16 @@ from torch import nn
 
 from ..lora import LoRAConfig, LoRALinear, count_parameters
 from ..lowrank import low_rank_error, singular_values
-from ..memory import optimizer_state_bytes
+from ..measure import optimizer_state_bytes
 from ..runtime import num_threads
 from ..train import optimizer_step
 from ..validate import check_int, check_positive
 from .common import Problem, call_number, close_to, is_blank, not_filled_in, play, verdict
 
 __all__ = ["LowRankTarget", "RegressionTask", "LoRARun", "make_low_rank_target", "make_regression_task",
-           "eckart_young_floor", "no_finetuning_loss", "train_lora", "scaling_sweep", "loglog_slope",
-           "first_step_ratios", "rank_alpha_view", "rank_alpha_widget", "play", "measured_first_step_ratio",
-           "check_first_step_ratio", "fixed_scaling_sizes", "check_update_trend", "dropout_penalty_mc",
+           "no_finetuning_loss", "train_lora", "early_stopped", "scaling_sweep", "loglog_slope",
+           "first_step_ratios", "rank_alpha_view", "rank_alpha_widget", "play", "measured_first_step_change",
+           "check_alpha_for_lr", "fixed_scaling_sizes", "check_update_trend", "dropout_penalty_mc",
            "check_dropout_penalty"]
 
 
@@ -58,6 +57,8 @@ class RegressionTask:
     X_test: torch.Tensor  # (n_test, in)
     Y_test: torch.Tensor  # (n_test, out)
     noise_std: float
+    X_val: torch.Tensor | None = None  # (n_val, in): held out to pick a step and a learning rate
+    Y_val: torch.Tensor | None = None  # (n_val, out)
 
 
 @dataclass
@@ -83,6 +84,9 @@ class LoRARun:
     target_norm: float  # ||dW*||_F
     test_loss: float | None = None  # regression task only: test MSE, dropout off
     train_loss: float | None = None  # regression task only: final training MSE, dropout off
+    val_losses: list[float] | None = None  # task with a validation split: its MSE before each step and after the last
+    best_step: int | None = None  # the step of the lowest validation MSE (0: dW = 0, the frozen layer)
+    early_test_loss: float | None = None  # test MSE of dW as it was at best_step: the run stopped early
 
     final_error = property(lambda self: self.errors[-1])  # ||dW - dW*||_F at the end
     relative_error = property(lambda self: self.errors[-1] / self.target_norm)
@@ -91,9 +95,8 @@ class LoRARun:
 def make_low_rank_target(out_features: int = 64, in_features: int = 64, k: int = 8, seed: int = 0) -> LowRankTarget:
     """A random frozen W0 (N(0, 1/in) entries) and dW* = U diag(s) V^T with random orthonormal U, V and
     s falling evenly from 2.0 to 0.25, so every direction matters."""
-    check_int("out_features", out_features, minimum=1)
-    check_int("in_features", in_features, minimum=1)
-    check_int("k", k, minimum=1)
+    for name, value in (("out_features", out_features), ("in_features", in_features), ("k", k)):
+        check_int(name, value, minimum=1)
     if k > min(out_features, in_features):
         raise ValueError(f"k={k} exceeds min(out_features, in_features) = {min(out_features, in_features)}; "
                          "a target of that rank cannot exist in this shape")
@@ -106,27 +109,31 @@ def make_low_rank_target(out_features: int = 64, in_features: int = 64, k: int =
 
 
 def make_regression_task(target: LowRankTarget, n_train: int, n_test: int = 2048, noise_std: float = 0.5,
-                         seed: int = 0) -> RegressionTask:
-    """Samples x ~ N(0, I) and y = (W0 + dW*) x + noise_std * N(0, I)."""
+                         seed: int = 0, n_val: int = 0) -> RegressionTask:
+    """Samples x ~ N(0, I) and y = (W0 + dW*) x + noise_std * N(0, I); `n_val` > 0 adds a validation split
+    (drawn after the others, so the training and test sets do not depend on it)."""
     check_int("n_train", n_train, minimum=1)
     check_int("n_test", n_test, minimum=1)
     if not noise_std >= 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n_train + n_test, target.in_features, generator=g)  # (n, in)
-    noise = noise_std * torch.randn(n_train + n_test, target.out_features, generator=g)
-    Y = X @ (target.W0 + target.delta).T + noise  # (n, out)
-    return RegressionTask(target, X[:n_train], Y[:n_train], X[n_train:], Y[n_train:], float(noise_std))
 
+    def draw(n):  # X (n, in), Y (n, out)
+        X = torch.randn(n, target.in_features, generator=g)
+        return X, X @ (target.W0 + target.delta).T + noise_std * torch.randn(n, target.out_features, generator=g)
 
-def eckart_young_floor(target: LowRankTarget, r: int) -> float:
-    """The smallest ||dW - dW*||_F any rank-r dW can reach (0 once r >= k)."""
-    return float(low_rank_error(target.singular_values, min(r, target.k), norm="fro"))
+    (X, Y), (X_val, Y_val) = draw(n_train + n_test), draw(n_val) if n_val else (None, None)
+    return RegressionTask(target, X[:n_train], Y[:n_train], X[n_train:], Y[n_train:], float(noise_std), X_val, Y_val)
 
 
 def no_finetuning_loss(task: RegressionTask) -> float:
     """Test MSE of the frozen layer alone (dW = 0): what fine-tuning has to beat."""
-    return (task.X_test @ task.target.W0.T - task.Y_test).square().mean().item()  # (n_test, out)
+    return _mse(task.X_test, task.Y_test, task.target.W0)
+
+
+def _mse(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor) -> float:
+    """Mean squared error of the layer x -> W x on inputs X (n, in) against Y (n, out)."""
+    return (X @ W.T - Y).square().mean().item()  # (n, out) -> ()
 
 
 def _optimizer(layer: LoRALinear, lr: float, lr_B: float, optimizer: str, steps: int, schedule: str):
@@ -145,11 +152,11 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
                seed: int = 0) -> LoRARun:
     """Train a `LoRALinear(r, alpha)` on the frozen W0 (on the CPU) and measure what it learned.
 
-    Without `task` the loss is the matrix loss ||dW - dW*||_F^2 / out; with a `RegressionTask`
-    the training set's mean squared error (full batch). `alpha` defaults to 2 r (scaling 2).
-    `lr_B` gives B its own learning rate (LoRA+). `optimizer`: "adam" or "sgd"; `schedule`:
-    "cosine" (decays to 0, to settle on the optimum) or "constant". `lora_dropout` (task only)
-    drops the adapter's input while training; final losses are measured without it.
+    Without `task` the loss is the matrix loss ||dW - dW*||_F^2 / out; with a `RegressionTask` the training
+    set's MSE (full batch), and with its validation split the step of lowest validation MSE and the test MSE
+    there. `alpha` defaults to 2 r (scaling 2); `lr_B` gives B its own learning rate (LoRA+); `optimizer`
+    "adam" or "sgd"; `schedule` "cosine" (decays to 0) or "constant". `lora_dropout` (task only) drops the
+    adapter's input while training; final losses are measured without it.
     """
     if task is not None and task.target is not target:
         raise ValueError("task was built for a different target; pass task.target as target")
@@ -167,30 +174,44 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
             base.weight.copy_(target.W0)
         layer = LoRALinear.from_linear(base, config)
         opt, sched = _optimizer(layer, lr, lr_B, optimizer, steps, schedule)
-        stats = []  # per step: loss, ||dW - dW*||_F, ||dW||_F, all *before* the step
-        for _ in range(steps):
+        stats, val, best = [], [], None  # stats per step: loss, ||dW - dW*||_F, ||dW||_F, all *before* the step
+        for step in range(steps + 1):
             dW = layer.delta_weight()  # (out, in)
+            if task is not None and task.X_val is not None:
+                val.append(_mse(task.X_val, task.Y_val, target.W0 + dW.detach()))
+                best = (step, dW.detach().clone()) if val[-1] < min(val[:-1], default=math.inf) else best
             residual = dW - target.delta  # (out, in)
-            if task is None:
-                loss = residual.square().sum() / target.out_features
-            else:
-                loss = (layer(task.X_train) - task.Y_train).square().mean()  # (n_train, out) -> ()
+            if step == steps:  # after the last step: its error and size only
+                stats.append(torch.stack([torch.tensor(math.nan), residual.detach().norm(), dW.detach().norm()]))
+                break
+            loss = (residual.square().sum() / target.out_features if task is None
+                    else (layer(task.X_train) - task.Y_train).square().mean())  # (n_train, out) -> ()
             stats.append(torch.stack([loss.detach(), residual.detach().norm(), dW.detach().norm()]))
             optimizer_step(loss, opt, scheduler=sched)
+        dW = dW.detach()
         with torch.no_grad():
-            dW = layer.delta_weight()
-            stats.append(torch.stack([torch.tensor(float("nan")), (dW - target.delta).norm(), dW.norm()]))
             losses, errors, norms = torch.stack(stats).T.tolist()
             layer.eval()  # dropout off: the trained layer as it would be used
             pairs = [] if task is None else [(task.X_test, task.Y_test), (task.X_train, task.Y_train)]
             test_loss, train_loss = [(layer(X) - Y).square().mean().item() for X, Y in pairs] or (None, None)
+            early = None if best is None else _mse(task.X_test, task.Y_test, target.W0 + best[1])
         return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, lr_B=lr_B, use_rslora=use_rslora,
-                       lora_dropout=lora_dropout, steps=steps, losses=losses[:-1], errors=errors,
-                       update_norms=norms, floor=eckart_young_floor(target, r), delta=dW,
+                       lora_dropout=lora_dropout, steps=steps, losses=losses[:-1], errors=errors, update_norms=norms,
+                       floor=float(low_rank_error(target.singular_values, min(r, target.k))), delta=dW,
                        delta_singular_values=singular_values(dW)[:r], trainable_params=count_parameters(layer)[0],
-                       optimizer_state_bytes=optimizer_state_bytes(opt),
-                       target_norm=torch.linalg.matrix_norm(target.delta).item(),
-                       test_loss=test_loss, train_loss=train_loss)
+                       optimizer_state_bytes=optimizer_state_bytes(opt), target_norm=target.delta.norm().item(),
+                       test_loss=test_loss, train_loss=train_loss, val_losses=val or None,
+                       best_step=None if best is None else best[0], early_test_loss=early)
+
+
+def early_stopped(target: LowRankTarget, task: RegressionTask, r: int, lrs, steps: int = 300,
+                  seed: int = 0) -> LoRARun:
+    """A rank at its own swept learning rate, stopped early: of one run per learning rate in `lrs`, the one
+    whose lowest validation error is lowest (its `early_test_loss` is the test error at that step)."""
+    if task.X_val is None:
+        raise ValueError("early stopping needs a validation split: make_regression_task(..., n_val=32)")
+    runs = [train_lora(target, r, lr=lr, steps=steps, task=task, seed=seed) for lr in lrs]
+    return min(runs, key=lambda run: min(run.val_losses))
 
 
 def scaling_sweep(target: LowRankTarget, ranks, alpha: float, lr: float, steps: int,
@@ -218,8 +239,6 @@ def first_step_ratios(sweep: dict) -> list[float]:
     """||dW_1|| under alpha / sqrt(r) over ||dW_1|| under alpha / r, rank by rank, for a `scaling_sweep`.
     Theory: sqrt(r) with Adam (its step carries the scaling once), r with SGD (twice)."""
     plain, rs = sweep["alpha/r"], sweep["alpha/sqrt(r)"]
-    if len(plain) != len(rs) or any(a.r != b.r or a.use_rslora or not b.use_rslora for a, b in zip(plain, rs)):
-        raise ValueError("pass a scaling_sweep result: the same ranks under alpha / r and alpha / sqrt(r)")
     return [b.update_norms[1] / a.update_norms[1] for a, b in zip(plain, rs)]
 
 
@@ -227,19 +246,16 @@ def first_step_ratios(sweep: dict) -> list[float]:
 
 def rank_alpha_view(r: int = 4, alpha: float = 8.0, lr: float = 0.03, use_rslora: bool = False,
                     steps: int = 150, target: LowRankTarget | None = None) -> dict:
-    """Train LoRA on the known target (`train_lora`) and return what the widget draws: the loss
-    curve, the error against the Eckart-Young floor, the learned and the target singular values."""
+    """What the widget draws for one `train_lora` run: loss curve, floor, learned and target singular values."""
     target = make_low_rank_target() if target is None else target  # the notebook's 64 x 64 target of rank 8
     run = train_lora(target, r, alpha, lr, steps, use_rslora=use_rslora)
-    return {
-        "r": r, "alpha": alpha, "scaling": run.scaling, "losses": run.losses,  # ||dW - dW*||_F^2 / out per step
-        "final_error": run.final_error, "floor": run.floor, "relative_error": run.relative_error,
-        "floor_loss": run.floor ** 2 / target.out_features,
-        "learned_singular_values": run.delta_singular_values.tolist(),  # (r,)
-        "target_singular_values": target.singular_values.tolist(),  # (k,)
-        "title": (f"r={r}, alpha={alpha:g}, scaling={run.scaling:.3g}: ||dW - dW*|| = "
-                  f"{run.final_error:.3f} (floor {run.floor:.3f})"),
-    }
+    return {"r": r, "alpha": alpha, "scaling": run.scaling, "losses": run.losses,  # ||dW - dW*||_F^2 / out per step
+            "final_error": run.final_error, "floor": run.floor, "relative_error": run.relative_error,
+            "floor_loss": run.floor ** 2 / target.out_features,
+            "learned_singular_values": run.delta_singular_values.tolist(),  # (r,)
+            "target_singular_values": target.singular_values.tolist(),  # (k,)
+            "title": f"r={r}, alpha={alpha:g}, scaling={run.scaling:.3g}: ||dW - dW*|| = {run.final_error:.3f} "
+                     f"(floor {run.floor:.3f})"}
 
 
 def rank_alpha_widget(target: LowRankTarget | None = None, r: int = 4, alpha: float = 8.0, lr: float = 0.03,
@@ -264,59 +280,51 @@ def rank_alpha_widget(target: LowRankTarget | None = None, r: int = 4, alpha: fl
         plt.show()
         return view
 
-    slider = dict(continuous_update=False)
-    return w.interactive(
-        show,
-        r=w.IntSlider(value=r, min=1, max=max_r, step=1, description="rank r", **slider),
-        alpha=w.FloatLogSlider(value=alpha, base=2, min=0, max=7, step=0.5, description="alpha", **slider),
-        lr=w.FloatLogSlider(value=lr, base=10, min=-4, max=-0.5, step=0.25, description="lr", **slider),
-        use_rslora=w.Checkbox(value=False, description="rsLoRA: alpha/sqrt(r)"),
-    )
+    log = lambda **kw: w.FloatLogSlider(continuous_update=False, **kw)  # noqa: E731
+    return w.interactive(show, r=w.IntSlider(value=r, min=1, max=max_r, description="rank r", continuous_update=False),
+                         alpha=log(value=alpha, base=2, min=0, max=7, step=0.5, description="alpha"),
+                         lr=log(value=lr, base=10, min=-4, max=-0.5, step=0.25, description="lr"),
+                         use_rslora=w.Checkbox(value=False, description="rsLoRA: alpha/sqrt(r)"))
 
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def measured_first_step_ratio(target: LowRankTarget, r: int, optimizer: str, p: float, alpha: float = 8.0) -> float:
-    """||dW_1|| under scaling alpha / r**p over ||dW_1|| under alpha / r (same alpha, seed and lr), measured
-    by one training step each (alpha / r**p is what alpha * r**(1 - p) gives under alpha / r)."""
+def measured_first_step_change(target: LowRankTarget, c: float, optimizer: str, r: int = 8,
+                               alpha: float = 16.0) -> float:
+    """||dW_1|| with alpha * c and the learning rate / c, over ||dW_1|| with alpha and the learning rate (same
+    rank and seed), measured by one training step of each."""
     lr = 1e-3 if optimizer == "adam" else 0.5
-    new, old = (train_lora(target, r, a, lr, 1, optimizer=optimizer, schedule="constant")
-                for a in (alpha * r ** (1 - p), alpha))
+    new, old = (train_lora(target, r, a, rate, 1, optimizer=optimizer, schedule="constant")
+                for a, rate in ((alpha * c, lr / c), (alpha, lr)))
     return new.update_norms[1] / old.update_norms[1]
 
 
-def _first_step_ratio(fn, target: LowRankTarget) -> str:
-    cases = [(r, opt, p) for opt in ("adam", "sgd") for p in (0.5, 0.0) for r in (2, 8, 32)]
-    got = [call_number("first_step_ratio", fn, *case) for case in cases]
-    want = [measured_first_step_ratio(target, *case) for case in cases]
+def _alpha_for_lr(fn, target: LowRankTarget) -> str:
+    cases = [(c, opt) for opt in ("adam", "sgd") for c in (2.0, 4.0, 0.5)]
+    got = [call_number("first_step_change", fn, *case) for case in cases]
+    want = {case: measured_first_step_change(target, *case) for case in cases}
 
-    def fits(values, where=lambda case: True):
-        return all(close_to(v, x, 1e-2) for case, v, x in zip(cases, values, want) if where(case))
+    def fits(opt):  # your numbers match the measured ones for this optimizer
+        return all(close_to(g, want[c, o], 1e-2) for (c, o), g in zip(cases, got) if o == opt)
 
-    adam, sgd = (lambda case: case[1] == "adam"), (lambda case: case[1] == "sgd")
-    if fits(got):
-        return ("your ratios match the measured first steps for Adam and SGD at p = 0.5 (rsLoRA) and p = 0: "
-                "Adam's step carries the scaling once, SGD's twice.")
-    if fits(got, adam) and fits([g * g for g in got], sgd):
-        raise Problem("right for Adam, too small for SGD: with SGD the gradient of B already carries the scaling, "
-                      "and dW = scaling * B A multiplies by it again.")
-    if fits(got, sgd) and fits([math.sqrt(abs(g)) for g in got], adam):
-        raise Problem("right for SGD, too large for Adam: Adam divides each gradient by its own size, so its "
-                      "first step on B does not depend on the scaling.")
-    if fits([1 / g if g else math.inf for g in got]):
-        raise Problem("upside down: that is alpha / r over alpha / r**p. For p < 1 the new rule's scaling is the "
-                      "larger one.")
-    if fits(got, lambda case: case[2] == 0.5):
-        raise Problem("right at p = 0.5 only; write the ratio for any power p of r in the scaling.")
-    (r, opt, p), g, x = next((c, g, x) for c, g, x in zip(cases, got, want) if not close_to(g, x, 1e-2))
-    raise Problem(f"at r={r}, {opt}, p={p:g} you predict {g:.3g}; one measured step gives {x:.3g}. Write the "
-                  "scaling ratio first, then ask how often it multiplies the first step.")
+    if fits("adam") and fits("sgd"):
+        return ("measured: Adam's first step is unchanged, SGD's grows by c. Adam's step carries the scaling and lr "
+                "once each, so they cancel; SGD's gradient carries the scaling again: alpha acts as a learning rate "
+                "under Adam only.")
+    if fits("adam"):
+        raise Problem("right for Adam. With SGD, B's gradient is scaling * G A^T, and dW = scaling * B A: "
+                      "the scaling enters twice, the learning rate once.")
+    if fits("sgd"):
+        raise Problem("right for SGD. Adam divides each gradient by its own size, so its first step moves each "
+                      "entry of B by lr whatever the scaling; dW = scaling * B A then carries the scaling once.")
+    (c, opt), g = next((case, g) for case, g in zip(cases, got) if not close_to(g, want[case], 1e-2))
+    raise Problem(f"at c={c:g}, {opt}: you predict {g:.3g}; one measured step gives {want[c, opt]:.3g}. Write "
+                  "||dW_1|| as a power of lr times a power of the scaling, for each optimizer (section 4).")
 
 
-def check_first_step_ratio(fn, target: LowRankTarget) -> bool:
-    """Exercise: `fn(r, optimizer, p)` predicts ||dW_1|| under alpha / r**p over ||dW_1|| under alpha / r;
-    checked against one-step runs on `target`."""
-    return verdict(_first_step_ratio, fn, target)
+def check_alpha_for_lr(fn, target: LowRankTarget) -> bool:
+    """Exercise: `fn(c, optimizer)` predicts ||dW_1|| at (alpha c, lr / c) over at (alpha, lr); measured on `target`."""
+    return verdict(_alpha_for_lr, fn, target)
 
 
 def fixed_scaling_sizes(target: LowRankTarget, ranks, lr: float = 1e-3, steps: int = 10) -> list[float]:
@@ -334,11 +342,10 @@ def _update_trend(prediction, target: LowRankTarget, ranks) -> str:
     what = ("measured ||dW||_F after 10 steps, " + ", ".join(f"r={r}: {s:.3f}" for r, s in zip(ranks, sizes))
             + f", about r^{slope:+.1f}: it {measured}s.")
     if word != measured:
-        raise Problem(f"you predicted it {word}s; {what} Section 4's shrinking came from alpha / r; with the "
-                      "scaling held at 2, ask what the rank does to dW = scaling * B A itself.")
-    return (f"{what} With the scaling fixed, section 4's shrinking was alpha / r's doing. What is left comes from "
-            "the product: Adam moves every entry of B by about lr, so dW = scaling * B A adds up r rank-one pieces "
-            "of a fixed size.")
+        raise Problem(f"you predicted it {word}s; {what} With the scaling held at 2, ask what the rank does to "
+                      "dW = scaling * B A itself.")
+    return (f"{what} Section 4's shrinking was alpha / r's doing. What is left comes from the product: Adam moves "
+            "every entry of B by about lr, so dW = scaling * B A adds up r rank-one pieces of a fixed size.")
 
 
 def check_update_trend(prediction, target: LowRankTarget, ranks) -> bool:
@@ -351,8 +358,7 @@ def check_update_trend(prediction, target: LowRankTarget, ranks) -> bool:
 def dropout_penalty_mc(delta: torch.Tensor, X: torch.Tensor, p: float, masks: int = 4000, seed: int = 0) -> float:
     """How much `LoRALinear`'s own dropout raises the mean squared error of an adapter whose update is
     `delta` (out, in), on inputs `X` (n, in): averaged over `masks` random masks, no formula."""
-    out_features, in_features = delta.shape
-    r = min(out_features, in_features)
+    (out_features, in_features), r = delta.shape, min(delta.shape)
     layer = LoRALinear(in_features, out_features, r=r, alpha=r, lora_dropout=p, bias=False)  # scaling 1
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, r), (r,), (r, in)
     with torch.no_grad():
@@ -372,19 +378,15 @@ def _dropout_penalty(fn) -> str:
     per_column = (delta.square().sum(0) * X.square().mean(0)).sum().item()  # sum_j ||dW[:, j]||^2 mean(x_j^2)
     got = [call_number("dropout_penalty", fn, delta.clone(), X.clone(), p) for p in (0.1, 0.5)]  # fn may edit
 
-    def fits(values):
-        return all(close_to(a, b, 1e-4) for a, b in zip(got, values))
-
+    fits = lambda values: all(close_to(a, b, 1e-4) for a, b in zip(got, values))  # noqa: E731
     want = [p / (1 - p) * per_column / out for p in (0.1, 0.5)]
     if fits(want):
         return ("dropout adds p / (1 - p) * sum_j ||dW[:, j]||^2 x_j^2, averaged: a penalty that pulls dW toward 0, "
                 "hardest on the columns of the largest inputs.")
     if fits([p * per_column / out for p in (0.1, 0.5)]):
-        raise Problem("close: the kept inputs are divided by 1 - p, which makes each dropped entry's variance "
-                      "larger than p.")
+        raise Problem("close: the kept inputs are divided by 1 - p, which makes each entry's variance larger than p.")
     if fits([p / (1 - p) * delta.square().sum().item() * X.square().mean().item() / out for p in (0.1, 0.5)]):
-        raise Problem("each column of dW is weighted by the size of its own input feature, not by the average "
-                      "over all features.")
+        raise Problem("each column of dW is weighted by the size of its own input feature, not by their average.")
     if any(fits([v * m for v in want]) for m in (out, n, out * n)):
         raise Problem("right shape, wrong normaliser: the error is a mean over examples and outputs.")
     raise Problem(f"at p=0.5 you say {got[1]:.4g}. Write drop(x) = x + (drop(x) - x): the error splits into the "
@@ -392,6 +394,5 @@ def _dropout_penalty(fn) -> str:
 
 
 def check_dropout_penalty(fn) -> bool:
-    """Exercise: `fn(delta, X, p)`, how much dropout p on the adapter's input raises the expected mean
-    squared error, for an update `delta` (out, in) on inputs `X` (n, in)."""
+    """Exercise: `fn(delta, X, p)`, how much dropout p on the adapter's input raises the expected MSE of `delta`."""
     return verdict(_dropout_penalty, fn)

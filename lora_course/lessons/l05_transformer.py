@@ -1,5 +1,4 @@
-"""Notebook 05 (LoRA in a transformer): the block picture, the build step's reference, the memory pictures
-and sliders, the exercise checkers, and `play` (from `common`) for the notebook."""
+"""Notebook 05 (LoRA in a transformer): the block picture, the build step's reference, memory pictures, checkers."""
 
 from __future__ import annotations
 
@@ -10,16 +9,17 @@ from matplotlib.patches import Rectangle
 
 from ..fused import FusedLoRALinear
 from ..layers import linear_features
-from ..lora import LoRALinear, add_lora
-from ..memory import compare_budgets, measure_training_peak
+from ..lora import LoRALinear, add_lora, matches_target
+from ..memory import compare_budgets
 from ..models import toy_gpt2
-from ..skeletons import MODEL_PRESETS, llama_7b_config, meta_lora_counts, preset_shape
+from ..skeletons import MODEL_PRESETS, preset_shape
+from ..train import measure_training_peak
 from ..validate import is_int
 from .common import Problem, call, is_blank, not_filled_in, play, verdict
 
 __all__ = ["MEMORY_TARGETS", "BUDGET_COLORS", "draw_gpt2_block", "row_runs", "fused_delta", "check_fused_delta",
-           "draw_budgets", "draw_peaks", "memory_budget_view", "memory_budget_widget", "check_llama_qkvo_params",
-           "check_saving_prediction", "play"]
+           "draw_budgets", "draw_peaks", "memory_budget_view", "memory_budget_widget", "TARGET_QUIZ",
+           "check_targets_prediction", "check_saving_prediction", "play"]
 
 
 # ----------------------------------------------------------------------------- a GPT-2 block, drawn (bottom up)
@@ -57,11 +57,8 @@ def _draw_lora_layer(ax, part, module, x0, width, side, y) -> list[tuple[int, in
 
 
 def draw_gpt2_block(model: torch.nn.Module, block: int = 0) -> dict[str, list[tuple[int, int]]]:
-    """Draw block `block` of a GPT-2 (`GPT2LMHeadModel`; the meta device will do) and the LoRA adapters in it.
-
-    Names, layer types and shapes are read from the model; a `FusedLoRALinear` is split into its output
-    slices, the enabled ones orange. Returns, per adapted layer (full name), the rows [start, stop) drawn as adapted.
-    """
+    """Draw block `block` of a GPT-2 (the meta device will do) and its LoRA adapters, as read from the model (a fused
+    layer split into its output slices, enabled ones orange); returns per adapted layer the rows [start, stop) drawn."""
     prefix, (d, n_head) = f"transformer.h.{block}", (model.config.n_embd, model.config.n_head)
     h = model.get_submodule(prefix)
     fig, ax = plt.subplots(figsize=(10, 7.5))
@@ -110,12 +107,11 @@ def row_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2]))
 
 
-
 # ----------------------------------------------------------------------------- build step: a fused layer's update
 
 def fused_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, enable_lora, scaling: float) -> torch.Tensor:
     """The reference: a fused layer's whole dW (out, in), scaling * B_i A_i in enabled slice i's rows, zeros in a
-    disabled slice's. lora_A (k r, in) and lora_B (k s, r) stack the k enabled slices' A_i and B_i."""
+    disabled slice's. lora_A (m r, in) and lora_B (m s, r) stack the m enabled slices' A_i and B_i."""
     enabled = [i for i, on in enumerate(enable_lora) if on]
     r, s = lora_A.shape[0] // len(enabled), lora_B.shape[0] // len(enabled)
     dW = lora_A.new_zeros(len(enable_lora) * s, lora_A.shape[1])  # (out, in): disabled slices stay zero
@@ -149,7 +145,7 @@ def _fused_hint(got: torch.Tensor, A, B, enable, scaling, want: torch.Tensor) ->
         return ("you wrote the enabled slices one after another; slice i belongs at rows i x slice_size, so v sits "
                 "after k's rows, which stay zero")
     if (got[~on] != 0).any():
-        return "the rows of a disabled slice (k) must be exactly zero: no adapter writes to them"
+        return "the rows of a disabled slice must be exactly zero: no adapter writes to them"
     return ("slice i gets B_i A_i, where A_i is the next block of r rows of lora_A and B_i the next block of "
             "slice_size rows of lora_B (one block per enabled slice, in order)")
 
@@ -217,8 +213,7 @@ def draw_peaks(runs: dict[str, dict[str, tuple]]) -> dict[str, dict[str, dict[st
 
 def memory_budget_view(model: str = "LLaMA-7B", r: int = 8, targets: str = "q, v", precision: str = "fp16",
                        master_weights: bool = False) -> dict:
-    """`compare_budgets` for a model counted on the meta device, plus the widget's "bars" ({budget: {part: GB}})
-    and "title". Activations are left out."""
+    """`compare_budgets` (no activations) for a meta-counted model, plus the widget's "bars" ({budget: {part: GB}})."""
     if targets not in MEMORY_TARGETS:
         raise ValueError(f"targets must be one of {list(MEMORY_TARGETS)}, got {targets!r}")
     n_params, d, layers = preset_shape(model)
@@ -241,35 +236,40 @@ def memory_budget_widget(model: str = "LLaMA-7B", r: int = 8, targets: str = "q,
         plt.tight_layout()
         plt.show()
 
-    return w.interactive(
-        show,
-        model=w.SelectionSlider(options=list(MODEL_PRESETS), value=model, description="model"),
-        r=w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=r, description="r"),
-        targets=w.SelectionSlider(options=list(MEMORY_TARGETS), value=targets, description="targets"),
-        precision=w.ToggleButtons(options=["fp32", "bf16", "fp16"], value=precision, description="precision"),
-        master_weights=w.Checkbox(value=False, description="fp32 master weights"),
-    )
+    return w.interactive(show, model=w.SelectionSlider(options=list(MODEL_PRESETS), value=model, description="model"),
+                         r=w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=r, description="r"),
+                         targets=w.SelectionSlider(options=list(MEMORY_TARGETS), value=targets, description="targets"),
+                         precision=w.ToggleButtons(options=["fp32", "bf16", "fp16"], value=precision,
+                                                   description="precision"),
+                         master_weights=w.Checkbox(value=False, description="fp32 master weights"))
 
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def _qkvo_params(answer) -> str:
-    if not is_int(answer):
-        raise Problem(f"you gave {answer!r}; answer with a whole number of parameters (an int).")
-    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    truth = meta_lora_counts(llama_7b_config(), lambda m: add_lora(m, qkvo, r=16))["trainable"]  # on the meta device
-    if answer != truth:
-        raise Problem(f"you gave {answer:,d}" + (", half the count: each adapted weight has two factors, A (r x d_in) "
-                      "and B (d_out x r)." if answer == truth // 2 else ". Each adapted (d_out x d_in) weight adds "
-                      "r (d_in + d_out); count layers and targets."))
-    return f"{truth:,d} = 32 layers x 4 projections x r (d_in + d_out)."
+_QUIZ = ((["mlp.c_proj"], "a list entry matches a dotted suffix: the MLP's c_proj, not attention's"),  # exercise 2
+         ("c_attn", "a single string is a regex on the whole name, and no full name is just c_attn"),
+         (["h.1.attn.c_attn"], "a suffix starts after a dot: block 11's name ends in .h.11.attn.c_attn"),
+         (r".*\.(c_fc|c_proj)", "a regex on the whole name: c_fc and both c_proj, in every block"))
+TARGET_QUIZ = tuple(t for t, _ in _QUIZ)  # the target_modules whose matches the learner predicts
 
 
-def check_llama_qkvo_params(answer) -> bool:
-    """Exercise 2: trainable parameters of LoRA r=16 on q_proj, k_proj, v_proj, o_proj of LLaMA-7B."""
-    if is_blank(answer):
-        return not_filled_in("the number of trainable parameters (an int)")
-    return verdict(_qkvo_params, answer)
+def _targets_prediction(answer, names: list[str]) -> str:
+    if not isinstance(answer, (list, tuple)) or len(answer) != len(TARGET_QUIZ) or not all(map(is_int, answer)):
+        raise Problem(f"answer with a list of {len(TARGET_QUIZ)} whole numbers, not {answer!r}.")
+    measured = [sum(matches_target(n, t) for n in names) for t in TARGET_QUIZ]  # add_lora's rule, on the real names
+    said = "; ".join(f"{t} picks {m}" if isinstance(t, list) else f'"{t}" picks {m}'
+                     for t, m in zip(TARGET_QUIZ, measured))
+    wrong = [i for i, (a, m) in enumerate(zip(answer, measured)) if a != m]
+    if wrong:
+        raise Problem(f"{len(wrong)} of {len(measured)} differ. Measured: {said}. First miss: {_QUIZ[wrong[0]][1]}.")
+    return f"measured on the model's names: {said}."
+
+
+def check_targets_prediction(answer, names: list[str]) -> bool:
+    """Exercise 2, predict then measure: how many of `names` each of `TARGET_QUIZ` picks, by PEFT's rule."""
+    if is_blank(answer) or isinstance(answer, (list, tuple)) and any(map(is_blank, answer)):
+        return not_filled_in("answer: one number of layers per target_modules")
+    return verdict(_targets_prediction, answer, list(names))
 
 
 def _saving_prediction(prediction, config, targets, r: int, seq_len: int, batches) -> str:

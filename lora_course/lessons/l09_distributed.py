@@ -1,7 +1,5 @@
 """Notebook 09 (LoRA beyond one process): the hook's check (the reference is the library's), pictures, checkers."""
 
-from __future__ import annotations
-
 import copy
 import functools
 import itertools
@@ -11,19 +9,22 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import Patch
 
-from ..distributed import Collective, Link, collective_seconds, counting_allreduce, measure_ddp, ring_schedule
+from ..distributed import Link, counting_allreduce, measure_ddp, ring_schedule
 from ..lora import add_lora, count_parameters
 from ..models import load_model, toy_gpt2, toy_gpt2_config
-from .common import Problem, call_number, close_to, is_blank, not_filled_in, verdict
+from ..validate import is_number
+from .common import Problem, close_to, is_blank, not_filled_in, verdict
 
 __all__ = ["counting_allreduce", "check_comm_hook", "shipped_ddp_bytes", "draw_ring_allreduce", "draw_fsdp_step",
-           "draw_losses", "draw_scale", "scale_widget", "check_bytes_prediction", "check_ring_time"]
+           "draw_losses", "draw_scale", "scale_widget", "check_token_prediction", "check_scaling_prediction"]
 
 ROWS = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))  # (B, T): 2 ranks x 2 rows
 
 
-def _toy_lora():
-    return add_lora(toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32), seed=0), ["c_attn"], r=4)
+def _toy_lora():  # the same LoRA model in every process and every call: A's init is seeded too
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return add_lora(toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32), seed=0), ["c_attn"], r=4)
 
 
 def check_comm_hook(hook) -> str:
@@ -60,10 +61,9 @@ def _shipped():
 
 def shipped_ddp_bytes(hook, targets=("c_attn",), r: int = 8) -> tuple[int, int]:
     """(bytes one DDP step with `hook` all-reduces, trainable parameters): shipped GPT-2, LoRA on `targets` or full."""
-    def build():
+    def build():  # the same model on every rank: LoRA on `targets`, or all of it trainable
         model = copy.deepcopy(_shipped())
         return model.requires_grad_(True) if targets is None else add_lora(model, list(targets), r=r)
-
     return measure_ddp(build, ROWS, hook).bytes_per_step[0][0], count_parameters(build())[0]
 
 
@@ -99,9 +99,8 @@ def draw_fsdp_step(counts: dict, n_blocks: int = 3):
             ax.barh(y, width, left=x, color=colors[kind], edgecolor="k", linewidth=0.3)
             ax.text(x + width / 2, y, label, ha="center", va="center", fontsize=7)
             x += width
-    ax.set(yticks=[0, 1], yticklabels=["LoRA", "full"], xticks=[], xlabel="time (bytes for the collectives)",
-           title="FSDP per block: gather the weights, compute, free them; backward: gather again, compute, "
-                 "reduce-scatter the gradients")
+    ax.set(yticks=[0, 1], yticklabels=["LoRA", "full"], xticks=[], xlabel="time (bytes for the collectives)", title=(
+        "FSDP per block: gather the weights, compute, free them; backward: gather again, compute, reduce-scatter"))
     ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], fontsize=8, ncol=3, loc="upper center",
               bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
@@ -124,9 +123,8 @@ def draw_scale(rows: list[dict], link: str, ax=None):
     """Per model: compute time against one link's communication time, for each method and engine (log scale)."""
     ax = ax or plt.subplots(figsize=(9, 3.4))[1]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    kinds = [("full", "DDP"), ("full", "FSDP"), ("lora", "DDP"), ("lora", "FSDP")]
     xs = range(len(models))
-    for k, (method, engine) in enumerate(kinds):
+    for k, (method, engine) in enumerate([("full", "DDP"), ("full", "FSDP"), ("lora", "DDP"), ("lora", "FSDP")]):
         mine = [next(r for r in rows if (r["model"], r["method"], r["engine"]) == (m, method, engine)) for m in models]
         ax.bar([i + 0.2 * k - 0.3 for i in xs], [r[f"s[{link}]"] for r in mine], width=0.2, color=f"C{k}",
                label=f"{method} {engine}", hatch=["//" if engine == "DDP" and not r["fits"] else "" for r in mine])
@@ -134,7 +132,7 @@ def draw_scale(rows: list[dict], link: str, ax=None):
             ax.hlines([r["compute_s"] for r in mine], [i - 0.4 for i in xs], [i + 0.4 for i in xs], colors="k",
                       linestyles="--" if k else "-", label=f"{method} compute")
     ax.set(xticks=range(len(models)), xticklabels=models, yscale="log", ylabel="seconds per step",
-           title=f"communication per step over {link} (hatched: a replica too big for DDP)")
+           title=f"communication per step over {link} (hatched: weights, gradients, AdamW state too big for DDP)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax
@@ -154,47 +152,48 @@ def scale_widget(table, world_size: int = 8, bandwidth_gbs: float = 12.5, latenc
 
 
 # ----------------------------------------------------------------------------- exercise checkers
-
-def check_bytes_prediction(answer, hook) -> bool:
-    """Exercise 1: predict the bytes DDP all-reduces per step with LoRA r = 8 on c_attn and c_fc; measured here."""
-    if is_blank(answer):
-        return not_filled_in("your prediction (a number of bytes)")
-    return verdict(_compare_bytes, answer, *shipped_ddp_bytes(hook, ("c_attn", "c_fc")), shipped_ddp_bytes(hook)[0])
-
-
-def _compare_bytes(answer, measured: int, trainable: int, before: int) -> str:
-    try:
-        got = float(answer)
-    except (TypeError, ValueError):
-        raise Problem(f"give one number of bytes, not {type(answer).__name__}") from None
-    if got == measured:
-        return (f"measured {measured:,d} bytes per step: c_attn's {before:,d} plus c_fc's {measured - before:,d}, "
-                f"{trainable:,d} trainable parameters x 4 bytes.")
-    hint = {trainable: "that is the number of trainable parameters; each fp32 gradient is 4 bytes",
-            measured - before: "that is c_fc's adapters alone; c_attn's still send theirs",
-            before: "that is c_attn alone; c_fc's adapters add their gradients to the all-reduce"}.get(
-        got, "each adapted layer sends r (d_in + d_out) gradients of 4 bytes")
-    raise Problem(f"you predicted {got:,.0f}, DDP all-reduced {measured:,d} bytes per step: {hint}.")
+def _token_prediction(prediction, hook) -> str:
+    if (word := prediction.strip().lower() if isinstance(prediction, str) else None) not in ("equal", "different"):
+        raise Problem(f'predict with one word, "equal" or "different", not {prediction!r}.')
+    labels = ROWS.clone()
+    labels[2:, 4:] = -100  # rank 1's rows keep 3 target tokens each (positions 1..3), rank 0's all 15
+    ddp = measure_ddp(_toy_lora, ROWS, hook, labels=labels).grads  # 2 ranks, each the mean over its own targets
+    (model := _toy_lora().train())(input_ids=ROWS, labels=labels).loss.backward()  # one process: all 36 targets
+    pairs = [(ddp[n].flatten(), p.grad.flatten()) for n, p in model.named_parameters() if p.requires_grad]
+    gap = (torch.cat([a - b for a, b in pairs]).norm() / torch.cat([b for _, b in pairs]).norm()).item()
+    measured = "equal" if gap < 1e-4 else "different"  # gap: |DDP's gradient - one process's| / |one process's|
+    what = f"measured, DDP's gradients differ from one process's by {gap:.0%} of their norm: {measured}."
+    if word != measured:
+        raise Problem(f"you predicted {word}; {what} Each rank's loss is a mean over its own target tokens.")
+    return (f"{what} Each rank averages over its own targets and DDP averages the ranks, so each of rank 1's 6 "
+            "tokens weighs 5x one of rank 0's 30. Weight each rank's loss by its share of all the target tokens.")
 
 
-def check_ring_time(fn) -> bool:
-    """Exercise 2: the learner's `ring_time(nbytes, world_size, bandwidth, latency)`, the alpha-beta all-reduce."""
-    if is_blank(fn) or not callable(fn):
-        return not_filled_in("the function ring_time")
-    return verdict(_check_ring_time, fn)
+def check_token_prediction(prediction, hook) -> bool:
+    """Exercise 1: with uneven target tokens per rank, are DDP's gradients still one process's? Measured here."""
+    if is_blank(prediction):
+        return not_filled_in('my_prediction: "equal" or "different"')
+    return verdict(_token_prediction, prediction, hook)
 
 
-def _check_ring_time(fn) -> str:
-    cases = [(1e9, 4, 10e9, 0.0), (8.4e6, 8, 12.5e9, 14e-6), (5.9e5, 8, 450e9, 3.4e-6), (5e8, 1, 1e9, 1e-5)]
-    for nbytes, n, bw, lat in cases:
-        got = call_number("your ring_time", fn, nbytes, n, bw, lat)
-        want = collective_seconds(Collective("all-reduce", int(nbytes)), n, Link(bw, lat, base_latency=0.0))
-        if close_to(got, want, rel=1e-6, floor=1e-12):
-            continue
-        where = f"for {nbytes:g} bytes, N = {n}, {bw:g} B/s, {lat:g} s per step"
-        if close_to(got, want - 2 * (n - 1) * lat, rel=1e-6, floor=1e-12):
-            raise Problem(f"{where}: that leaves out the latency, one per step, 2 (N-1) steps")
-        if close_to(got, 2 * nbytes / bw + 2 * (n - 1) * lat, rel=1e-6):
-            raise Problem(f"{where}: each step sends bytes / N, not all of it: 2 (N-1)/N x bytes in all")
-        raise Problem(f"{where} you gave {got:.4g} s, expected {want:.4g} s")
-    return f"all {len(cases)} cases equal 2 (N-1) x latency + 2 (N-1)/N x bytes / bandwidth (N = 1: 0 s)."
+def _scaling_prediction(answer, table) -> str:
+    if not isinstance(answer, (list, tuple)) or len(answer) != 2 or not all(map(is_number, answer)):
+        raise Problem(f"give two numbers, the growth factors of the two rows, not {answer!r}.")
+    keys, link = (("LLaMA-7B", "lora", "DDP"), ("LLaMA-7B", "full", "FSDP")), "s[Ethernet 100 Gb/s]"
+    times = [[next(r[link] for r in table(world_size=n) if (r["model"], r["method"], r["engine"]) == key)
+              for key in keys] for n in (8, 64)]
+    growth = [b / a for a, b in zip(*times)]
+    said = f"the model gives x{growth[0]:.2f} for LoRA under DDP and x{growth[1]:.2f} for full FSDP"
+    if not close_to(answer[0], growth[0], 0.25):
+        raise Problem(f"{said}. LoRA's 8 MB all-reduce is mostly latency: 2 (N-1) ring steps of 14 us each.")
+    if not close_to(answer[1], growth[1], 0.25):
+        raise Problem(f"{said}. FSDP's ~40 GB is mostly bandwidth: each rank sends (N-1)/N of it, barely more at 64.")
+    return (f"{said}. Latency grows with the ring's steps, 2 (N-1); the bytes each rank sends, 2 (N-1)/N of the "
+            "payload, barely grow: LoRA's small all-reduce follows the latency, FSDP's gathers the bandwidth.")
+
+
+def check_scaling_prediction(answer, table) -> bool:
+    """Exercise 2: predict how much two rows' communication time grows from 8 to 64 ranks (`scale_table`)."""
+    if is_blank(answer) or isinstance(answer, (list, tuple)) and any(map(is_blank, answer)):
+        return not_filled_in("answer: two growth factors")
+    return verdict(_scaling_prediction, answer, table)

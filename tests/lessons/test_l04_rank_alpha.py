@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from lora_course.lessons.l04_rank_alpha import (
-    eckart_young_floor,
+    early_stopped,
     first_step_ratios,
     loglog_slope,
     make_low_rank_target,
     make_regression_task,
+    no_finetuning_loss,
     scaling_sweep,
     train_lora,
 )
@@ -42,12 +43,12 @@ def test_bad_targets_are_refused(kwargs, match):
         make_low_rank_target(**kwargs)
 
 
-def test_floor_is_the_error_of_the_best_rank_r_matrix(target):
-    for r in range(0, target.k + 3):
+def test_a_runs_floor_is_the_error_of_the_best_rank_r_matrix(target):
+    for r in (1, 3, target.k, target.k + 2):
         best = best_rank_r(target.delta, min(r, 32))
         exact = torch.linalg.matrix_norm(target.delta - best).item()
-        assert eckart_young_floor(target, r) == pytest.approx(exact, abs=1e-4)
-    assert eckart_young_floor(target, target.k) == 0.0
+        assert train_lora(target, r, lr=1e-2, steps=1).floor == pytest.approx(exact, abs=1e-4)
+    assert train_lora(target, target.k, lr=1e-2, steps=1).floor == 0.0
 
 
 @pytest.mark.parametrize("r", [1, 2, 4])
@@ -111,15 +112,6 @@ def test_first_step_ratios_follow_the_scaling_law(target):
     sgd = scaling_sweep(target, ranks, alpha=8, lr=0.5, steps=1, optimizer="sgd")
     assert first_step_ratios(adam) == pytest.approx([math.sqrt(r) for r in ranks], rel=1e-3)
     assert first_step_ratios(sgd) == pytest.approx([float(r) for r in ranks], rel=1e-3)
-
-
-def test_ratios_refuse_what_is_not_a_scaling_sweep(target):
-    sweep = scaling_sweep(target, [1, 2], alpha=8, lr=1e-3, steps=5)
-    for bad in ({"alpha/r": sweep["alpha/r"], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"][:1]},  # ranks differ
-                {"alpha/r": sweep["alpha/r"][::-1], "alpha/sqrt(r)": sweep["alpha/sqrt(r)"]},
-                {"alpha/r": sweep["alpha/sqrt(r)"], "alpha/sqrt(r)": sweep["alpha/r"]}):  # rules swapped
-        with pytest.raises(ValueError, match="pass a scaling_sweep result"):
-            first_step_ratios(bad)
 
 
 def test_loraplus_gives_B_its_own_learning_rate(target):
@@ -222,11 +214,42 @@ def test_no_finetuning_loss_is_noise_plus_the_whole_target(target):
     assert no_finetuning_loss(task) == pytest.approx(expected, rel=0.03)
 
 
-@pytest.mark.parametrize("optimizer, power", [("adam", 1), ("sgd", 2)])
-def test_measured_first_step_ratio_is_the_scaling_ratio_to_the_optimizers_power(target, optimizer, power):
-    from lora_course.lessons.l04_rank_alpha import measured_first_step_ratio
+@pytest.mark.parametrize("optimizer, power", [("adam", 0), ("sgd", 1)])
+def test_trading_alpha_for_lr_changes_the_first_step_by_c_to_the_optimizers_power(target, optimizer, power):
+    """Adam's first step goes as lr * scaling, SGD's as lr * scaling^2: (alpha c, lr / c) gives c^0 and c^1."""
+    from lora_course.lessons.l04_rank_alpha import measured_first_step_change
 
-    for r in (4, 16):
-        for p in (0.0, 0.5, 1.0):
-            ratio = measured_first_step_ratio(target, r, optimizer, p)
-            assert ratio == pytest.approx((r ** (1 - p)) ** power, rel=1e-3)
+    for c in (0.5, 3.0):
+        assert measured_first_step_change(target, c, optimizer) == pytest.approx(c ** power, rel=1e-3)
+        assert measured_first_step_change(target, c, optimizer, r=2, alpha=3.0) == pytest.approx(c ** power, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- early stopping on a validation split
+
+def test_validation_split_leaves_the_train_and_test_sets_as_they_were(target):
+    plain, split = make_regression_task(target, 40, seed=5), make_regression_task(target, 40, seed=5, n_val=12)
+    assert torch.equal(plain.X_train, split.X_train) and torch.equal(plain.Y_test, split.Y_test)
+    assert plain.X_val is None and split.X_val.shape == (12, 48) and split.Y_val.shape == (12, 32)
+    residual = split.Y_val - split.X_val @ (target.W0 + target.delta).T  # the noise alone
+    assert 0.3 < residual.std().item() < 0.7  # noise_std 0.5
+
+
+def test_a_run_records_validation_and_the_test_error_at_its_best_step(target):
+    task = make_regression_task(target, n_train=40, n_test=4096, noise_std=0.5, seed=2, n_val=64)
+    run = train_lora(target, 32, lr=3e-2, steps=150, task=task)
+    assert len(run.val_losses) == 151 and run.val_losses[run.best_step] == min(run.val_losses)
+    assert run.val_losses[0] == pytest.approx(no_finetuning_loss(task), rel=0.2)  # step 0: dW = 0, W0 alone
+    assert 0 < run.best_step < 150  # r = 32 on 40 examples overfits: validation turns back up before the end
+    assert run.early_test_loss < run.test_loss  # stopping there tests better than training on
+    assert train_lora(target, 2, lr=1e-2, steps=3, task=make_regression_task(target, 8)).best_step is None
+
+
+def test_early_stopped_picks_the_learning_rate_by_validation_only(target):
+    task = make_regression_task(target, n_train=40, noise_std=0.5, seed=3, n_val=32)
+    lrs = [1e-4, 1e-3, 1e-2]
+    best = early_stopped(target, task, 16, lrs, steps=60)
+    runs = [train_lora(target, 16, lr=lr, steps=60, task=task) for lr in lrs]
+    assert best.lr == min(runs, key=lambda run: min(run.val_losses)).lr
+    assert best.early_test_loss == pytest.approx(runs[lrs.index(best.lr)].early_test_loss)
+    with pytest.raises(ValueError, match="validation split"):
+        early_stopped(target, make_regression_task(target, 8), 2, lrs)

@@ -1,13 +1,11 @@
 """Notebook 04's exercise checkers: each on a blank answer, the solution, and the plausible wrong answers."""
 
-import math
-
 import pytest
 import torch
 
 from lora_course.lessons.l04_rank_alpha import (
+    check_alpha_for_lr,
     check_dropout_penalty,
-    check_first_step_ratio,
     check_update_trend,
     fixed_scaling_sizes,
     loglog_slope,
@@ -26,8 +24,8 @@ def blank_fn(*args):
 
 # ----------------------------------------------------------------------------- solutions, as in the notebook
 
-def first_step_ratio(r, optimizer, p=0.5):
-    return r ** (1 - p) if optimizer == "adam" else r ** (2 * (1 - p))
+def first_step_change(c, optimizer):
+    return 1.0 if optimizer == "adam" else c
 
 
 def dropout_penalty(delta, X, p):
@@ -37,25 +35,26 @@ def dropout_penalty(delta, X, p):
 # ----------------------------------------------------------------------------- blank answers
 
 def test_every_checker_says_not_yet_to_a_blank_answer(target, verdict):
-    assert "fill in first_step_ratio" in verdict(check_first_step_ratio(blank_fn, target), False)
+    assert "fill in first_step_change" in verdict(check_alpha_for_lr(blank_fn, target), False)
+    assert "fill in first_step_change" in verdict(check_alpha_for_lr(..., target), False)
     assert "fill in my_prediction" in verdict(check_update_trend(..., target, [1, 2]), False)
     assert "fill in dropout_penalty" in verdict(check_dropout_penalty(blank_fn), False)
 
 
-# ----------------------------------------------------------------------------- 1. first_step_ratio(r, optimizer, p)
+# ----------------------------------------------------------------------------- 1. first_step_change(c, optimizer)
 
 @pytest.mark.parametrize("wrong, hint", [
-    (lambda r, o, p=0.5: r ** (1 - p), "too small for SGD"),  # Adam's law for both
-    (lambda r, o, p=0.5: r ** (2 * (1 - p)), "too large for Adam"),  # SGD's law for both
-    (lambda r, o, p=0.5: 1 / first_step_ratio(r, o, p), "upside down"),  # LoRA over rsLoRA
-    (lambda r, o, p=0.5: math.sqrt(r) if o == "adam" else r, "p = 0.5 only"),  # the rsLoRA case only
-    (lambda r, o, p=0.5: float(r), "one measured step gives"),
-    (lambda r, o, p=0.5: r / (p - 0.5), "raised ZeroDivisionError"),
-    (lambda r, o, p=0.5: "two", "return one number"),
+    (lambda c, o: 1.0, "right for Adam"),  # "alpha is a learning rate" for both
+    (lambda c, o: c, "right for SGD"),  # the scaling counted once, lr not at all, for both
+    (lambda c, o: c * c if o == "sgd" else 1.0, "right for Adam"),  # SGD: the scaling twice, forgot lr / c
+    (lambda c, o: 1 / c, "one measured step gives"),
+    (lambda c, o: c / (c - 2), "raised ZeroDivisionError"),
+    (lambda c, o: "same", "return one number"),
 ])
-def test_first_step_checker_measures_and_tells_the_slips_apart(target, wrong, hint, verdict):
-    assert "Adam's step carries the scaling once" in verdict(check_first_step_ratio(first_step_ratio, target), True)
-    assert hint in verdict(check_first_step_ratio(wrong, target), False)
+def test_alpha_for_lr_checker_measures_and_tells_the_slips_apart(target, wrong, hint, verdict):
+    right = verdict(check_alpha_for_lr(first_step_change, target), True)
+    assert "alpha acts as a learning rate under Adam only" in right
+    assert hint in verdict(check_alpha_for_lr(wrong, target), False)
 
 
 # ----------------------------------------------------------------------------- 2. predict, then measure

@@ -13,9 +13,10 @@ from lora_course.fused import add_fused_lora  # noqa: E402
 from lora_course.lessons.common import verdict as verdict_of  # noqa: E402
 from lora_course.lessons.l05_transformer import (  # noqa: E402
     MEMORY_TARGETS,
+    TARGET_QUIZ,
     check_fused_delta,
-    check_llama_qkvo_params,
     check_saving_prediction,
+    check_targets_prediction,
     draw_budgets,
     draw_gpt2_block,
     draw_peaks,
@@ -24,9 +25,10 @@ from lora_course.lessons.l05_transformer import (  # noqa: E402
     row_runs,
 )
 from lora_course.lora import add_lora  # noqa: E402
-from lora_course.memory import train_steps, training_budget  # noqa: E402
+from lora_course.memory import training_budget  # noqa: E402
 from lora_course.models import toy_gpt2, toy_gpt2_config  # noqa: E402
 from lora_course.skeletons import MODEL_PRESETS, meta_gpt2, meta_lora_counts, preset_shape  # noqa: E402
+from lora_course.train import train_steps  # noqa: E402
 
 LLAMA_7B = 6_738_415_616
 
@@ -178,7 +180,7 @@ def test_check_fused_delta_blank_right_and_wrong(verdict):
     assert "equal to FusedLoRALinear.delta_weight" in verdict(check(fused_delta), True)  # the reference
     assert "equal to FusedLoRALinear.delta_weight" in verdict(check(_fused_delta), True)
     assert "fill in fused_delta" in verdict(check(_raises), False)
-    assert "fused_delta raised TypeError" in verdict(check(None), False)
+    assert "fill in fused_delta, then" in verdict(check(None), False)  # None: a blank answer
     assert "left out scaling" in verdict(check(lambda *a: _fused_delta(*a, scale=False)), False)
     assert "one after another" in verdict(check(lambda *a: _fused_delta(*a, packed=True)), False)
     assert "covers all len(enable_lora) x 6 rows" in verdict(check(lambda *a: _fused_delta(*a, rows_only=True)), False)
@@ -198,16 +200,30 @@ def test_the_build_step_continues_with_the_learners_piece_or_the_reference(capsy
     assert "uses the reference fused_delta" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- exercise 2: a count
+# ----------------------------------------------------------------------------- exercise 2: what target_modules picks
 
-def test_check_llama_qkvo_params(verdict):
-    verdict(check_llama_qkvo_params(32 * 4 * 16 * (4096 + 4096)), True)
-    assert "half the count" in verdict(check_llama_qkvo_params(32 * 4 * 16 * 4096), False)
-    assert "count layers and targets" in verdict(check_llama_qkvo_params(4_194_304), False)
-    for blank in (None, ...):
-        assert "fill in" in verdict(check_llama_qkvo_params(blank), False)
-    assert "int" in verdict(check_llama_qkvo_params("16 million"), False)
-    verdict(check_llama_qkvo_params(True), False)
+def _gpt2_names():
+    return [n for n, m in meta_gpt2("small").named_modules() if type(m).__name__ == "Conv1D"]
+
+
+def test_check_targets_prediction_measures_on_the_names(verdict):
+    names = _gpt2_names()
+    assert len(TARGET_QUIZ) == 4
+    right = verdict(check_targets_prediction([12, 0, 1, 36], names), True)
+    assert '"c_attn" picks 0' in right and "picks 36" in right
+    # the plausible slips: "c_attn" as a suffix (12), h.1 also matching h.11 (2), mlp.c_proj as both c_proj (24)
+    assert "regex on the whole name, and no full name is just c_attn" in verdict(
+        check_targets_prediction([12, 12, 1, 36], names), False)
+    assert "a suffix starts after a dot" in verdict(check_targets_prediction([12, 0, 2, 36], names), False)
+    assert "not attention's" in verdict(check_targets_prediction([24, 0, 1, 36], names), False)
+    assert "c_fc and both c_proj" in verdict(check_targets_prediction([12, 0, 1, 24], names), False)
+    # on other names the checker measures again: a 2-block model picks 2, 0, 1, 6
+    two = [n for n in names if n.startswith(("transformer.h.0.", "transformer.h.1."))]
+    assert "picks 6" in verdict(check_targets_prediction([2, 0, 1, 6], two), True)
+    for blank in (None, ..., [..., 0, 1, 36]):
+        assert "fill in answer" in verdict(check_targets_prediction(blank, names), False)
+    for junk in ("12, 0, 1, 36", [12, 0, 1], [12.0, 0, 1, 36], [True, 0, 1, 36]):
+        assert "list of 4 whole numbers" in verdict(check_targets_prediction(junk, names), False)
 
 
 # ----------------------------------------------------------------------------- exercise 1: predict, then measure

@@ -13,9 +13,9 @@ import torch.distributed as dist  # noqa: E402
 from lora_course.distributed import scale_table  # noqa: E402
 from lora_course.lessons.common import Problem  # noqa: E402
 from lora_course.lessons.l09_distributed import (  # noqa: E402
-    check_bytes_prediction,
     check_comm_hook,
-    check_ring_time,
+    check_scaling_prediction,
+    check_token_prediction,
     counting_allreduce,
     draw_fsdp_step,
     draw_losses,
@@ -98,25 +98,31 @@ def test_scale_widget_has_three_sliders_and_draws():
     plt.close("all")
 
 
-def test_check_bytes_prediction(verdict):
-    verdict(check_bytes_prediction(..., counting_allreduce), False)
-    right = verdict(check_bytes_prediction(65_536 + 4 * 8 * (128 + 512) * 4, counting_allreduce), True)
-    assert "147,456" in right
-    assert "c_fc's adapters alone" in verdict(check_bytes_prediction(81_920, counting_allreduce), False)
-    assert "c_attn alone" in verdict(check_bytes_prediction(65_536, counting_allreduce), False)
-    assert "trainable parameters" in verdict(check_bytes_prediction(36_864, counting_allreduce), False)
-    assert "r (d_in + d_out)" in verdict(check_bytes_prediction(1, counting_allreduce), False)
-    assert "one number" in verdict(check_bytes_prediction("many", counting_allreduce), False)
+def test_check_token_prediction_measures_ddp_with_the_hook(verdict):
+    right = verdict(check_token_prediction(" Different ", counting_allreduce), True)  # the word, however written
+    assert "measured, DDP's gradients differ" in right and "weighs 5x" in right
+    wrong = verdict(check_token_prediction("equal", counting_allreduce), False)
+    assert "you predicted equal" in wrong and ": different." in wrong
+    for blank in (None, ...):
+        assert "fill in my_prediction" in verdict(check_token_prediction(blank, counting_allreduce), False)
+    assert '"equal" or "different"' in verdict(check_token_prediction("same", counting_allreduce), False)
 
 
-def test_check_ring_time(verdict):
-    verdict(check_ring_time(...), False)
-    verdict(check_ring_time(lambda b, n, bw, lat: 2 * (n - 1) * lat + 2 * (n - 1) / n * b / bw), True)
-    assert "leaves out the latency" in verdict(check_ring_time(lambda b, n, bw, lat: 2 * (n - 1) / n * b / bw), False)
-    assert "bytes / N" in verdict(check_ring_time(lambda b, n, bw, lat: 2 * (n - 1) * lat + 2 * b / bw), False)
+def _growth(world_sizes=(8, 64)):
+    keys = (("LLaMA-7B", "lora", "DDP"), ("LLaMA-7B", "full", "FSDP"))
+    t = [{(r["model"], r["method"], r["engine"]): r["s[Ethernet 100 Gb/s]"] for r in scale_table(world_size=n)}
+         for n in world_sizes]
+    return [t[1][k] / t[0][k] for k in keys]
 
-    def unfinished(b, n, bw, lat):
-        raise NotImplementedError
 
-    assert "fill in" in verdict(check_ring_time(unfinished), False)
-    assert "raised ZeroDivisionError" in verdict(check_ring_time(lambda b, n, bw, lat: 1 / 0), False)
+def test_check_scaling_prediction_recomputes_the_table(verdict):
+    lora, full = _growth()
+    assert lora > 2 and 1 < full < 1.3  # latency-bound vs bandwidth-bound
+    right = verdict(check_scaling_prediction([1.1 * lora, 0.9 * full], scale_table), True)
+    assert f"x{lora:.2f} for LoRA under DDP" in right and "follows the latency" in right
+    assert "mostly latency" in verdict(check_scaling_prediction([full, full], scale_table), False)  # bytes-bound guess
+    assert "mostly bandwidth" in verdict(check_scaling_prediction([lora, 63 / 7], scale_table), False)  # (N-1) guess
+    for blank in (None, ..., [..., 1.1]):
+        assert "fill in answer" in verdict(check_scaling_prediction(blank, scale_table), False)
+    for junk in ("3 and 1", [3], [3, "1"], [True, 1.0]):
+        assert "give two numbers" in verdict(check_scaling_prediction(junk, scale_table), False)
