@@ -11,15 +11,16 @@ separate q_proj and v_proj adapters.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRAConfig, LoRALinear, inject_adapters, targeted_config
+from .lora import LoRAConfig, LoRALinear, add_lora, inject_adapters, targeted_config
 
-__all__ = ["FusedLoRALinear", "add_fused_lora"]
+__all__ = ["FusedLoRALinear", "add_fused_lora", "add_attention_lora"]
 
 
 class FusedLoRALinear(LoRALinear):
@@ -116,3 +117,20 @@ def add_fused_lora(
     config = targeted_config(config, settings, default_targets=("c_attn",))
     return inject_adapters(model, config.target_modules,
                            lambda layer: FusedLoRALinear.from_linear(layer, config, enable_lora=enable_lora))
+
+
+def add_attention_lora(model: nn.Module, weights, r: int, alpha: float | None = None,
+                       use_rslora: bool = False) -> nn.Module:
+    """LoRA of rank r on chosen attention weights of a GPT-2: any of "q", "k", "v" (slices of `c_attn`, one fused
+    layer) and "o" (`attn.c_proj`), as the LoRA paper's Table 5 chooses them; alpha = 2r unless given."""
+    weights = tuple(weights)
+    unknown = set(weights) - {"q", "k", "v", "o"}
+    if unknown or not weights:
+        raise ValueError(f"weights must be a non-empty subset of 'q', 'k', 'v', 'o'; got {weights!r}")
+    config = LoRAConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, use_rslora=use_rslora)
+    qkv = tuple(s in weights for s in "qkv")
+    if any(qkv):
+        add_fused_lora(model, replace(config, target_modules=["c_attn"]), enable_lora=qkv)
+    if "o" in weights:  # W_o is the attention's c_proj (the MLP has a c_proj too)
+        add_lora(model, replace(config, target_modules=["attn.c_proj"]))
+    return model

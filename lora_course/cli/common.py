@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from ..lora import LoRAConfig, add_lora
+from ..methods import Method
 from ..models import load_model, toy_gpt2
 from ..skeletons import gpt2_config
 
@@ -76,11 +76,10 @@ def build_model(name: str, seed: int = 0, device="cpu"):
 
 
 def adapt(model, method: str, targets: str, r: int, alpha: float, use_rslora: bool = False):
-    """The model to train: LoRA on `targets` (comma-separated), or every parameter for "full"."""
-    if method == "full":
-        return model.requires_grad_(True)
+    """The model to train, in place: LoRA on `targets` (comma-separated), or every parameter for "full" (a `Method`)."""
+    spec = Method(method, targets=None if method == "full" else tuple(split_targets(targets)), r=r, alpha=alpha,
+                  use_rslora=use_rslora)
     try:
-        config = LoRAConfig(r=r, lora_alpha=alpha, target_modules=split_targets(targets), use_rslora=use_rslora)
-        return add_lora(model, config)
+        return spec.build(model, in_place=True)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err).splitlines()[0]) from None

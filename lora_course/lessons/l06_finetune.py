@@ -1,9 +1,8 @@
-"""Notebook 06 (fine-tuning GPT-2): its experiments, the comparison widget and the exercise checkers.
+"""Notebooks 06 and 06b (fine-tuning GPT-2): the methods compared, the runs, the comparison widget, the checkers.
 
-The experiments are small functions so that the notebook reads as the lesson: `run_method`
-trains one configuration (LoRA on chosen weights, or full fine-tuning) and scores it;
-`LearnForget` records task quality against forgetting along a run; `add_attention_lora`
-adapts any of W_q, W_k, W_v (slices of GPT-2's fused `c_attn`) and W_o (`attn.c_proj`).
+A `Method` (the library's, `lora_course.methods`) is one way to fine-tune; `run_method`
+trains a copy of the base model with it and scores it; `sweep` picks a method's learning
+rate by validation loss; `LearnForget` records task quality and forgetting along a run.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import copy
 import html
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import ipywidgets as w
 import torch
@@ -19,17 +18,18 @@ from IPython.display import HTML, display
 from torch import nn
 
 from ..data import ApiRecord, evaluate_task, format_prompt, generate, slot_phrases, slots_realized
-from ..fused import add_fused_lora
-from ..lora import LoRAConfig, add_lora, count_parameters, lora_layers, update_norm
+from ..lora import add_lora, count_parameters, lora_layers, update_norm
+from ..methods import Method
 from ..models import toy_gpt2, toy_gpt2_config
-from ..skeletons import meta_gpt2
-from ..train import TrainConfig, text_loss, train
-from .common import call_learner, is_blank, not_filled_in, report
+from ..train import TrainConfig, optimizer_step, text_loss, train
+from .common import Problem, call, call_number, checker, is_blank, not_filled_in, report
 
-__all__ = ["WEIGHT_SETS", "add_attention_lora", "Result", "run_method", "LearnForget", "forgetting_at_quality",
-           "mean_spread", "finetune_outputs_view", "finetune_compare_widget", "check_gpt2_c_attn_lora_params",
-           "check_task_sentence", "check_lora_step", "check_adapter_state"]
+__all__ = ["ALL_LINEAR", "WEIGHT_SETS", "Method", "Result", "run_method", "sweep",
+           "LearnForget", "forgetting_at_quality", "mean_spread", "finetune_compare_widget", "check_task_sentence",
+           "check_lora_step", "check_adapter_state", "check_head_start_prediction", "check_table5_prediction",
+           "sample_record"]
 
+ALL_LINEAR = ("c_attn", "c_proj", "c_fc")  # GPT-2's linear layers in each block (c_proj: attention's and MLP's)
 # The LoRA paper's Table 5 at one budget: r = 8 on one weight type, 4 on two, 2 on all four.
 WEIGHT_SETS: dict[str, tuple[tuple[str, ...], int]] = {
     "W_q": (("q",), 8), "W_k": (("k",), 8), "W_v": (("v",), 8), "W_o": (("o",), 8),
@@ -37,60 +37,51 @@ WEIGHT_SETS: dict[str, tuple[tuple[str, ...], int]] = {
 }
 
 
-def add_attention_lora(model: nn.Module, weights, r: int, alpha: float | None = None,
-                       use_rslora: bool = False) -> nn.Module:
-    """LoRA of rank r on the chosen attention weights: any of "q", "k", "v" (slices of `c_attn`) and "o" (`c_proj`)."""
-    weights = tuple(weights)
-    unknown = set(weights) - {"q", "k", "v", "o"}
-    if unknown or not weights:
-        raise ValueError(f"weights must be a non-empty subset of 'q', 'k', 'v', 'o'; got {weights!r}")
-    config = LoRAConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, use_rslora=use_rslora)
-    qkv = tuple(s in weights for s in "qkv")
-    if any(qkv):
-        add_fused_lora(model, replace(config, target_modules=["c_attn"]), enable_lora=qkv)
-    if "o" in weights:  # W_o is the attention's c_proj (the MLP has a c_proj too)
-        add_lora(model, replace(config, target_modules=["attn.c_proj"]))
-    return model
-
-
 @dataclass
 class Result:
-    """One trained configuration: its run record, its test scores, ||Delta W||_F (LoRA) and (if kept) the model."""
+    """One trained run: its method, seed and lr, its run record, test scores, ||Delta W||_F, curve and model."""
 
-    name: str
+    method: Method
     seed: int
+    lr: float
     run: object
     scores: dict
     model: nn.Module | None = None
     curve: list = field(default_factory=list)
-    update_norm: float = float("nan")  # ||Delta W||_F of all adapters together; NaN for full fine-tuning
+    update_norm: float = float("nan")  # ||Delta W||_F of all LoRA updates together; NaN without LoRA
 
     @property
     def quality(self) -> float:
         return self.scores["slot_accuracy"]
 
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a share of the base model's (a trained copy of a module counts in full)."""
+        return self.run.trainable_params / self.base_params
 
-def run_method(base: nn.Module, tokenizer, splits, *, name: str, seed: int, steps: int, lr: float,
-               r: int | None = None, weights=("q", "k", "v"), alpha: float | None = None, use_rslora: bool = False,
-               batch_size: int = 8, test=None, keep_model: bool = False, learn_forget=None,
-               checkpoint_every: int = 0, progress: bool = False) -> Result:
-    """Train a copy of `base`: LoRA of rank r on `weights` (r=None: full fine-tuning); score it on `test`."""
+    base_params: int = 0
+
+
+def run_method(base: nn.Module, tokenizer, splits, method: Method, *, seed: int, steps: int, lr: float,
+               test=None, keep_model: bool = False, learn_forget=None, checkpoint_every: int = 0,
+               max_new_tokens: int = 32) -> Result:
+    """Train `method` on a copy of `base` (batch 8) and score it on `test` (greedy, slot accuracy)."""
     torch.manual_seed(seed)
-    model = copy.deepcopy(base)
-    if r is None:
-        model.requires_grad_(True)
-    elif tuple(weights) == ("q", "k", "v"):  # all of c_attn: the plain layer
-        add_lora(model, ["c_attn"], r=r, alpha=2 * r if alpha is None else alpha, use_rslora=use_rslora)
-    else:
-        add_attention_lora(model, weights, r, alpha, use_rslora)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_eval=64, desc=f"{name} seed {seed}",
-                         progress=progress)
-    run = train(model, tokenizer, splits.train, splits.validation, config, method=name,
+    model = method.build(base)
+    config = TrainConfig(steps=steps, batch_size=8, lr=lr, seed=seed, n_eval=64, progress=False)
+    run = train(model, tokenizer, splits.train, splits.validation, config, method=method.label,
                 checkpoint=learn_forget, checkpoint_every=checkpoint_every)
-    scores = evaluate_task(model, tokenizer, list(test), max_new_tokens=48) if test is not None else {}
+    scores = evaluate_task(model, tokenizer, list(test), max_new_tokens) if test is not None else {}
     curve = list(learn_forget.points) if learn_forget is not None else []
-    norm = update_norm(model) if r is not None else float("nan")
-    return Result(name, seed, run, scores, model if keep_model else None, curve, norm)
+    norm = update_norm(model) if lora_layers(model) else float("nan")
+    return Result(method, seed, lr, run, scores, model if keep_model else None, curve, norm,
+                  base_params=count_parameters(base)[1])
+
+
+def sweep(base: nn.Module, tokenizer, splits, method: Method, lrs, *, steps: int, seed: int = 0,
+          **kwargs) -> dict[float, Result]:
+    """One run per learning rate; the best is the one with the lowest validation loss."""
+    return {lr: run_method(base, tokenizer, splits, method, seed=seed, steps=steps, lr=lr, **kwargs) for lr in lrs}
 
 
 class LearnForget:
@@ -103,7 +94,7 @@ class LearnForget:
         self.points: list[tuple[int, float, float]] = [(0, base_quality, 0.0)]  # the base model: step 0
 
     def __call__(self, step: int, model: nn.Module) -> None:
-        quality = evaluate_task(model, self.tokenizer, self.records, max_new_tokens=48)["slot_accuracy"]
+        quality = evaluate_task(model, self.tokenizer, self.records, max_new_tokens=32)["slot_accuracy"]
         forgot = text_loss(model, self.heldout_ids, block_size=128, max_blocks=self.max_blocks) - self.base_loss
         self.points.append((step, quality, forgot))
 
@@ -123,75 +114,36 @@ def mean_spread(values) -> tuple[float, float]:
     return statistics.fmean(values), max(values) - min(values)
 
 
-# ----------------------------------------------------------------------------- the widget
-
-def finetune_outputs_view(models: dict, tokenizer, record) -> dict:
-    """Greedy sentence and per-field check of each model for `record`.
-
-    Returns {"record": record, "outputs": {name: {"text": str, "slots": {field: bool}, "slot_accuracy": float}}}.
-    """
-    outputs = {}
-    for name, model in models.items():
-        text = generate(model, tokenizer, [record], max_new_tokens=48)[0]
-        slots = slots_realized(text, record)
-        outputs[name] = {"text": text, "slots": slots, "slot_accuracy": sum(slots.values()) / len(slots)}
-    return {"record": record, "outputs": outputs}
-
-
-def finetune_compare_widget(models: dict, tokenizer, records, index: int = 0, model: str | None = None):
-    """A slider over test records and buttons for a model: what that model writes, field by field."""
+def finetune_compare_widget(models: dict, tokenizer, records, index: int = 0):
+    """A slider over test records: what every model writes for the record, and which fields it got right."""
     records = list(records)
-    names = list(models)
+    texts = {name: generate(model, tokenizer, records, max_new_tokens=32) for name, model in models.items()}
 
-    def show(record, model):
-        view = finetune_outputs_view({model: models[model]}, tokenizer, records[record])
-        out = view["outputs"][model]
-        marks = " ".join(f"{k} {'&#10003;' if ok else '&#10007;'}" for k, ok in out["slots"].items())
-        display(HTML(
-            f"<b>record {record}</b>: <code>{html.escape(format_prompt(records[record]).strip())}</code><br>"
-            f"<b>{html.escape(model)}</b> (slot accuracy {out['slot_accuracy']:.2f}): "
-            f"<code>{html.escape(out['text'])}</code><br><small>{marks}</small>"))
+    def show(record):
+        rows = []
+        for name in models:
+            slots = slots_realized(texts[name][record], records[record])
+            marks = " ".join(f"{k} {'&#10003;' if ok else '&#10007;'}" for k, ok in slots.items())
+            rows.append(f"<tr><td><b>{html.escape(name)}</b></td><td><code>{html.escape(texts[name][record])}"
+                        f"</code></td><td><small>{marks}</small></td></tr>")
+        display(HTML(f"<b>record {record}</b>: <code>{html.escape(format_prompt(records[record]).strip())}</code>"
+                     f"<table>{''.join(rows)}</table>"))
 
-    return w.interactive(
-        show,
-        record=w.IntSlider(value=index, min=0, max=len(records) - 1, step=1, description="test record"),
-        model=w.ToggleButtons(options=names, value=model or names[-1], description="model"),
-    )
+    return w.interactive(show, record=w.IntSlider(value=index, min=0, max=len(records) - 1, description="test record"))
 
 
-# ----------------------------------------------------------------------------- exercise checkers
-
-def check_gpt2_c_attn_lora_params(answer, r: int = 8) -> bool:
-    """Exercise 1: trainable parameters of LoRA rank r on c_attn of GPT-2 124M, counted on the meta device."""
-    if is_blank(answer):
-        return not_filled_in("the number of trainable parameters")
-    model = meta_gpt2("small")
-    with torch.device("meta"):
-        add_lora(model, ["c_attn"], r=r)
-    truth = count_parameters(model)[0]
-    if answer == truth:
-        return report(True, f"{truth:,d} = 12 layers x r x (768 + 2304): c_attn maps d to 3d.")
-    if answer == 12 * r * 2 * 768:
-        return report(False, f"you gave {answer:,d}, as if c_attn were 768 -> 768; it computes q, k and v at once.")
-    if answer == r * (768 + 2304):
-        return report(False, f"you gave {answer:,d}: that is one layer; GPT-2 124M has 12.")
-    return report(False, f"you gave {answer!r}. One adapted (d_out x d_in) weight adds r (d_in + d_out); "
-                         "c_attn is 768 -> 2304, in each of the 12 layers.")
-
-
+@checker("a sentence for the record", answers=("text",))
 def check_task_sentence(record, text) -> bool:
-    """Exercise 2: does `text` realise every field of `record` (the notebook's slot accuracy)?"""
-    if is_blank(text):
-        return not_filled_in("a sentence for the record")
+    """Exercise 1: does `text` realise every field of `record` (the notebook's slot accuracy)?"""
     if not isinstance(text, str):
-        return report(False, f"write the sentence as a str, got {type(text).__name__}.")
+        raise Problem(f"write the sentence as a str, got {type(text).__name__}.")
     hits = slots_realized(text, record)
     missing = [k for k, ok in hits.items() if not ok]
-    if not missing:
-        return report(True, f"all {len(hits)} slots realised, slot accuracy 1.0.")
-    wanted = ", ".join(repr(slot_phrases(record)[k].strip()) for k in missing)
-    return report(False, f"slot accuracy {1 - len(missing) / len(hits):.2f}; missing {missing}: "
-                         f"the metric looks for {wanted} word for word.")
+    if missing:
+        wanted = ", ".join(repr(slot_phrases(record)[k].strip()) for k in missing)
+        raise Problem(f"slot accuracy {1 - len(missing) / len(hits):.2f}; missing {missing}: "
+                      f"the metric looks for {wanted} word for word.")
+    return f"all {len(hits)} slots realised, slot accuracy 1.0."
 
 
 def _tiny_lora_setup(seed: int = 0):
@@ -210,70 +162,50 @@ def _tiny_lora_setup(seed: int = 0):
     return model, batches
 
 
-def _reference_step(model, batch, optimizer) -> float:
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
+@checker("lora_step")
 def check_lora_step(fn) -> bool:
-    """Exercise 3: `fn(model, batch, optimizer) -> float` runs one training step and returns the loss."""
-    if is_blank(fn):
-        return not_filled_in("lora_step")
+    """Exercise 2: `fn(model, batch, optimizer) -> float` runs one training step and returns the loss."""
     ref, batches = _tiny_lora_setup()
     mine, start = copy.deepcopy(ref), copy.deepcopy(ref)
     frozen = {n: p.detach().clone() for n, p in mine.named_parameters() if not p.requires_grad}
     opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     opt_mine = torch.optim.AdamW([p for p in mine.parameters() if p.requires_grad], lr=1e-2)
     for i, batch in enumerate(batches):
-        want = _reference_step(ref, batch, opt_ref)
-        got, problem = call_learner(fn, mine, batch, opt_mine)
-        if problem:
-            return report(False, problem)
-        try:
-            got = float(got)
-        except (TypeError, ValueError, RuntimeError):
-            return report(False, f"return the loss as a number (loss.item()), got {type(got).__name__}.")
+        want = optimizer_step(ref(**batch).loss, opt_ref)
+        got = call_number("your lora_step", fn, mine, batch, opt_mine)
         if abs(got - want) > 1e-5:
-            return report(False, f"step {i + 1}: you returned loss {got:.4f}, expected {want:.4f}: return the loss "
-                                 "of this batch, computed before the update.")
+            raise Problem(f"step {i + 1}: you returned loss {got:.4f}, expected {want:.4f}: return the loss of "
+                          "this batch, computed before the update.")
         if i == 0 and all(torch.equal(p, q) for p, q in zip(mine.parameters(), start.parameters())):
-            return report(False, "the adapters did not move: call loss.backward() and then optimizer.step().")
+            raise Problem("the adapters did not move: call loss.backward() and then optimizer.step().")
         if any(not torch.allclose(p, q, atol=1e-7) for p, q in zip(mine.parameters(), ref.parameters())):
-            hint = ("the second step went wrong: gradients from step 1 were still there. Clear them after "
-                    "each step (optimizer.zero_grad()).") if i else "the step differs from AdamW's on this batch."
-            return report(False, hint)
+            raise Problem("the second step went wrong: gradients from step 1 were still there. Clear them after "
+                          "each step (optimizer.zero_grad())." if i else "the step differs from AdamW's on this batch.")
     if any(not torch.equal(p, frozen[n]) for n, p in mine.named_parameters() if n in frozen):
-        return report(False, "a frozen weight changed; only the adapters (requires_grad=True) may train.")
-    return report(True, "two steps give the same loss and the same adapters as the reference loop; "
-                        "the frozen weights did not move.")
+        raise Problem("a frozen weight changed; only the adapters (requires_grad=True) may train.")
+    return "two steps give the same loss and the same adapters as the reference loop; the frozen weights did not move."
 
 
+@checker("adapter_state")
 def check_adapter_state(fn) -> bool:
-    """Exercise 4: `fn(model) -> dict` holds exactly the adapters' tensors, detached copies, enough to restore them."""
-    if is_blank(fn):
-        return not_filled_in("adapter_state")
+    """Exercise 3: `fn(model) -> dict` holds exactly the adapters' tensors, detached copies, enough to restore them."""
     trained, _ = _tiny_lora_setup(seed=1)
-    state, problem = call_learner(fn, trained)
-    if problem:
-        return report(False, problem)
+    state = call("your adapter_state", fn, trained)
     if not isinstance(state, dict):
-        return report(False, f"return a dict of name -> tensor, got {type(state).__name__}.")
+        raise Problem(f"return a dict of name -> tensor, got {type(state).__name__}.")
     want = {n for n, p in trained.named_parameters() if p.requires_grad}
     extra, missing = set(state) - want, want - set(state)
     if extra:
-        return report(False, f"your dict holds {len(state)} tensors, {len(extra)} of them not adapters "
-                             f"(e.g. {sorted(extra)[0]!r}): keep only the trainable ones, lora_A and lora_B.")
+        raise Problem(f"your dict holds {len(state)} tensors, {len(extra)} of them not adapters (e.g. "
+                      f"{sorted(extra)[0]!r}): keep only the trainable ones, lora_A and lora_B.")
     if missing:
-        return report(False, f"{len(missing)} adapter tensors are missing (e.g. {sorted(missing)[0]!r}).")
+        raise Problem(f"{len(missing)} adapter tensors are missing (e.g. {sorted(missing)[0]!r}).")
     params = dict(trained.named_parameters())
     if any(not isinstance(t, torch.Tensor) or t.shape != params[n].shape for n, t in state.items()):
-        return report(False, "each value should be the parameter's tensor, of its shape.")
+        raise Problem("each value should be the parameter's tensor, of its shape.")
     if any(t.data_ptr() == params[n].data_ptr() or t.requires_grad for n, t in state.items()):
-        return report(False, "your tensors share memory with the live parameters, so training on would change "
-                             "your saved copy: return p.detach().clone().")
+        raise Problem("your tensors share memory with the live parameters, so training on would change your saved "
+                      "copy: return p.detach().clone().")
     fresh, _ = _tiny_lora_setup(seed=1)  # the same base ...
     with torch.no_grad():
         for layer in lora_layers(fresh).values():  # ... with other adapters
@@ -282,14 +214,60 @@ def check_adapter_state(fn) -> bool:
     fresh.load_state_dict(state, strict=False)
     ids = torch.arange(12).view(1, 12)
     with torch.no_grad():
-        same = torch.allclose(fresh(ids).logits, trained(ids).logits, atol=1e-6)
-    if not same:
-        return report(False, "loading your dict into a fresh model does not reproduce the trained one's outputs.")
+        if not torch.allclose(fresh(ids).logits, trained(ids).logits, atol=1e-6):
+            raise Problem("loading your dict into a fresh model does not reproduce the trained one's outputs.")
     n = sum(t.numel() for t in state.values())
-    return report(True, f"{len(state)} tensors, {n:,d} numbers of {count_parameters(trained)[1]:,d}: loaded into "
-                        "another model they reproduce its outputs.")
+    return (f"{len(state)} tensors, {n:,d} numbers of {count_parameters(trained)[1]:,d}: loaded into another model "
+            "they reproduce its outputs.")
+
+
+def _prediction(prediction, options, what, measure, explain) -> bool:
+    """A predict-then-measure exercise: the prediction (one of `options`) against `measure()` -> (answer, numbers)."""
+    if is_blank(prediction):
+        return not_filled_in(f"your prediction, one of {list(options)}")
+    if prediction not in options:
+        return report(False, f"predict one of {list(options)}, got {prediction!r}")
+    answer, numbers = measure()
+    why = explain[answer]
+    if prediction == answer:
+        return report(True, f"{numbers}: {why}.")
+    return report(False, f"{numbers}, so {what} is {answer!r}: {why}.")
+
+
+def check_head_start_prediction(prediction, base, tokenizer, splits, lrs: dict, steps: int = 50, test=None) -> bool:
+    """Exercise 4: after `steps` steps, is LoRA + the trained embedding "ahead" of full fine-tuning or "behind"?"""
+    test = list(splits.test[:32]) if test is None else test
+
+    def measure():
+        q = {label: run_method(base, tokenizer, splits, method, seed=0, steps=steps, lr=lrs[label],
+                               test=test).quality
+             for label, method in (("lora", Method("LoRA + embedding", train_embedding=True)),
+                                   ("full", Method("full", targets=None)))}
+        answer = "ahead" if q["lora"] > q["full"] else "behind"
+        return answer, f"after {steps} steps: LoRA + embedding {q['lora']:.3f}, full fine-tuning {q['full']:.3f}"
+
+    return _prediction(prediction, ("ahead", "behind"), "LoRA + embedding", measure, {
+        "ahead": "early on, the embedding and a few thousand adapter numbers move faster than 1.9M weights at a rate "
+                 "full fine-tuning tolerates", "behind": "full fine-tuning's larger change pays off even this early"})
+
+
+def check_table5_prediction(prediction, base, tokenizer, splits, lr: float, steps: int, seeds=(0,)) -> bool:
+    """Exercise (06b): at twice the budget (r 16 / 8 / 4), does "all four" still beat "W_q, W_v"? "yes" or "no"."""
+    def measure():
+        loss = {}
+        for name in ("W_q, W_v", "all four"):
+            weights, r = WEIGHT_SETS[name]
+            method = Method(name, r=2 * r, weights=weights)
+            loss[name] = statistics.fmean(run_method(base, tokenizer, splits, method, seed=s, steps=steps,
+                                                     lr=lr).run.final_val_loss for s in seeds)
+        answer = "yes" if loss["all four"] < loss["W_q, W_v"] else "no"
+        return answer, f"validation loss: all four {loss['all four']:.3f}, W_q, W_v {loss['W_q, W_v']:.3f}"
+
+    return _prediction(prediction, ("yes", "no"), "the answer", measure, {
+        "yes": "spreading the budget over all four weights still wins at twice the budget",
+        "no": "with more rank per weight, the choice of weights matters less than it did"})
 
 
 def sample_record() -> ApiRecord:
-    """The record of exercise 2."""
+    """The record of exercise 1."""
     return ApiRecord(name="zip", module="builtins", kind="function", args="2", returns="iterator", raises="TypeError")

@@ -1,4 +1,4 @@
-"""Notebook 06's lesson module: targeted adapters, the learn-forget bookkeeping, the widget's view, the checkers."""
+"""Notebooks 06 and 06b's lesson module: the methods, the runs, learn-forget bookkeeping, the widget, the checkers."""
 
 import copy
 import math
@@ -7,21 +7,24 @@ import pytest
 import torch
 
 from lora_course.data import format_target, make_splits
-from lora_course.fused import FusedLoRALinear
+from lora_course.fused import FusedLoRALinear, add_attention_lora
 from lora_course.lessons.l06_finetune import (
     WEIGHT_SETS,
-    add_attention_lora,
+    LearnForget,
+    Method,
     check_adapter_state,
-    check_gpt2_c_attn_lora_params,
+    check_head_start_prediction,
     check_lora_step,
+    check_table5_prediction,
     check_task_sentence,
     finetune_compare_widget,
-    finetune_outputs_view,
     forgetting_at_quality,
     mean_spread,
+    run_method,
     sample_record,
+    sweep,
 )
-from lora_course.lora import lora_layers, update_norm
+from lora_course.lora import count_parameters, lora_layers, update_norm
 from lora_course.models import toy_gpt2, toy_gpt2_config
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
@@ -46,13 +49,6 @@ def test_every_table5_row_has_the_same_budget_and_adapts_only_its_weights(name):
             assert layer.enable_lora == tuple(s in weights for s in "qkv")
 
 
-def test_add_attention_lora_refuses_unknown_weights():
-    with pytest.raises(ValueError, match="subset"):
-        add_attention_lora(small_gpt2(), ["q", "z"], 4)
-    with pytest.raises(ValueError, match="subset"):
-        add_attention_lora(small_gpt2(), [], 4)
-
-
 def test_forgetting_at_quality_interpolates_and_says_nan_when_never_reached():
     curve = [(0, 0.0, 0.0), (10, 0.2, 1.0), (20, 0.4, 1.5)]
     assert forgetting_at_quality(curve, 0.1) == pytest.approx(0.5)
@@ -62,25 +58,16 @@ def test_forgetting_at_quality_interpolates_and_says_nan_when_never_reached():
     assert mean_spread([0.1, 0.3, 0.2]) == (pytest.approx(0.2), pytest.approx(0.2))
 
 
-def test_finetune_outputs_view_and_widget(base_model, tokenizer):
-    rec = SPLITS.test[0]
-    view = finetune_outputs_view({"a": base_model, "b": base_model}, tokenizer, rec)
-    assert view["record"] == rec and set(view["outputs"]) == {"a", "b"}
-    out = view["outputs"]["a"]
-    assert out == view["outputs"]["b"]  # same model, greedy: same text
-    assert set(out["slots"]) == set(rec.__dict__) and 0.0 <= out["slot_accuracy"] <= 1.0
-    widget = finetune_compare_widget({"a": base_model, "b": base_model}, tokenizer, list(SPLITS.test[:3]))
-    record, model = widget.children[:2]
+def test_widget_shows_every_model_for_the_chosen_record(base_model, tokenizer, monkeypatch):
+    shown = []
+    monkeypatch.setattr("lora_course.lessons.l06_finetune.display", lambda obj: shown.append(obj.data))
+    widget = finetune_compare_widget({"a": base_model, "other": base_model}, tokenizer, list(SPLITS.test[:3]))
+    (record,) = widget.children[:1]
     assert (record.min, record.max, record.value) == (0, 2, 0)
-    assert list(model.options) == ["a", "b"] and model.value == "b"
-
-
-def test_parameter_count_checker(capsys):
-    assert check_gpt2_c_attn_lora_params(12 * 8 * (768 + 3 * 768)) is True
-    assert check_gpt2_c_attn_lora_params(12 * 8 * 768 * 2) is False
-    assert "q, k and v" in capsys.readouterr().out
-    assert check_gpt2_c_attn_lora_params(8 * (768 + 2304)) is False
-    assert "12" in capsys.readouterr().out
+    widget.f(record=2)
+    assert "record 2" in shown[-1] and "<b>a</b>" in shown[-1] and "<b>other</b>" in shown[-1]
+    widget.f(record=0)
+    assert shown[-1] != shown[-2]
 
 
 def test_task_sentence_checker(capsys):
@@ -140,12 +127,13 @@ def test_adapter_state_checker_accepts_copies_of_the_adapters_only(capsys):
 
 
 @pytest.mark.parametrize("blank", [None, ...])
-def test_checkers_say_not_yet_for_a_blank_answer(blank, capsys):
-    assert check_gpt2_c_attn_lora_params(blank) is False
+def test_checkers_say_not_yet_for_a_blank_answer(blank, capsys, base_model, tokenizer):
     assert check_task_sentence(sample_record(), blank) is False
     assert check_lora_step(blank) is False
     assert check_adapter_state(blank) is False
-    assert capsys.readouterr().out.count("Not yet: fill in") == 4
+    assert check_head_start_prediction(blank, base_model, tokenizer, SPLITS, {"lora": 1e-2, "full": 1e-3}) is False
+    assert check_table5_prediction(blank, base_model, tokenizer, SPLITS, lr=1e-2, steps=2) is False
+    assert capsys.readouterr().out.count("Not yet: fill in") == 5
 
 
 def test_checkers_say_not_yet_for_an_unfinished_function(capsys):
@@ -158,18 +146,36 @@ def test_checkers_say_not_yet_for_an_unfinished_function(capsys):
 
 
 def test_run_method_trains_what_it_says_and_records_a_learn_forget_curve(base_model, tokenizer):
-    from lora_course.lessons.l06_finetune import LearnForget, run_method
-
     before = {n: p.detach().clone() for n, p in base_model.named_parameters()}
     heldout = torch.randint(0, len(tokenizer), (300,), generator=torch.Generator().manual_seed(0))
     lf = LearnForget(tokenizer, list(SPLITS.test[:2]), heldout, base_loss=0.0, base_quality=0.0, max_blocks=2)
-    res = run_method(base_model, tokenizer, SPLITS, name="LoRA", seed=0, steps=4, lr=1e-2, r=2,
-                     test=list(SPLITS.test[:2]), keep_model=True, learn_forget=lf, checkpoint_every=2, batch_size=2)
+    res = run_method(base_model, tokenizer, SPLITS, Method("LoRA", r=2), seed=0, steps=4, lr=1e-2,
+                     test=list(SPLITS.test[:2]), keep_model=True, learn_forget=lf, checkpoint_every=2)
     assert [s for s, _, _ in res.curve] == [0, 2, 4] and all(f > 0 for _, _, f in res.curve[1:])
     assert res.run.trainable_params == sum(p.numel() for n, p in res.model.named_parameters() if "lora_" in n)
-    assert 0.0 <= res.quality <= 1.0
+    assert 0.0 <= res.quality <= 1.0 and res.share == res.run.trainable_params / count_parameters(base_model)[1]
     assert res.update_norm == pytest.approx(update_norm(res.model)) and res.update_norm > 0  # B has moved off zero
-    full = run_method(base_model, tokenizer, SPLITS, name="full", seed=0, steps=2, lr=1e-3, r=None, batch_size=2)
+    full = run_method(base_model, tokenizer, SPLITS, Method("full", targets=None), seed=0, steps=2, lr=1e-3)
     assert full.run.trainable_params == full.run.total_params and full.model is None
     assert math.isnan(full.update_norm)  # no adapter, no Delta W
     assert all(torch.equal(p, before[n]) for n, p in base_model.named_parameters())  # trained copies, not the base
+
+
+def test_sweep_runs_one_model_per_rate(base_model, tokenizer):
+    runs = sweep(base_model, tokenizer, SPLITS, Method("LoRA", r=2), [1e-3, 1e-2], steps=2)
+    assert list(runs) == [1e-3, 1e-2] and all(r.lr == lr and r.run.steps == 2 for lr, r in runs.items())
+
+
+@pytest.mark.parametrize("checker, kwargs, options", [
+    (check_head_start_prediction, dict(lrs={"lora": 1e-2, "full": 1e-3}, steps=2, test=list(SPLITS.test[:4])),
+     ("ahead", "behind")),
+    (check_table5_prediction, dict(lr=1e-2, steps=2), ("yes", "no")),
+])
+def test_prediction_checkers_measure_and_judge_both_ways(checker, kwargs, options, base_model, tokenizer, capsys):
+    assert checker("perhaps", base_model, tokenizer, SPLITS, **kwargs) is False
+    assert "predict one of" in capsys.readouterr().out
+    first = checker(options[0], base_model, tokenizer, SPLITS, **kwargs)
+    line = capsys.readouterr().out
+    assert line.startswith("Correct" if first else "Not yet") and ("loss" in line or "steps" in line)
+    assert checker(options[1], base_model, tokenizer, SPLITS, **kwargs) is (not first)
+    assert capsys.readouterr().out.startswith("Not yet" if first else "Correct")
