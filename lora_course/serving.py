@@ -17,6 +17,7 @@ PEFT's `save_pretrained`); everything is checked before the model changes.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -24,9 +25,11 @@ import torch
 from torch import nn
 
 from .adapters import AdapterError, read_adapter, read_config
+from .adapters import save_adapter as write_adapter
 from .embedding import shared_weights
 from .layers import is_adaptable, is_linear, replace_module
 from .lora import LoRAConfig, LoRALinear, lora_layers, variant_class
+from .merging import check_merge, merge_layer
 
 __all__ = ["BASE", "mixed_rows", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
 
@@ -175,6 +178,16 @@ class MultiAdapterModel(nn.Module):
             raise KeyError(f"no adapter named {name!r}; loaded adapters: {self.adapters}{extra}")
         return name
 
+    def _check_new_name(self, adapter_name) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; "
+                             f"got {adapter_name!r}")
+        if adapter_name in self.adapter_configs:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; delete_adapter() it first "
+                             "or choose another name")
+        if hasattr(nn.ModuleDict(), adapter_name):  # each layer holds its adapters in a ModuleDict, by name
+            raise ValueError(f"adapter_name {adapter_name!r} is the name of a torch Module method; choose another")
+
     # ------------------------------------------------------------------ loading and deleting
     def load_adapter(self, path, adapter_name: str) -> str:
         """Read a PEFT-format adapter folder and add it under `adapter_name`; the active adapter is not changed.
@@ -183,12 +196,7 @@ class MultiAdapterModel(nn.Module):
         on linear layers whose weight no other module holds: an adapter with LoRA on an embedding or
         a tied head, or with modules_to_save, is refused (AdapterError); load_adapter takes it into one model.
         """
-        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without dots, not {BASE!r}; "
-                             f"got {adapter_name!r}")
-        if adapter_name in self.adapter_configs:
-            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; delete_adapter() it first "
-                             "or choose another name")
+        self._check_new_name(adapter_name)
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge_adapter() before loading another")
         if read_config(path).get("modules_to_save"):
@@ -214,6 +222,75 @@ class MultiAdapterModel(nn.Module):
             module.add(adapter_name, layer.tensors, layer.scaling, kind)
         self.adapter_configs[adapter_name] = plan.config
         return adapter_name
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             density: float | None = None, majority_sign_method: str = "total",
+                             generator: torch.Generator | None = None) -> str:
+        """Add `adapter_name`: `adapters` merged with `weights` by `combination_type`, with PEFT's names and
+        meanings ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", ...: see lora_course.merging).
+
+        The new adapter has scaling 1 and serves like a loaded one (set_adapter, merge_adapter, mixed
+        batches, save_adapter). Every check runs before the model changes. Unlike PEFT, a taken name
+        raises instead of doing nothing, and an rsLoRA source is merged at its own scale (PEFT keeps
+        the first source's use_rslora, which multiplies the merged update by sqrt(r)).
+        """
+        self._check_new_name(adapter_name)
+        adapters = list(adapters)
+        for name in adapters:
+            self._check_name(name)
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"an adapter appears twice in {adapters}; name each once")
+        layers = {n: m for n, m in self.layers().items() if any(a in m.scaling for a in adapters)}
+        dora = sorted({a for m in layers.values() for a in adapters if m.kind.get(a, LoRALinear) is not LoRALinear})
+        if dora:
+            raise ValueError(f"{dora} are not plain LoRA (DoRA's magnitude has no merge here); merge plain adapters")
+        ranks = {a: {n: m.adapters[a]["lora_A"].shape[0] for n, m in layers.items() if a in m.scaling}
+                 for a in adapters}
+        combination_type, rank = check_merge(ranks, list(weights), combination_type, svd_rank, density,
+                                             majority_sign_method)
+        merged = {}
+        for n, m in layers.items():
+            mine = [(a, w) for a, w in zip(adapters, weights) if a in m.scaling]
+            factors = [(m.adapters[a]["lora_A"], m.adapters[a]["lora_B"], m.scaling[a]) for a, _ in mine]
+            merged[n] = merge_layer(factors, [w for _, w in mine], combination_type, rank, density,
+                                    majority_sign_method, generator)  # A (rank, in), B (out, rank)
+        for n, (A, B) in merged.items():  # every check passed: now change the model
+            layers[n].add(adapter_name, {"lora_A": A, "lora_B": B}, 1.0, LoRALinear)
+        self.adapter_configs[adapter_name] = {**self.adapter_configs[adapters[0]], "r": rank, "lora_alpha": rank,
+                                              "use_rslora": False, "use_dora": False, "target_modules": sorted(layers),
+                                              "rank_pattern": {}, "alpha_pattern": {}}
+        return adapter_name
+
+    def save_adapter(self, adapter_name: str, path, base_model_name_or_path: str | None = None):
+        """Write adapter `adapter_name` as a PEFT-format folder (what lora_course.save_adapter writes).
+
+        For the moment of saving, the layers holding it become single LoRA layers on the same base
+        weights, so the one writer of PEFT's format (lora_course.adapters) writes them; then they are put back.
+        """
+        self._check_name(adapter_name)
+        config = self.adapter_configs[adapter_name]
+        rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+        swapped = {}
+        try:
+            with torch.random.fork_rng(devices=[]):  # building a LoRA layer draws its init: leave the seed alone
+                for n, m in self.layers().items():
+                    if adapter_name not in m.scaling:
+                        continue
+                    tensors = m.tensors(adapter_name)
+                    r = tensors["lora_A"].shape[0]
+                    alpha = m.scaling[adapter_name] * (math.sqrt(r) if rslora else r)
+                    alpha = round(alpha) if math.isclose(alpha, round(alpha), rel_tol=1e-9) else alpha
+                    single = LoRALinear.from_linear(m.base_layer, r=r, lora_alpha=alpha, use_rslora=rslora,
+                                                    use_dora=dora)
+                    single.set_tensors(single.from_peft_tensors(tensors))
+                    replace_module(self.model, n, single)
+                    swapped[n] = m
+            return write_adapter(self.model, path, base_model_name_or_path)
+        finally:
+            for n, m in swapped.items():
+                replace_module(self.model, n, m)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop an adapter's tensors; layers left with no adapter get their plain base layer back."""
