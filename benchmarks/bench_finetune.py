@@ -32,7 +32,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lora_course import add_lora, get_device, seed_everything
-from lora_course.memory import format_bytes, peak_memory
+from lora_course.measure import peak_memory
+from lora_course.memory import format_bytes
 from lora_course.models import load_model, toy_gpt2
 from lora_course.skeletons import gpt2_config
 from lora_course.train import autocast_for

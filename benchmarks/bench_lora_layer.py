@@ -25,8 +25,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lora_course import add_lora, copy_lora_to_peft, get_device, seed_everything
-from lora_course.measure import median_ms
-from lora_course.memory import peak_memory
+from lora_course.measure import median_ms, peak_memory
 
 SIZES = [(768, 768), (768, 2304), (768, 3072)]  # (in_features, out_features)
 

@@ -6,7 +6,7 @@ decay. Ours: `add_lora` + `lora_course.train.train`. Theirs: `peft.get_peft_mode
 `transformers.Trainer`. Both time the same window (the steps after the first two, which
 allocate the optimizer state and are measured for memory instead) and count the same
 thing (non-padding tokens), so tokens/s compare the loops themselves. Peak memory is
-measured over the first two steps of each, with `lora_course.memory.PeakMemory`. Runs
+measured over the first two steps of each, with `lora_course.measure.PeakMemory`. Runs
 alternate ours / theirs in rotating order and the table reports medians and ratios from
 this one run.
 
@@ -34,7 +34,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from lora_course import add_lora, get_device, load_model, seed_everything  # noqa: E402
 from lora_course.data import collate, make_splits  # noqa: E402
-from lora_course.memory import PeakMemory, format_bytes  # noqa: E402
+from lora_course.measure import PeakMemory  # noqa: E402
+from lora_course.memory import format_bytes  # noqa: E402
 from lora_course.train import TrainConfig, train  # noqa: E402
 
 PROBE_STEPS = 2  # measured for memory, left out of the timing (as lora_course.train does)

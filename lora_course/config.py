@@ -25,7 +25,7 @@ __all__ = ["LoRAConfig", "make_config", "targeted_config", "lora_scaling", "CONF
 #   LAYER_VARIANTS  a LoRAConfig flag -> the LoRALinear subclass it needs   ("use_dora": dora.DoRALinear)
 #   INIT_SCHEMES    an init_lora_weights name -> fn(layer) filling A and B, maybe rewriting W0
 #                   through the base-weight seam                          ("pissa": pissa.pissa_init)
-#   BASE_FORMATS    a quantize_base name -> how the frozen base is stored  ("nf4", "int4": quant.py)
+#   BASE_FORMATS    a quantize_base name -> how the frozen base is stored  ("nf4", "int4": linear4bit.py)
 #   LAYER_CLASSES   a base layer type -> the LoRA layer class that wraps it, where it is not LoRALinear
 #                   (nn.Embedding: embedding.LoRAEmbedding)
 #   MODEL_STEPS     fn(model, config, wrapped) -> wrapped, run by add_lora after wrapping the targets and

@@ -4,7 +4,7 @@ Three kinds of layer hold the same linear map h = W x + b, and an embedding is o
 
     nn.Linear            weight (out, in)
     transformers Conv1D  weight (in, out)   GPT-2's layers; PEFT calls this fan_in_fan_out
-    quant.Linear4bit     4-bit codes of (out, in), dequantized on the fly (registered by quant.py)
+    linear4bit.Linear4bit  4-bit codes of (out, in), dequantized on the fly (registered by linear4bit.py)
     nn.Embedding         weight (in, out) = (num_embeddings, embedding_dim): h = W^T onehot(id),
                          not a linear layer (`is_linear` is False: never quantized, no `linear_features`)
 

@@ -376,7 +376,7 @@ def add_lora(model: nn.Module, config: LoRAConfig | str | Iterable[str] | None =
     regex on the full name. Returns the model.
 
     `quantize_base="nf4"` is QLoRA: every linear layer of the frozen base (but the output
-    head) is stored in 4-bit NF4 with double quantization (`lora_course.quant`), and the
+    head) is stored in 4-bit NF4 with double quantization (`lora_course.linear4bit`), and the
     adapters train on top in full precision. Everything is checked before the model changes.
 
     `modules_to_save=["wte"]` trains a full copy of those modules too; `ensure_weight_tying`

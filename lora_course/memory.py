@@ -1,4 +1,4 @@
-"""Memory arithmetic of fine-tuning: what full fine-tuning and LoRA cost, predicted and measured.
+"""Memory arithmetic of fine-tuning: what full fine-tuning and LoRA cost, predicted (measured by `measure`).
 
 Training memory has four parts (Rajbhandari et al., "ZeRO", 2019, arXiv:1910.02054, section 3.1):
 
@@ -255,15 +255,3 @@ def gpt2_training_budget(
     acts = gpt2_activation_bytes(model.config, batch_size, seq_len, lora_targets=targets, lora_r=r, precision=precision)
     return training_budget(total, trainable, precision=precision, optimizer=optimizer, activations=acts)
 
-
-# Moved: measuring lives in measure.py and the training steps in train.py. The names stay importable from here
-# until every notebook imports them from their home.
-from .measure import (  # noqa: E402,F401
-    PeakMemory,
-    StepMemory,
-    optimizer_state_bytes,
-    peak_memory,
-    resident_bytes,
-    training_step_memory,
-)
-from .train import measure_training_peak, train_steps  # noqa: E402,F401

@@ -13,9 +13,9 @@ from lora_course import add_lora, save_adapter
 from lora_course.dora import DoRALinear
 from lora_course.fused import FusedLoRALinear
 from lora_course.layers import Conv1D, base_weight, write_base_weight
+from lora_course.linear4bit import Linear4bit, quantize_model
 from lora_course.lora import LoRALinear, count_parameters, lora_layers
 from lora_course.models import toy_gpt2
-from lora_course.quant import Linear4bit, quantize_model
 from lora_course.serving import MultiAdapterModel
 
 D_IN, D_OUT = 64, 192  # 192 = 3 x 64: the fused layer's three slices; both divide into 64-number blocks

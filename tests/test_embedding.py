@@ -28,8 +28,8 @@ from lora_course import (  # noqa: E402
     trainable_parameters_line,
 )
 from lora_course.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError  # noqa: E402
+from lora_course.linear4bit import Linear4bit, quantized_layers  # noqa: E402
 from lora_course.models import toy_gpt2  # noqa: E402
-from lora_course.quant import Linear4bit, quantized_layers  # noqa: E402
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from lora_course.models import toy_gpt2
 from lora_course.measure import generation_ms, median_ms
+from lora_course.models import toy_gpt2
 
 
 def test_median_ms_is_positive_and_calls_the_function():

@@ -1,8 +1,9 @@
-"""memory.py: the calculator's arithmetic, peak_memory's measurement, and the two against each other."""
+"""memory.py: the calculator's arithmetic, measure.py's peak memory, and the two against each other."""
 
 import pytest
 import torch
 
+from lora_course.measure import PeakMemory, peak_memory
 from lora_course.memory import (
     MemoryBudget,
     compare_budgets,
@@ -11,11 +12,9 @@ from lora_course.memory import (
     gpt2_activation_bytes,
     gpt2_training_budget,
     lora_trainable_params,
-    measure_training_peak,
-    peak_memory,
-    train_steps,
     training_budget,
 )
+from lora_course.train import measure_training_peak, train_steps
 
 LLAMA_7B = 6_738_415_616
 
@@ -183,8 +182,6 @@ def test_profiler_notices_are_filtered_but_other_stderr_is_kept(capfd):
 
 
 def test_peak_memory_tracker_split_in_start_and_stop():
-    from lora_course.memory import PeakMemory
-
     tracker = PeakMemory("cpu").start()
     x = torch.ones(1_000_000)  # 4 MB allocated while measuring
     del x

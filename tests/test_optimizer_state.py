@@ -1,10 +1,10 @@
-"""Tests for lora_course.memory.optimizer_state_bytes: optimizer memory, measured from its state."""
+"""Tests for lora_course.measure.optimizer_state_bytes: optimizer memory, measured from its state."""
 
 import pytest
 import torch
 from torch import nn
 
-from lora_course.memory import optimizer_state_bytes
+from lora_course.measure import optimizer_state_bytes
 
 
 def _step(opt, params):

@@ -10,16 +10,21 @@ import torch
 
 from lora_course.adapters import CONFIG_NAME, load_adapter, save_adapter
 from lora_course.layers import Conv1D, add_to_base_weight
+from lora_course.linear4bit import (
+    Linear4bit,
+    Linear4bitFunction,
+    base_bytes_by_format,
+    quantize_model,
+    quantized_layers,
+    weight_bytes,
+)
 from lora_course.lora import LoRALinear, add_lora, count_parameters, lora_layers, merge_lora
 from lora_course.models import toy_gpt2, toy_gpt2_config
 from lora_course.quant import (
     ABSMAX_BLOCK_SIZE,
     BLOCK_SIZES,
     NF4_OFFSET,
-    Linear4bit,
-    Linear4bitFunction,
     Weight4bit,
-    base_bytes_by_format,
     bits_per_parameter,
     dynamic_levels,
     int4_levels,
@@ -28,12 +33,9 @@ from lora_course.quant import (
     nf4_levels,
     pack_4bit,
     quantize_4bit,
-    quantize_model,
     quantize_nf4,
-    quantized_layers,
     unpack_4bit,
     weight4bit_nbytes,
-    weight_bytes,
 )
 from lora_course.skeletons import meta_gpt2
 

@@ -7,7 +7,7 @@ import torch
 
 from lora_course import add_lora
 from lora_course.data import collate, make_splits
-from lora_course.memory import optimizer_state_bytes
+from lora_course.measure import optimizer_state_bytes
 from lora_course.train import TrainConfig, autocast_for, text_loss, train, validation_loss
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)

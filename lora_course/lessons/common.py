@@ -1,23 +1,26 @@
 """What the lessons share: one way to check a learner's answer, the safety net of the build steps, and `play`.
 
-A check is a function that returns a success message or raises `Problem` with what is
-wrong, in words a learner can act on; `verdict(check, ...)` prints "Correct: ..." or
-"Not yet: ..." and returns whether the answer holds. `call(what, fn, ...)` runs the
-learner's code inside a check: a body that still raises NotImplementedError becomes "fill
-in ...", any other error is reported, never a traceback. A blank answer (`...` or None) is
-caught with `is_blank` before checking.
+A check is a function that returns a success message or raises `Problem` with what is wrong, in words a learner
+can act on; `verdict(check, ...)` prints "Correct: ..." or "Not yet: ..." and returns whether the answer holds.
+`call(what, fn, ...)` runs the learner's code inside a check: a body that still raises NotImplementedError becomes
+"fill in ...", any other error is reported, never a traceback. A blank answer (`...` or None) is caught with
+`is_blank` before checking; `checker` does both for an exercise's check.
 
-A build step (the lesson's core piece, written by the learner in the notebook) goes
-through `use_or_reference`: the learner's piece if its check passes, else the reference
-from the lesson module, saying which one the notebook continues with.
+A build step (the lesson's core piece, written by the learner in the notebook) goes through `use_or_reference`:
+the learner's piece if its check passes, else the reference from the lesson module, saying which one the notebook
+continues with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import torch
 
-__all__ = ["Problem", "report", "verdict", "call", "call_number", "call_learner", "call_learner_fn", "is_blank",
-           "not_filled_in", "use_or_reference", "sample_spectra", "close_to", "play"]
+__all__ = ["Problem", "report", "verdict", "call", "call_number", "is_blank", "not_filled_in", "checker",
+           "one_word", "seeded", "use_or_reference", "sample_spectra", "close_to", "play"]
 
 
 class Problem(Exception):
@@ -63,31 +66,10 @@ def call_number(what: str, fn, *args) -> float:
                       "(a float or a 0-d tensor).") from None
 
 
-def call_learner(fn, *args):
-    """Older form of `call` (lessons not yet moved to `Problem`): (result, None) or (None, verdict message)."""
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, ("fill in the body of your function (it still raises NotImplementedError), "
-                      "then run this cell again.")
-    except Exception as e:  # the learner's code raised: say what, don't crash the notebook
-        return None, f"your function raised {type(e).__name__}: {e}"
-
-
-def call_learner_fn(fn, *args):
-    """Older form of `call_number`: (number, None) or (None, verdict message)."""
-    out, problem = call_learner(fn, *args)
-    if problem:
-        return None, problem
-    try:
-        return float(out), None
-    except (TypeError, ValueError, RuntimeError):
-        return None, (f"your function returned {type(out).__name__} {str(out)[:40]!r}; "
-                      "return one number (a float or a 0-d tensor).")
-
-
 def is_blank(answer) -> bool:
-    """An exercise still at its placeholder: `...` (Ellipsis) or None."""
+    """An exercise still at its placeholder: `...` (Ellipsis) or None, or a list or tuple holding one."""
+    if isinstance(answer, (list, tuple)):
+        return any(map(is_blank, answer))
     return answer is None or answer is Ellipsis
 
 
@@ -96,13 +78,53 @@ def not_filled_in(what: str) -> bool:
     return report(False, f"fill in {what}, then run this cell again.")
 
 
+def checker(what: str, answers: tuple[str, ...] = (), function: bool = False):
+    """Decorator: a check (its message, or `Problem`) becomes a checker that prints its verdict and returns a bool.
+
+    A blank answer asks to fill in `what`, formatted with the call's arguments (e.g. "... a {d} x {k} matrix").
+    `answers` names the learner's arguments (default: the first); with `function`, each must be callable."""
+    def wrap(check):
+        signature = inspect.signature(check)
+        names = answers or (next(iter(signature.parameters)),)
+
+        @functools.wraps(check)
+        def checked(*args, **kwargs) -> bool:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = [bound.arguments[name] for name in names]
+            if any(is_blank(a) or function and not callable(a) for a in given):
+                return not_filled_in(what.format(**bound.arguments))
+            return verdict(check, *args, **kwargs)
+
+        return checked
+
+    return wrap
+
+
+def one_word(prediction, words: tuple[str, ...]) -> str:
+    """The learner's one-word prediction, stripped and lower-cased, if it is one of `words`; else `Problem`."""
+    word = prediction.strip().lower() if isinstance(prediction, str) else None
+    if word not in words:
+        quoted = [f'"{w}"' for w in words]
+        raise Problem(f"predict with one word, {', '.join(quoted[:-1])} or {quoted[-1]}, not {prediction!r}.")
+    return word
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0):
+    """Draw on a stream of one's own, seeded: the same draws every run, the caller's random state kept.
+
+    A context manager, and a decorator (`@seeded()`) for a check that should give the same verdict every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def use_or_reference(name: str, yours, check, reference, where: str):
     """A build step's safety net: `yours` if `check(yours)` passes, else `reference`, saying which is used.
 
-    `check` is a checker that prints its verdict and returns a bool, or a check that returns
-    its message or raises `Problem` (then printed here). `where` names the reference for the
-    learner (e.g. "lora_course.quant.nf4_levels").
-    """
+    `check` is a checker that prints its verdict and returns a bool, or a check that returns its message or raises
+    `Problem` (then printed here). `where` names the reference for the learner (e.g. "lora_course.quant.nf4_levels")."""
     try:
         out = check(yours)
     except Problem as problem:
@@ -135,9 +157,8 @@ def close_to(got: float, want: float, rel: float, floor: float = 0.0) -> bool:
 def play(widget) -> None:
     """Show a live `ipywidgets.interactive`, then its default view drawn once more as a static output.
 
-    The live view needs a running kernel; the static copy below it (a figure, or the HTML
-    the widget writes) is what a reader sees where widgets do not run, such as a code host.
-    """
+    The live view needs a running kernel; the static copy below it (a figure, or the HTML the widget writes) is
+    what a reader sees where widgets do not run, such as a code host."""
     from IPython.display import display
 
     display(widget)

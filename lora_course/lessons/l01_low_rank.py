@@ -15,7 +15,7 @@ import torch
 from .. import lowrank
 from ..train import optimizer_step
 from ..validate import check_int, check_positive, is_int, is_number
-from .common import Problem, call, is_blank, not_filled_in, play, use_or_reference, verdict
+from .common import Problem, call, checker, play, use_or_reference
 
 __all__ = ["FactorFit", "fit_rank_r_factors", "load_photo", "photo_rank_view", "photo_rank_widget", "rank_one_layers",
            "rank_one_layers_figure", "play", "use_or_reference", "check_best_rank_r", "check_break_even_rank",
@@ -32,9 +32,7 @@ class FactorFit:
     A: torch.Tensor  # (r, k)
     errors: list[float]  # steps + 1 values
 
-    @property
-    def error(self) -> float:
-        return self.errors[-1]
+    error = property(lambda self: self.errors[-1])  # ||M - B A||_F after the last step
 
 
 def fit_rank_r_factors(M, r: int, steps: int = 1500, lr: float = 0.2, momentum: float = 0.9,
@@ -158,7 +156,9 @@ def _slips(M: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
     return slips
 
 
-def _best_rank_r(fn) -> str:
+@checker("your function best_rank_r(M, r)")
+def check_best_rank_r(fn) -> str:
+    """Build step: `fn(M, r)` must return M's truncated SVD (d, k) on several matrices, every r in 0..min(d, k)."""
     if not callable(fn):
         raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     g = torch.Generator().manual_seed(0)
@@ -184,14 +184,11 @@ def _best_rank_r(fn) -> str:
     return "U_r diag(S_r) Vh_r, the truncated SVD, for every r on tall, wide, square and rank-deficient matrices."
 
 
-def check_best_rank_r(fn) -> bool:
-    """Build step: `fn(M, r)` must return M's truncated SVD (d, k) on several matrices, every r in 0..min(d, k)."""
-    return not_filled_in("your function best_rank_r(M, r)") if is_blank(fn) else verdict(_best_rank_r, fn)
-
-
 # ----------------------------------------------------------------------------- exercise checkers
 
-def _break_even_rank(d: int, k: int, answer) -> str:
+@checker("the largest rank r (an int) for a {d} x {k} matrix", answers=("answer",))
+def check_break_even_rank(d: int, k: int, answer) -> str:
+    """Exercise: the largest r at which rank-r factors, (d + k) r numbers, are still fewer than d k."""
     dense = lowrank.dense_cost(d, k)
     best = max(r for r in range(min(d, k) + 1) if lowrank.storage_cost(d, k, r) < dense)
     if not is_int(answer) or answer < 0:
@@ -205,14 +202,9 @@ def _break_even_rank(d: int, k: int, answer) -> str:
     return f"r = {best}: (d + k) r = {(d + k) * best:,d} < d k = {dense:,d}, and one more rank would not be."
 
 
-def check_break_even_rank(d: int, k: int, answer) -> bool:
-    """Exercise: the largest r at which rank-r factors, (d + k) r numbers, are still fewer than d k."""
-    if is_blank(answer):
-        return not_filled_in(f"the largest rank r (an int) for a {d} x {k} matrix")
-    return verdict(_break_even_rank, d, k, answer)
-
-
-def _rank_for_energy(S, fraction: float, answer) -> str:
+@checker("the smallest rank r (an int) that keeps {fraction:.0%} of the energy", answers=("answer",))
+def check_rank_for_energy(S, fraction: float, answer) -> str:
+    """Exercise: the smallest r whose top-r singular values hold `fraction` of the energy."""
     expected = lowrank.rank_for_energy(S, fraction)
     if not is_int(answer) or not 0 <= answer <= len(S):
         raise Problem(f"you said {answer!r}; answer with an int rank between 0 and {len(S)}.")
@@ -225,14 +217,9 @@ def _rank_for_energy(S, fraction: float, answer) -> str:
     raise Problem(f"{kept}: " + ("too few." if answer < expected else "more than needed: a smaller r gets there."))
 
 
-def check_rank_for_energy(S, fraction: float, answer) -> bool:
-    """Exercise: the smallest r whose top-r singular values hold `fraction` of the energy."""
-    if is_blank(answer):
-        return not_filled_in(f"the smallest rank r (an int) that keeps {fraction:.0%} of the energy")
-    return verdict(_rank_for_energy, S, fraction, answer)
-
-
-def _shuffled_photo_error(prediction, photo, r: int, seed: int) -> str:
+@checker("my_prediction: the relative error of the best rank-{r} approximation (a number)")
+def check_shuffled_photo_error(prediction, photo, r: int = 20, seed: int = 0) -> str:
+    """Predict, then measure: the rank-r relative error of the photo with its rows and columns shuffled."""
     if not is_number(prediction):
         raise Problem(f"predict one number, the relative error ||P - P_{r}||_F / ||P||_F, not {prediction!r}.")
     photo, g = torch.as_tensor(photo), torch.Generator().manual_seed(seed)
@@ -248,10 +235,3 @@ def _shuffled_photo_error(prediction, photo, r: int, seed: int) -> str:
     if abs(prediction - after) > 0.02:
         raise Problem(f"you predicted {prediction:.3f}; {what}")
     return what
-
-
-def check_shuffled_photo_error(prediction, photo, r: int = 20, seed: int = 0) -> bool:
-    """Predict, then measure: the rank-r relative error of the photo with its rows and columns shuffled."""
-    if is_blank(prediction):
-        return not_filled_in(f"my_prediction: the relative error of the best rank-{r} approximation (a number)")
-    return verdict(_shuffled_photo_error, prediction, photo, r, seed)

@@ -24,12 +24,12 @@ from torch.func import functional_call
 from ..lowrank import best_rank_r, effective_rank, energy_captured, singular_values
 from ..train import optimizer_step, trainable_parameters
 from ..validate import check_int, is_int
-from .common import Problem, call, call_number, close_to, is_blank, not_filled_in, play, sample_spectra, verdict
+from .common import Problem, call, call_number, checker, close_to, one_word, play, sample_spectra
 
 __all__ = ["TaskPair", "make_task_pair", "make_mlp", "train_classifier", "full_fine_tune", "accuracy", "SubspaceModel",
-           "intrinsic_dimension_sweep", "sweep_over_seeds", "d90_threshold", "find_d90", "weight_deltas",
-           "with_rank_r_updates", "energy_in_input_directions", "gain_kept", "update_rank_view", "update_rank_widget",
-           "play", "check_find_d90_fn", "check_further_task_d90", "check_effective_rank_fn"]
+           "sweep_over_seeds", "d90_threshold", "find_d90", "weight_deltas", "with_rank_r_updates",
+           "energy_in_input_directions", "gain_kept", "update_rank_widget", "play", "check_find_d90_fn",
+           "check_further_task_d90", "check_effective_rank_fn"]
 
 
 # ----------------------------------------------------------------------------- the task pair and the model
@@ -147,27 +147,23 @@ class SubspaceModel(nn.Module):
         return functional_call(self.base, params, (x,))
 
 
-def intrinsic_dimension_sweep(model: nn.Module, X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
-                              y_test: torch.Tensor, dims: Iterable[int], steps: int = 300, lr: float = 0.03,
-                              batch_size: int | None = 256, seed: int = 0) -> dict[int, float]:
-    """Test accuracy after training `model` inside a random d-dim subspace (Adam on z), for each d in dims.
-    Each d gets its own P (seeded from `seed` and d) and starts from `model`'s weights, which do not change."""
+def sweep_over_seeds(model: nn.Module, X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
+                     y_test: torch.Tensor, dims: Iterable[int], seeds: int = 3, steps: int = 300, lr: float = 0.03,
+                     batch_size: int | None = 256):
+    """Test accuracy after training `model` inside a random d-dim subspace (Adam on z), for each d in dims and each
+    seed 0 .. seeds-1: (the mean {d: accuracy}, [each seed's {d: accuracy}]). Each (seed, d) gets its own P and
+    batches and starts from `model`'s weights, which do not change."""
     dims = list(dims)
     if not dims:
         raise ValueError("dims is empty; pass the subspace sizes to try, e.g. [1, 4, 16, 64, 256]")
-    results = {}
-    for d in dims:
-        sub = SubspaceModel(model, d, seed=seed * 100_003 + d)
-        train_classifier(sub, X_train, y_train, steps=steps, lr=lr, optimizer="adam", batch_size=batch_size, seed=seed)
-        results[d] = accuracy(sub, X_test, y_test)
-    return results
-
-
-def sweep_over_seeds(model: nn.Module, *data: torch.Tensor, dims: Iterable[int], seeds: int = 3, **kwargs):
-    """`intrinsic_dimension_sweep(model, X_train, y_train, X_test, y_test, dims)` for seeds 0 .. seeds-1 (each its
-    own P and batches): (the mean {d: accuracy}, [each seed's {d: accuracy}])."""
-    runs = [intrinsic_dimension_sweep(model, *data, dims=dims, seed=seed, **kwargs) for seed in range(seeds)]
-    return {d: sum(run[d] for run in runs) / seeds for d in runs[0]}, runs
+    runs = [{} for _ in range(seeds)]
+    for seed, run in enumerate(runs):
+        for d in dims:
+            sub = SubspaceModel(model, d, seed=seed * 100_003 + d)
+            train_classifier(sub, X_train, y_train, steps=steps, lr=lr, optimizer="adam", batch_size=batch_size,
+                             seed=seed)
+            run[d] = accuracy(sub, X_test, y_test)
+    return {d: sum(run[d] for run in runs) / seeds for d in dims}, runs
 
 
 def d90_threshold(pretrained_score: float, finetuned_score: float, fraction: float = 0.9) -> float:
@@ -233,25 +229,18 @@ def gain_kept(score_r: float, score_pretrained: float, score_finetuned: float) -
     return (score_r - score_pretrained) / (score_finetuned - score_pretrained)
 
 
-def update_rank_view(pretrained, deltas: dict, X, y, r: int, layer: str | None = None) -> dict:
-    """Accuracy on (X, y) of the pretrained model plus every dW cut to rank r, and the share of one layer's
-    dW energy (by default the widest) in its top r directions: {"r", "accuracy", "layer", "S", "energy"}."""
-    layer = max(deltas, key=lambda name: min(deltas[name].shape)) if layer is None else layer
-    if layer not in deltas:
-        raise ValueError(f"layer must be one of {sorted(deltas)}, got {layer!r}")
-    S = singular_values(deltas[layer])
-    return {"r": r, "accuracy": accuracy(with_rank_r_updates(pretrained, deltas, r), X, y), "layer": layer, "S": S,
-            "energy": energy_captured(S, min(r, S.numel()))}
-
-
 def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float, r: int = 4, max_r: int = 64):
-    """A rank slider over the fine-tuning update: dW's spectrum with the cut at r, and the accuracy the
-    rank-r update keeps. A shell over update_rank_view (the latest view in `.result`)."""
+    """A rank slider over the fine-tuning update: the widest layer's dW spectrum with the cut at r, and the accuracy
+    on (X, y) of the pretrained model plus every dW cut to rank r. `.result` keeps the latest view:
+    {"r", "accuracy", "layer", "S", "energy" (the share of that layer's dW energy in its top r directions)}."""
+    layer = max(deltas, key=lambda name: min(deltas[name].shape))
+    S = singular_values(deltas[layer])
+
     def show(r):
-        view = update_rank_view(pretrained, deltas, X, y, r)
+        view = {"r": r, "accuracy": accuracy(with_rank_r_updates(pretrained, deltas, r), X, y), "layer": layer,
+                "S": S, "energy": energy_captured(S, min(r, S.numel()))}
         fig, ax = plt.subplots(figsize=(6, 3.4))
-        S = view["S"].numpy()
-        ax.semilogy(range(1, len(S) + 1), S, ".-", label=f"singular values of dW ({view['layer']})")
+        ax.semilogy(range(1, len(S) + 1), S.numpy(), ".-", label=f"singular values of dW ({layer})")
         ax.axvline(r + 0.5, color="tab:red", ls="--", label=f"keep top {r}")
         ax.set(xlabel="index i", ylabel="s_i", title=f"rank {r}: accuracy {view['accuracy']:.3f} (full fine-tune "
                f"{accuracy_finetuned:.3f}), energy {100 * view['energy']:.1f}%")
@@ -264,7 +253,9 @@ def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def _effective_rank_fn(fn) -> str:
+@checker("your function my_effective_rank(S)")
+def check_effective_rank_fn(fn) -> str:
+    """Exercise: `fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
     if not callable(fn):
         raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for S in sample_spectra():
@@ -273,11 +264,6 @@ def _effective_rank_fn(fn) -> str:
             raise Problem(f"for S = {[round(float(s), 3) for s in S[:5]]}... you returned {got:.4f}, expected "
                           f"{want:.4f}. Normalise p_i = s_i / sum(s), then exp(-sum p_i log p_i).")
     return "exp(H(p)) with p_i = s_i / sum s_j: 1 for one direction, n for n equal ones."
-
-
-def check_effective_rank_fn(fn) -> bool:
-    """Exercise: `fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
-    return not_filled_in("your function my_effective_rank(S)") if is_blank(fn) else verdict(_effective_rank_fn, fn)
 
 
 # Sweeps ({d: accuracy}) and thresholds that tell the usual slips apart: one that dips after crossing, one whose
@@ -299,7 +285,10 @@ def _d90_slips(scores: dict, threshold: float) -> dict[str, int | None]:
             max(scores, key=scores.get)}
 
 
-def _find_d90_fn(fn) -> str:
+@checker("your function my_find_d90(scores, threshold)")
+def check_find_d90_fn(fn) -> str:
+    """Exercise: `fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy}) whose accuracy
+    reaches `threshold`, or None if no d does."""
     if not callable(fn):
         raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for scores, threshold in _D90_CASES:
@@ -326,12 +315,6 @@ def _find_d90_fn(fn) -> str:
     return "the smallest d that reaches the threshold, and None when the sweep falls short."
 
 
-def check_find_d90_fn(fn) -> bool:
-    """Exercise: `fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy}) whose accuracy
-    reaches `threshold`, or None if no d does."""
-    return not_filled_in("your function my_find_d90(scores, threshold)") if is_blank(fn) else verdict(_find_d90_fn, fn)
-
-
 def _further_task(pretrained: nn.Module, task: TaskPair, dims: list[int]) -> tuple[dict[int, float], float, float]:
     """Fine-tune fully on task B, sweep `dims` over 3 seeds: (the mean {d: accuracy}, acc_pre, acc_ft)."""
     finetuned = full_fine_tune(pretrained, task.X_train, task.y_b_train)
@@ -340,10 +323,12 @@ def _further_task(pretrained: nn.Module, task: TaskPair, dims: list[int]) -> tup
     return sweep_over_seeds(pretrained, *data, dims=dims)[0], acc_pre, acc_ft
 
 
-def _further_task_d90(prediction, pretrained, task, scores, acc_pre, acc_ft, dims) -> str:
-    word = prediction.strip().lower() if isinstance(prediction, str) else None
-    if word not in ("lower", "same", "higher"):
-        raise Problem(f'predict with one word, "lower", "same" or "higher", not {prediction!r}.')
+@checker('my_prediction: "lower", "same" or "higher"')
+def check_further_task_d90(prediction, pretrained: nn.Module, task: TaskPair, scores: dict, acc_pre: float,
+                           acc_ft: float, dims=(64, 256, 1024)) -> str:
+    """Predict, then measure: is d90 "lower", the "same" or "higher" for a task B further from task A? Sweeps `dims`
+    on `task` over 3 seeds; compares with the first task's mean `scores`, `acc_pre`, `acc_ft` on the same sizes."""
+    word, dims = one_word(prediction, ("lower", "same", "higher")), list(dims)
     far, far_pre, far_ft = _further_task(pretrained, task, dims)
     shares = [[gain_kept(acc[d], pre, ft) for d in dims] for acc, pre, ft in ((scores, acc_pre, acc_ft),
                                                                                 (far, far_pre, far_ft))]
@@ -359,12 +344,3 @@ def _further_task_d90(prediction, pretrained, task, scores, acc_pre, acc_ft, dim
     if word != measured:
         raise Problem(f"you predicted {word}; measured {measured}: {what}")
     return what
-
-
-def check_further_task_d90(prediction, pretrained: nn.Module, task: TaskPair, scores: dict, acc_pre: float,
-                           acc_ft: float, dims=(64, 256, 1024)) -> bool:
-    """Predict, then measure: is d90 "lower", the "same" or "higher" for a task B further from task A? Sweeps `dims`
-    on `task` over 3 seeds; compares with the first task's mean `scores`, `acc_pre`, `acc_ft` on the same sizes."""
-    if is_blank(prediction):
-        return not_filled_in('my_prediction: "lower", "same" or "higher"')
-    return verdict(_further_task_d90, prediction, pretrained, task, scores, acc_pre, acc_ft, list(dims))

@@ -1,25 +1,23 @@
-"""Notebook 03 (LoRA from scratch): the reference layer (what the learner writes, in the notebook's steps,
-with PEFT's names), the check of each build step, the picture, and the exercise checkers. A build check returns
-what holds or raises `Problem` (`common`): it builds the learner's layer and the library's `lora_course.LoRALinear`
-around copies of one pretrained `nn.Linear`, with the same A (later the same B), and compares both with LoRA's
-formula, naming whichever of the two is off."""
+"""Notebook 03 (LoRA from scratch): the reference layer (the notebook's steps, PEFT's names), the build checks,
+the picture and the exercise checkers. A build check runs the learner's layer and `lora_course.LoRALinear` on
+copies of one pretrained `nn.Linear` with the same A (later B) and names whichever is off LoRA's formula."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from matplotlib.patches import Rectangle
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import lora
 from ..layers import Conv1D
 from ..lora import add_lora, count_parameters
-from .common import Problem, call, is_blank, not_filled_in, play, verdict
+from .common import Problem, call, checker, play, seeded
 
 __all__ = ["LoRALinear", "count_trainable", "add_lora_by_name", "reference", "SHAPES", "draw_lora_structure",
            "check_init", "check_forward", "check_count", "check_merge", "toy_model", "check_swap",
@@ -27,12 +25,9 @@ __all__ = ["LoRALinear", "count_trainable", "add_lora_by_name", "reference", "SH
 
 ATOL = 1e-5  # float32 agreement between two implementations of the same arithmetic
 
-# (d, k, r, alpha): at each, every scaling mistake (`_scaling_mistakes`) scales the update by its own factor,
-# over 10% away from 1 and from the others' factors, so that the mistake shows, and shows as itself
+# (d, k, r, alpha): each scaling mistake (`_scaling_mistakes`) scales the update by its own factor, 10%+ off 1, others
 SHAPES = [(41, 18, 18, 8.0), (12, 24, 10, 25.0), (17, 32, 12, 2.0), (48, 17, 9, 15.0)]
 
-
-# ----------------------------------------------------------------------------- the reference, in the build's steps
 
 class LoRALinear(nn.Module):
     """h = W0 x + b + (alpha / r) B A x around a frozen pretrained nn.Linear (W0: (d, k))."""
@@ -77,13 +72,9 @@ def reference() -> type:
     return type("LoRALinear", (LoRALinear,), {})
 
 
-# ----------------------------------------------------------------------------- the picture, and its sliders
-
 def draw_lora_structure(d: int = 768, k: int = 768, r: int = 8, ax=None) -> dict:
     """The LoRA paper's Figure 1 to scale: each matrix as wide as its input and as tall as its output, so that its
     area is its parameter count. Returns {"W0" | "A" | "B": (width, height)} as drawn."""
-    from matplotlib.patches import Rectangle
-
     ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
     left, bottom = k + 0.18 * max(d, k), r + 0.18 * max(d, k)  # A's column; B and W0 start above A
     mid, x_y, h_y = (left + k) / 2, -0.22 * d, bottom + 1.2 * d
@@ -106,8 +97,6 @@ def draw_lora_structure(d: int = 768, k: int = 768, r: int = 8, ax=None) -> dict
     ax.set_title(f"LoRA to scale (areas are parameter counts): d = {d}, k = {k}, r = {r}", fontsize=10)
     return {p.get_gid(): (p.get_width(), p.get_height()) for p in ax.patches if p.get_gid()}
 
-
-# ----------------------------------------------------------------------------- what the build checks share
 
 def _scaling_mistakes(r: int, alpha: float) -> list[tuple[float, str]]:
     """(factor, why): a mistaken scaling makes the update `factor` times LoRA's (alpha / r) B A x."""
@@ -135,17 +124,6 @@ def _pretrained(d: int, k: int, g: torch.Generator) -> nn.Linear:
         base.weight.copy_(torch.randn(d, k, generator=g) / math.sqrt(k))
         base.bias.copy_(0.1 * torch.randn(d, generator=g))
     return base
-
-
-def _own_rng(fn):
-    """Run a check on its own seeded random stream: the same verdict every run, the caller's state kept."""
-    @functools.wraps(fn)
-    def seeded(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return fn(*args, **kwargs)
-
-    return seeded
 
 
 def _build(cls, base: nn.Linear, r: int, alpha: float):
@@ -196,12 +174,9 @@ def _library_off(what: str) -> Problem:
     return Problem(f"lora_course.LoRALinear {what}; the library, not your layer, is off here.")
 
 
-# ----------------------------------------------------------------------------- the build checks
-
-@_own_rng
+@seeded()
 def check_init(cls, shapes=SHAPES) -> str:
-    """Step 1: A (r, k) uniform in +-1/sqrt(k) as PEFT's, B (d, r) = 0, the base frozen and shared, scaling
-    alpha / r, merged False, and (d + k) r trainable parameters, as in the library."""
+    """Step 1: A (r, k) as PEFT's, B (d, r) = 0, base frozen and shared, alpha / r, (d + k) r parameters train."""
     for i, (d, k, r, alpha) in enumerate(shapes):
         given = _pretrained(d, k, torch.Generator().manual_seed(i))
         lib = lora.LoRALinear.from_linear(copy.deepcopy(given), r=r, alpha=alpha)  # before yours freezes `given`
@@ -220,25 +195,21 @@ def check_init(cls, shapes=SHAPES) -> str:
                 raise Problem(message)
         if count_parameters(lib)[0] != (d + k) * r or torch.count_nonzero(lib.lora_B) > 0 or lib.scaling != alpha / r:
             raise _library_off("does not start with B = 0, scaling alpha / r and (d + k) r trainable parameters")
-    _check_A_init(cls)
-    return (f"on {len(shapes)} shapes (d, k, r) your layer has A (r, k) uniform in +-1/sqrt(k) as PEFT's, B (d, r) "
-            "= 0, the pretrained base shared and frozen, scaling alpha / r, and (d + k) r trainable parameters, the "
-            "same count as lora_course.LoRALinear.")
-
-
-def _check_A_init(cls, d: int = 64, k: int = 512, r: int = 16) -> None:
-    """A's distribution, on enough entries (r k = 8,192) that its spread is measured to about 1%."""
+    k = 512  # A's distribution, on enough entries (r k = 8,192) that its spread is measured to about 1%
+    A = _build(cls, nn.Linear(k, 64), 16, 16.0).lora_A.detach()
     bound = 1 / math.sqrt(k)  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(k), 1/sqrt(k))
-    A = _build(cls, nn.Linear(k, d), r, 16.0).lora_A.detach()
     if torch.count_nonzero(A) == 0:
         raise Problem("your A is all zeros: with B = 0 as well, neither would ever get a gradient. Start A at random.")
     if A.abs().max() > bound * (1 + 1e-6) or not math.isclose(A.std().item(), bound / math.sqrt(3), rel_tol=0.1):
         raise Problem(f"your A has std {A.std().item():.3g} and max |A| {A.abs().max():.3g} at k = {k}; PEFT's init, "
                       "nn.init.kaiming_uniform_(A, a=math.sqrt(5)), is uniform in +-1/sqrt(k): std "
                       f"{bound / math.sqrt(3):.3g}, max {bound:.3g}.")
+    return (f"on {len(shapes)} shapes (d, k, r) your layer has A (r, k) uniform in +-1/sqrt(k) as PEFT's, B (d, r) "
+            "= 0, the pretrained base shared and frozen, scaling alpha / r, and (d + k) r trainable parameters, the "
+            "same count as lora_course.LoRALinear.")
 
 
-def _grads(layer, x, weights):
+def _grads(layer, x, weights):  # dL/dA and dL/dB of L = sum(h * weights)
     layer.zero_grad(set_to_none=True)
     (_forward(layer, x) * weights).sum().backward()
     return layer.lora_A.grad, layer.lora_B.grad
@@ -252,10 +223,9 @@ def _formula(base: nn.Linear, A, B, s: float, x, weights):
     return out.detach(), A.grad, B.grad
 
 
-@_own_rng
+@seeded()
 def check_forward(cls, shapes=SHAPES) -> str:
-    """Step 2: at step 0 the output is W0 x + b, dL/dA = 0 and dL/dB = s g (Ax)^T; with a non-zero B, the output
-    and both gradients are LoRA's (the library's too); the branch costs 2 N r (k + d) FLOPs."""
+    """Step 2: output and gradients are LoRA's (and the library's) at step 0 and with B != 0, at 2 N r (k + d) FLOPs."""
     for i, (d, k, r, alpha) in enumerate(shapes):
         mine, lib, base, x = _pair(cls, d, k, r, alpha, seed=i)
         weights = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(i))  # dL/dh
@@ -279,7 +249,14 @@ def check_forward(cls, shapes=SHAPES) -> str:
             if lib.base_layer.weight.grad is not None or not all(
                     torch.allclose(a, b, atol=ATOL) for a, b in ((lib(x), want), (lA, want_gA), (lB, want_gB))):
                 raise _library_off(f"does not compute W0 x + b + (alpha / r) (x A^T) B^T or its gradients {step}")
-    _check_flops(cls)
+    d, k, r, N = 64, 48, 4, 6  # the low-rank branch costs 2 N r (k + d) FLOPs for N tokens: A x first, never B A
+    layer = _build(cls, nn.Linear(k, d), r, 8.0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(torch.randn(N, k))
+    extra, want = counter.get_total_flops() - 2 * N * k * d, 2 * N * r * (k + d)
+    if extra != want:
+        raise Problem(f"your forward does {extra:,d} FLOPs beside W0 x for {N} tokens where LoRA needs "
+                      f"2 N r (k + d) = {want:,d}: multiply x by A first ((..., r)), then by B; never form B A.")
     return (f"on {len(shapes)} shapes, at step 0 your output equals the frozen layer's W0 x + b and "
             "lora_course.LoRALinear's; dL/dA = 0 and dL/dB equals the library's, so only B moves first. "
             "With a non-zero B your outputs and both gradients equal the library's (scaling alpha / r).")
@@ -299,18 +276,7 @@ def _compare_output(got, want, frozen_out, step: str, r: int, alpha: float) -> N
                       "the base layer's output.")
 
 
-def _check_flops(cls, d: int = 64, k: int = 48, r: int = 4, tokens: int = 6) -> None:
-    """The low-rank branch costs 2 N r (k + d) FLOPs for N tokens: A x first, never the (d, k) matrix B A."""
-    layer, x = _build(cls, nn.Linear(k, d), r, 8.0), torch.randn(tokens, k)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        layer(x)
-    extra, want = counter.get_total_flops() - 2 * tokens * k * d, 2 * tokens * r * (k + d)
-    if extra != want:
-        raise Problem(f"your forward does {extra:,d} FLOPs beside W0 x for {tokens} tokens where LoRA needs "
-                      f"2 N r (k + d) = {want:,d}: multiply x by A first ((..., r)), then by B; never form B A.")
-
-
-@_own_rng
+@seeded()
 def check_count(count_fn) -> str:
     """Step 3: `count_fn(model)` gives `lora_course.count_parameters`' trainable count, on a model with adapters."""
     model = add_lora(toy_model(), ["q_proj", "v_proj"], r=4, alpha=8)
@@ -322,7 +288,7 @@ def check_count(count_fn) -> str:
             f"{trainable:,d} of its {total:,d} parameters train.")
 
 
-@_own_rng
+@seeded()
 def check_merge(cls, shapes=SHAPES) -> str:
     """Step 4: merge() makes the base weight W0 + (alpha / r) B A, as the library's does; the output stays."""
     for i, (d, k, r, alpha) in enumerate(shapes):
@@ -357,22 +323,18 @@ def check_merge(cls, shapes=SHAPES) -> str:
 def toy_model(n_layers: int = 2, seed: int = 0) -> nn.Module:
     """A tiny seeded LLaMA (width 32) from a config, no download: a pretrained model with LLaMA's layer names."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return LlamaForCausalLM(config).eval()
 
 
-@_own_rng
+@seeded()
 def check_swap(swap_fn, r: int = 4, alpha: float = 8.0) -> str:
-    """Step 5: `swap_fn(model, names, r, alpha)` wraps exactly the named layers, freezes the rest, keeps the output
-    at step 0, and trains as many parameters as `add_lora`."""
+    """Step 5: `swap_fn(model, names, r, alpha)` wraps the named layers only, keeps the output, trains as `add_lora`."""
     model, ids = toy_model(), torch.randint(0, 64, (2, 5))
     names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
-    with torch.no_grad():
-        want = model(ids).logits
+    want = model(ids).logits.detach()
     model = call("add_lora_by_name(model, names, r, alpha)", swap_fn, model, names, r, alpha) or model
     wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     if wrapped != set(names):
@@ -392,21 +354,8 @@ def check_swap(swap_fn, r: int = 4, alpha: float = 8.0) -> str:
             f"is unchanged, and {trainable:,d} parameters train, as many as lora_course.add_lora gives.")
 
 
-# ----------------------------------------------------------------------------- exercise checkers
-
-def _exercise(what: str):
-    """An exercise's checker: a blank answer asks for `what`; else `verdict` of the check, on its own seed."""
-    def wrap(check):
-        @functools.wraps(check)
-        def checker(answer, *args, **kwargs) -> bool:
-            return not_filled_in(what) if is_blank(answer) else verdict(_own_rng(check), answer, *args, **kwargs)
-
-        return checker
-
-    return wrap
-
-
-@_exercise("your prediction: 'A', 'B', 'both' or 'neither'")
+@checker("your prediction: 'A', 'B', 'both' or 'neither'")
+@seeded()
 def check_swapped_init(prediction, cls=LoRALinear) -> str:
     """Predict, then measure on a `cls` layer: which factor gets a gradient at step 0 if A = 0 and B is random?"""
     answer = {"a": "A", "b": "B", "both": "both", "neither": "neither"}.get(str(prediction).strip().lower())
@@ -429,7 +378,8 @@ def check_swapped_init(prediction, cls=LoRALinear) -> str:
             "swap, and A moves first.")
 
 
-@_exercise("your function unmerge(layer)")
+@checker("your function unmerge(layer)")
+@seeded()
 def check_unmerge(unmerge_fn, cls=LoRALinear) -> str:
     """`unmerge_fn(layer)` takes a merged `cls` layer back to W0 and the unmerged forward."""
     g = torch.Generator().manual_seed(0)
@@ -451,10 +401,10 @@ def check_unmerge(unmerge_fn, cls=LoRALinear) -> str:
     return "W0 is back (to float32 rounding), merged is False, and the layer computes W0 x + b + (alpha / r) B A x."
 
 
-@_exercise("your function merge_conv1d(conv, lora_A, lora_B, scaling)")
+@checker("your function merge_conv1d(conv, lora_A, lora_B, scaling)")
+@seeded()
 def check_merge_conv1d(merge_fn, r: int = 8, scaling: float = 2.0) -> str:
-    """`merge_fn(conv, A, B, scaling)` folds scaling B A into a frozen transformers Conv1D, whose weight is stored
-    (in, out) = (k, d), so that conv(x) computes what the base plus the unmerged adapter did."""
+    """`merge_fn(conv, A, B, scaling)` folds scaling B A into a Conv1D's (in, out) weight: conv(x) = base + adapter."""
     g = torch.Generator().manual_seed(0)
     for k, d in ((768, 768), (768, 2304)):  # square first: there an update added the wrong way round still fits
         conv = Conv1D(d, k).requires_grad_(False)  # Conv1D(nf=out, nx=in): x @ weight (k, d) + bias (d,); its own init

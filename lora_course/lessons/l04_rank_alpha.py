@@ -6,8 +6,7 @@ x ~ N(0, I) (the same loss plus the noise variance). Every outcome meets a theor
 dW* itself from k on, the scaling laws.
 
 References: Hu et al., "LoRA" (2021), arXiv:2106.09685; Eckart & Young (1936); Baldi & Hornik (1989), no spurious
-minima; Kalajdzievski, "rsLoRA" (2023), arXiv:2312.03732; Hayou et al., "LoRA+" (2024), arXiv:2402.12354.
-"""
+minima; Kalajdzievski, "rsLoRA" (2023), arXiv:2312.03732; Hayou et al., "LoRA+" (2024), arXiv:2402.12354."""
 
 from __future__ import annotations
 
@@ -25,13 +24,12 @@ from ..measure import optimizer_state_bytes
 from ..runtime import num_threads
 from ..train import optimizer_step
 from ..validate import check_int, check_positive
-from .common import Problem, call_number, close_to, is_blank, not_filled_in, play, verdict
+from .common import Problem, call_number, checker, close_to, play
 
 __all__ = ["LowRankTarget", "RegressionTask", "LoRARun", "make_low_rank_target", "make_regression_task",
-           "no_finetuning_loss", "train_lora", "early_stopped", "scaling_sweep", "loglog_slope",
-           "first_step_ratios", "rank_alpha_view", "rank_alpha_widget", "play", "measured_first_step_change",
-           "check_alpha_for_lr", "fixed_scaling_sizes", "check_update_trend", "dropout_penalty_mc",
-           "check_dropout_penalty"]
+           "no_finetuning_loss", "train_lora", "early_stopped", "scaling_sweep", "loglog_slope", "first_step_ratios",
+           "rank_alpha_view", "rank_alpha_widget", "play", "measured_first_step_change", "check_alpha_for_lr",
+           "fixed_scaling_sizes", "check_update_trend", "dropout_penalty_mc", "check_dropout_penalty"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,7 @@ class LoRARun:
     r: int
     alpha: float
     scaling: float  # the layer's own scaling, as LoRALinear computed it
-    lr: float  # learning rate of A
-    lr_B: float  # learning rate of B (= lr unless LoRA+)
-    use_rslora: bool
-    lora_dropout: float  # dropout on the adapter's input during training (0: none)
-    steps: int
+    lr: float  # learning rate of A (B's is lr_B, = lr unless LoRA+)
     losses: list[float]  # training loss at each step, before its update  (steps,)
     errors: list[float]  # ||dW - dW*||_F before each step and after the last  (steps + 1,)
     update_norms: list[float]  # ||dW||_F before each step and after the last  (steps + 1,)
@@ -156,8 +150,7 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
     set's MSE (full batch), and with its validation split the step of lowest validation MSE and the test MSE
     there. `alpha` defaults to 2 r (scaling 2); `lr_B` gives B its own learning rate (LoRA+); `optimizer`
     "adam" or "sgd"; `schedule` "cosine" (decays to 0) or "constant". `lora_dropout` (task only) drops the
-    adapter's input while training; final losses are measured without it.
-    """
+    adapter's input while training; final losses are measured without it."""
     if task is not None and task.target is not target:
         raise ValueError("task was built for a different target; pass task.target as target")
     if lora_dropout and task is None:
@@ -195,10 +188,10 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
             pairs = [] if task is None else [(task.X_test, task.Y_test), (task.X_train, task.Y_train)]
             test_loss, train_loss = [(layer(X) - Y).square().mean().item() for X, Y in pairs] or (None, None)
             early = None if best is None else _mse(task.X_test, task.Y_test, target.W0 + best[1])
-        return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, lr_B=lr_B, use_rslora=use_rslora,
-                       lora_dropout=lora_dropout, steps=steps, losses=losses[:-1], errors=errors, update_norms=norms,
-                       floor=float(low_rank_error(target.singular_values, min(r, target.k))), delta=dW,
-                       delta_singular_values=singular_values(dW)[:r], trainable_params=count_parameters(layer)[0],
+        return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, losses=losses[:-1], errors=errors,
+                       update_norms=norms, floor=float(low_rank_error(target.singular_values, min(r, target.k))),
+                       delta=dW, delta_singular_values=singular_values(dW)[:r],
+                       trainable_params=count_parameters(layer)[0],
                        optimizer_state_bytes=optimizer_state_bytes(opt), target_norm=target.delta.norm().item(),
                        test_loss=test_loss, train_loss=train_loss, val_losses=val or None,
                        best_step=None if best is None else best[0], early_test_loss=early)
@@ -299,7 +292,9 @@ def measured_first_step_change(target: LowRankTarget, c: float, optimizer: str, 
     return new.update_norms[1] / old.update_norms[1]
 
 
-def _alpha_for_lr(fn, target: LowRankTarget) -> str:
+@checker("first_step_change")
+def check_alpha_for_lr(fn, target: LowRankTarget) -> str:
+    """Exercise: `fn(c, optimizer)` predicts ||dW_1|| at (alpha c, lr / c) over at (alpha, lr); measured on `target`."""
     cases = [(c, opt) for opt in ("adam", "sgd") for c in (2.0, 4.0, 0.5)]
     got = [call_number("first_step_change", fn, *case) for case in cases]
     want = {case: measured_first_step_change(target, *case) for case in cases}
@@ -322,18 +317,15 @@ def _alpha_for_lr(fn, target: LowRankTarget) -> str:
                   "||dW_1|| as a power of lr times a power of the scaling, for each optimizer (section 4).")
 
 
-def check_alpha_for_lr(fn, target: LowRankTarget) -> bool:
-    """Exercise: `fn(c, optimizer)` predicts ||dW_1|| at (alpha c, lr / c) over at (alpha, lr); measured on `target`."""
-    return verdict(_alpha_for_lr, fn, target)
-
-
 def fixed_scaling_sizes(target: LowRankTarget, ranks, lr: float = 1e-3, steps: int = 10) -> list[float]:
     """||dW||_F after `steps` constant-rate Adam steps at each rank with alpha = 2 r: the scaling is 2 at every r."""
     return [train_lora(target, r, 2 * r, lr, steps, schedule="constant").update_norms[steps] for r in ranks]
 
 
-def _update_trend(prediction, target: LowRankTarget, ranks) -> str:
-    word = prediction.strip().lower().removesuffix("s") if isinstance(prediction, str) else None
+@checker('my_prediction: "grows", "shrinks" or "stays"')
+def check_update_trend(prediction, target: LowRankTarget, ranks) -> str:
+    """Predict, then measure: with alpha = 2 r, does Adam's early ||dW||_F grow, shrink or stay as r grows?"""
+    ranks, word = list(ranks), prediction.strip().lower().removesuffix("s") if isinstance(prediction, str) else None
     if word not in ("grow", "shrink", "stay"):
         raise Problem(f'predict with one word, "grows", "shrinks" or "stays", not {prediction!r}.')
     sizes = fixed_scaling_sizes(target, ranks)
@@ -346,13 +338,6 @@ def _update_trend(prediction, target: LowRankTarget, ranks) -> str:
                       "dW = scaling * B A itself.")
     return (f"{what} Section 4's shrinking was alpha / r's doing. What is left comes from the product: Adam moves "
             "every entry of B by about lr, so dW = scaling * B A adds up r rank-one pieces of a fixed size.")
-
-
-def check_update_trend(prediction, target: LowRankTarget, ranks) -> bool:
-    """Predict, then measure: with alpha = 2 r, does Adam's early ||dW||_F grow, shrink or stay as r grows?"""
-    if is_blank(prediction):
-        return not_filled_in('my_prediction: "grows", "shrinks" or "stays"')
-    return verdict(_update_trend, prediction, target, list(ranks))
 
 
 def dropout_penalty_mc(delta: torch.Tensor, X: torch.Tensor, p: float, masks: int = 4000, seed: int = 0) -> float:
@@ -370,7 +355,9 @@ def dropout_penalty_mc(delta: torch.Tensor, X: torch.Tensor, p: float, masks: in
         return (adapter - X.float() @ delta.float().T).square().mean().item()
 
 
-def _dropout_penalty(fn) -> str:
+@checker("dropout_penalty")
+def check_dropout_penalty(fn) -> str:
+    """Exercise: `fn(delta, X, p)`, how much dropout p on the adapter's input raises the expected MSE of `delta`."""
     g = torch.Generator().manual_seed(4)
     delta = torch.randn(5, 7, generator=g, dtype=torch.float64)  # (out, in)
     X = torch.randn(11, 7, generator=g, dtype=torch.float64) * torch.linspace(0.3, 3.0, 7, dtype=torch.float64)
@@ -391,8 +378,3 @@ def _dropout_penalty(fn) -> str:
         raise Problem("right shape, wrong normaliser: the error is a mean over examples and outputs.")
     raise Problem(f"at p=0.5 you say {got[1]:.4g}. Write drop(x) = x + (drop(x) - x): the error splits into the "
                   "error without dropout plus the variance of dW (drop(x) - x).")
-
-
-def check_dropout_penalty(fn) -> bool:
-    """Exercise: `fn(delta, X, p)`, how much dropout p on the adapter's input raises the expected MSE of `delta`."""
-    return verdict(_dropout_penalty, fn)

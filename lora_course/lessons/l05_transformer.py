@@ -15,7 +15,7 @@ from ..models import toy_gpt2
 from ..skeletons import MODEL_PRESETS, preset_shape
 from ..train import measure_training_peak
 from ..validate import is_int
-from .common import Problem, call, is_blank, not_filled_in, play, verdict
+from .common import Problem, call, checker, one_word, play
 
 __all__ = ["MEMORY_TARGETS", "BUDGET_COLORS", "draw_gpt2_block", "row_runs", "fused_delta", "check_fused_delta",
            "draw_budgets", "draw_peaks", "memory_budget_view", "memory_budget_widget", "TARGET_QUIZ",
@@ -253,7 +253,9 @@ _QUIZ = ((["mlp.c_proj"], "a list entry matches a dotted suffix: the MLP's c_pro
 TARGET_QUIZ = tuple(t for t, _ in _QUIZ)  # the target_modules whose matches the learner predicts
 
 
-def _targets_prediction(answer, names: list[str]) -> str:
+@checker("answer: one number of layers per target_modules")
+def check_targets_prediction(answer, names: list[str]) -> str:
+    """Exercise 2, predict then measure: how many of `names` each of `TARGET_QUIZ` picks, by PEFT's rule."""
     if not isinstance(answer, (list, tuple)) or len(answer) != len(TARGET_QUIZ) or not all(map(is_int, answer)):
         raise Problem(f"answer with a list of {len(TARGET_QUIZ)} whole numbers, not {answer!r}.")
     measured = [sum(matches_target(n, t) for n in names) for t in TARGET_QUIZ]  # add_lora's rule, on the real names
@@ -265,17 +267,10 @@ def _targets_prediction(answer, names: list[str]) -> str:
     return f"measured on the model's names: {said}."
 
 
-def check_targets_prediction(answer, names: list[str]) -> bool:
-    """Exercise 2, predict then measure: how many of `names` each of `TARGET_QUIZ` picks, by PEFT's rule."""
-    if is_blank(answer) or isinstance(answer, (list, tuple)) and any(map(is_blank, answer)):
-        return not_filled_in("answer: one number of layers per target_modules")
-    return verdict(_targets_prediction, answer, list(names))
-
-
-def _saving_prediction(prediction, config, targets, r: int, seq_len: int, batches) -> str:
-    word = prediction.strip().lower() if isinstance(prediction, str) else None
-    if word not in ("larger", "smaller"):
-        raise Problem(f'predict with one word, "larger" or "smaller", not {prediction!r}.')
+@checker('my_prediction: "larger" or "smaller"')
+def check_saving_prediction(prediction, config, targets, r: int, seq_len: int, batches=(2, 8)) -> str:
+    """Predict, then measure: at a larger batch, is LoRA's measured memory saving larger or smaller?"""
+    word = one_word(prediction, ("larger", "smaller"))
     builds = (lambda: toy_gpt2(config), lambda: add_lora(toy_gpt2(config), targets, r=r, alpha=2 * r))
 
     def saving(batch):  # measured: full fine-tuning's peak over LoRA's (the second AdamW step holds the peak)
@@ -291,10 +286,3 @@ def _saving_prediction(prediction, config, targets, r: int, seq_len: int, batche
                       "the batch.")
     return (f"{what} LoRA removes gradients and optimizer state, which do not depend on the batch; activations "
             "grow with every token, and LoRA keeps most of them.")
-
-
-def check_saving_prediction(prediction, config, targets, r: int, seq_len: int, batches=(2, 8)) -> bool:
-    """Predict, then measure: at a larger batch, is LoRA's measured memory saving larger or smaller?"""
-    if is_blank(prediction):
-        return not_filled_in('my_prediction: "larger" or "smaller"')
-    return verdict(_saving_prediction, prediction, config, targets, r, seq_len, tuple(batches))

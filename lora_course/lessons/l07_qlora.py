@@ -1,10 +1,5 @@
-"""Notebook 07 (QLoRA): the weights it measures, its pictures, the Play widget and the checkers.
-
-The NF4 format itself is library code (`lora_course.quant`, whose `nf4_levels` is the
-reference for the levels the learner builds); this module holds what only the lesson
-needs: reconstruction errors over a model's linear layers, the error-vs-memory sweep the
-widget draws, and the checkers for the learner's levels, quantizer, packer and prediction.
-"""
+"""Notebook 07 (QLoRA): reconstruction errors over a model's linear layers, the error-vs-memory sweep and its
+widget, and the checkers. NF4 itself is library code: `lora_course.quant.nf4_levels` is the build step's reference."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from torch import nn
 from .. import quant
 from ..layers import base_weight, is_linear
 from ..quant import BLOCK_SIZES, bits_per_parameter, levels_for, nf4_levels, quantize_4bit
-from .common import Problem, call, is_blank, not_filled_in, play, report, verdict
+from .common import Problem, call, checker, play
 
 __all__ = ["linear_weights", "relative_error", "errors_by_layer", "sweep_block_sizes", "draw_levels",
            "draw_sweep", "quant_tradeoff_widget", "check_nf4_levels", "check_absmax_quantize", "check_pack",
@@ -34,10 +29,7 @@ def relative_error(weights: dict[str, torch.Tensor], fmt: str, block_size: int =
     """||W_hat - W|| / ||W|| over all `weights` together; `fmt` is "nf4", "int4" or "fp16"."""
     num = den = 0.0
     for W in weights.values():
-        if fmt == "fp16":
-            W_hat = W.half().float()
-        else:
-            W_hat = quantize_4bit(W, block_size, fmt, double_quant).dequantize()
+        W_hat = W.half().float() if fmt == "fp16" else quantize_4bit(W, block_size, fmt, double_quant).dequantize()
         num += float((W_hat - W).pow(2).sum())
         den += float(W.pow(2).sum())
     return (num / den) ** 0.5
@@ -105,23 +97,16 @@ def quant_tradeoff_widget(weights: dict[str, torch.Tensor], block_size: int = 64
         plt.tight_layout()
         plt.show()
 
-    return w.interactive(
-        show,
-        block_size=w.SelectionSlider(options=list(BLOCK_SIZES), value=block_size, description="block size"),
-        quant_type=w.ToggleButtons(options=["nf4", "int4"], value=quant_type, description="levels"),
-    )
+    return w.interactive(show, block_size=w.SelectionSlider(options=list(BLOCK_SIZES), value=block_size,
+                                                           description="block size"),
+                         quant_type=w.ToggleButtons(options=["nf4", "int4"], value=quant_type, description="levels"))
 
 
 # ----------------------------------------------------------------------------- the learner's levels
 
-def check_nf4_levels(fn) -> bool:
+@checker("your nf4_levels function", function=True)
+def check_nf4_levels(fn) -> str:
     """Build step: `fn(offset)` -> NF4's 16 levels, ascending, from normal quantiles (equal to `quant.nf4_levels`)."""
-    if is_blank(fn) or not callable(fn):
-        return not_filled_in("your nf4_levels function")
-    return verdict(_check_nf4_levels, fn)
-
-
-def _check_nf4_levels(fn) -> str:
     got = torch.as_tensor(call("your nf4_levels(offset)", fn, quant.NF4_OFFSET)).flatten().float()
     want = nf4_levels()
     if got.numel() != 16:
@@ -146,25 +131,14 @@ def _check_nf4_levels(fn) -> str:
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-
-def _cases():
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(4 * 64, generator=g)
-    x[70] = 0.0
-    y = torch.randn(2 * 32, generator=g) * 0.02
-    y[:32] = 0.0  # an all-zero block
-    return [(x, "nf4", 64), (x, "int4", 64), (y, "nf4", 32), (torch.randn(128, generator=g) * 3, "nf4", 128)]
-
-
-def check_absmax_quantize(fn) -> bool:
+@checker("your absmax_quantize function", function=True)
+def check_absmax_quantize(fn) -> str:
     """Exercise 1: `fn(x, levels, block_size)` -> (codes (n,), absmax (n / block_size,)) for a flat x."""
-    if is_blank(fn) or not callable(fn):
-        return not_filled_in("your absmax_quantize function")
-    return verdict(_check_absmax_quantize, fn)
-
-
-def _check_absmax_quantize(fn) -> str:
-    for x, fmt, block in _cases():
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(4 * 64, generator=g), torch.randn(2 * 32, generator=g) * 0.02
+    x[70], y[:32] = 0.0, 0.0  # an exact zero; an all-zero block
+    cases = [(x, "nf4", 64), (x, "int4", 64), (y, "nf4", 32), (torch.randn(128, generator=g) * 3, "nf4", 128)]
+    for x, fmt, block in cases:
         levels = levels_for(fmt)
         out = call("your absmax_quantize", fn, x.clone(), levels, block)
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -195,14 +169,9 @@ def _check_absmax_quantize(fn) -> str:
     return "blockwise absmax quantization: one absmax per block, each number to its nearest level."
 
 
-def check_pack(pack, unpack) -> bool:
+@checker("your pack and unpack functions", answers=("pack", "unpack"), function=True)
+def check_pack(pack, unpack) -> str:
     """Exercise 2: `pack(codes)` -> uint8 (n/2,), first code in the high nibble; `unpack` inverts it."""
-    if is_blank(pack) or is_blank(unpack) or not (callable(pack) and callable(unpack)):
-        return not_filled_in("your pack and unpack functions")
-    return verdict(_check_pack, pack, unpack)
-
-
-def _check_pack(pack, unpack) -> str:
     codes = torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(3))
     packed = torch.as_tensor(call("your pack", pack, codes.clone())).flatten()
     if packed.numel() != 32:
@@ -223,20 +192,18 @@ def _check_pack(pack, unpack) -> str:
     return "two codes per byte, first in the high nibble, as bitsandbytes stores NF4."
 
 
-def check_block_size_prediction(prediction, weights: dict[str, torch.Tensor], block_size: int = 4096) -> bool:
+@checker('your prediction, "higher" or "lower"')
+def check_block_size_prediction(prediction, weights: dict[str, torch.Tensor], block_size: int = 4096) -> str:
     """Exercise 3: will NF4 at `block_size` err "higher" or "lower" than uniform int4 at block 64? Measured."""
-    if is_blank(prediction):
-        return not_filled_in('your prediction, "higher" or "lower"')
     if prediction not in ("higher", "lower"):
-        return report(False, f'predict "higher" or "lower", got {prediction!r}')
-    nf4 = relative_error(weights, "nf4", block_size)
-    int4 = relative_error(weights, "int4", 64)
+        raise Problem(f'predict "higher" or "lower", got {prediction!r}')
+    nf4, int4 = relative_error(weights, "nf4", block_size), relative_error(weights, "int4", 64)
     measured = "higher" if nf4 > int4 else "lower"
     numbers = (f"NF4 at block {block_size} errs {nf4:.4f} ({bits_per_parameter(block_size):.3f} bits), uniform int4 "
                f"at block 64 {int4:.4f} ({bits_per_parameter(64):.3f} bits)")
     why = {"higher": f"one absmax per {block_size} weights lets the largest weight of a block stretch the grid for "
                      "all the others, which costs more than NF4's better placed levels win back",
            "lower": "NF4's levels, placed where the weights are, win back more than the coarser blocks cost"}[measured]
-    if prediction == measured:
-        return report(True, f"{numbers}: {why}.")
-    return report(False, f"{numbers}, so the answer is {measured!r}: {why}.")
+    if prediction != measured:
+        raise Problem(f"{numbers}, so the answer is {measured!r}: {why}.")
+    return f"{numbers}: {why}."

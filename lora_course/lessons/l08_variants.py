@@ -30,7 +30,7 @@ from ..pissa import pissa_factors
 from ..runtime import seed_everything
 from ..serving import MultiAdapterModel, mixed_rows
 from ..train import TrainConfig, optimizer_step, train
-from .common import Problem, call, is_blank, not_filled_in, play, report, verdict
+from .common import Problem, call, checker, play
 
 __all__ = ["STYLES", "style_target", "style_matches", "train_style_adapter", "style_scores", "row_texts",
            "magnitude_direction_change", "draw_style_scores", "serving_widget", "mixed_batch_costs",
@@ -106,8 +106,7 @@ def row_texts(server: MultiAdapterModel, tokenizer, records: Sequence[Record], a
 def magnitude_direction_change(W0: torch.Tensor, W: torch.Tensor) -> tuple[float, float]:
     """DoRA paper's (delta M, delta D) of a fine-tuned weight W against W0, both (out, in):
 
-    mean over output rows of |  ||W_i|| - ||W0_i||  | and of 1 - cos(W_i, W0_i).
-    """
+    mean over output rows of |  ||W_i|| - ||W0_i||  | and of 1 - cos(W_i, W0_i)."""
     W0, W = W0.float(), W.float()
     dM = (W.norm(dim=1) - W0.norm(dim=1)).abs().mean().item()
     dD = (1 - nn.functional.cosine_similarity(W, W0, dim=1)).mean().item()
@@ -145,11 +144,10 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
         display(HTML("<table><tr><th>row</th><th>prompt</th><th>adapter</th><th>answer</th></tr>"
                      f"{cells}</table><p>one batch, one forward per token: {names}</p>"))
 
-    controls = {}
-    for key, value in zip(("row_1", "row_2", "row_3"), show.__defaults__):
-        controls[key] = w.SelectionSlider(options=options, value=value, description=key.replace("_", " "),
-                                          continuous_update=False)
-    return w.interactive(show, **controls)
+    sliders = {key: w.SelectionSlider(options=options, value=value, description=key.replace("_", " "),
+                                      continuous_update=False)
+               for key, value in zip(("row_1", "row_2", "row_3"), show.__defaults__)}
+    return w.interactive(show, **sliders)
 
 
 # ----------------------------------------------------------------------------- the mixed batch
@@ -164,32 +162,24 @@ def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batche
         return server_mixer(x, result, rows, lambda *a: calls.append(a[0]) or output(*a))
 
     server_mixer, server.row_mixer = server.row_mixer, counting
-    n_layers = len(server.layers())
-    costs = {}
+    n_layers, per_layer, ms = len(server.layers()), {}, {label: [] for label in batches_of_names}
     try:
         with torch.no_grad():
             for label, names in batches_of_names.items():
                 calls.clear()
                 server(input_ids, adapter_names=list(names))
-                costs[label] = {"calls per layer": len(calls) / n_layers, "ms": []}
+                per_layer[label] = len(calls) / n_layers
             for _ in range(rounds):
                 for label, names in batches_of_names.items():
-                    costs[label]["ms"].append(median_ms(lambda: server(input_ids, adapter_names=list(names)),
-                                                        min_run_time))
+                    ms[label].append(median_ms(lambda: server(input_ids, adapter_names=list(names)), min_run_time))
     finally:
         server.row_mixer = server_mixer
-    return {k: {"calls per layer": v["calls per layer"], "ms": sorted(v["ms"])[len(v["ms"]) // 2]}
-            for k, v in costs.items()}
+    return {k: {"calls per layer": per_layer[k], "ms": sorted(v)[len(v) // 2]} for k, v in ms.items()}
 
 
-def check_mixed_rows(fn) -> bool:
+@checker("your mixed_rows function", function=True)
+def check_mixed_rows(fn) -> str:
     """Build step: `fn(x, result, rows, output)` serves a mixed batch as `serving.mixed_rows` does."""
-    if is_blank(fn) or not callable(fn):
-        return not_filled_in("your mixed_rows function")
-    return verdict(_check_mixed_rows, fn)
-
-
-def _check_mixed_rows(fn) -> str:
     g = torch.Generator().manual_seed(0)
     x, W = torch.randn(6, 3, 4, generator=g), {n: torch.randn(4, 5, generator=g) for n in "abc"}  # (B, T, in)
     result = torch.randn(6, 3, 5, generator=g)  # (B, T, out): the base output
@@ -220,25 +210,15 @@ def _check_mixed_rows(fn) -> str:
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-def _dora_case(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    layer = DoRALinear(6, 5, r=2, alpha=4)
-    with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-        layer.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand(5, generator=g))
-    return layer.eval(), torch.randn(3, 6, generator=g)
-
-
-def check_dora_forward(dora_forward) -> bool:
+@checker("your dora_forward function", function=True)
+def check_dora_forward(dora_forward) -> str:
     """Exercise 1: `dora_forward(x, W0, bias, lora_A, lora_B, magnitude, scaling)` must equal DoRALinear's output."""
-    if is_blank(dora_forward) or not callable(dora_forward):
-        return not_filled_in("your dora_forward function")
-    return verdict(_check_dora_forward, dora_forward)
-
-
-def _check_dora_forward(dora_forward) -> str:
-    for seed in (0, 1):
-        layer, x = _dora_case(seed)
+    for seed in (0, 1):  # a random DoRA layer (6 -> 5, r = 2) with a non-zero B and magnitudes off ||W0||_row
+        g, layer = torch.Generator().manual_seed(seed), DoRALinear(6, 5, r=2, alpha=4).eval()
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+            layer.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand(5, generator=g))
+        x = torch.randn(3, 6, generator=g)
         args = (x, layer.W0.detach(), layer.base_layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(),
                 layer.lora_magnitude_vector.detach(), layer.scaling)
         got = call("your dora_forward", dora_forward, *args)
@@ -255,14 +235,9 @@ def _check_dora_forward(dora_forward) -> str:
     return "your forward equals DoRALinear's (and so PEFT's) on two random layers."
 
 
-def check_pissa_init(pissa_init_from_svd) -> bool:
+@checker("your pissa_init_from_svd function", function=True)
+def check_pissa_init(pissa_init_from_svd) -> str:
     """Exercise 2: `pissa_init_from_svd(W0, r, scaling)` -> (A (r, in), B (out, r), W_res (out, in)) as PEFT's."""
-    if is_blank(pissa_init_from_svd) or not callable(pissa_init_from_svd):
-        return not_filled_in("your pissa_init_from_svd function")
-    return verdict(_check_pissa_init, pissa_init_from_svd)
-
-
-def _check_pissa_init(pissa_init_from_svd) -> str:
     W0 = torch.randn(7, 10, generator=torch.Generator().manual_seed(2))
     r, scaling = 3, 2.0
     got = call("your pissa_init_from_svd", pissa_init_from_svd, W0.clone(), r, scaling)
@@ -283,13 +258,12 @@ def _check_pissa_init(pissa_init_from_svd) -> str:
     return "A, B and the residual equal PEFT's PiSSA init."
 
 
+@checker('your prediction, "yes" or "no"')
 def check_pissa_prediction(prediction, base: nn.Module, tokenizer, records: Sequence[Record], r: int = 2,
-                           steps: int = 20) -> bool:
+                           steps: int = 20) -> str:
     """Exercise 3: at rank `r`, is PiSSA's mean loss over the first `steps` steps lower than LoRA's? Measured."""
-    if is_blank(prediction):
-        return not_filled_in('your prediction, "yes" or "no"')
     if prediction not in ("yes", "no"):
-        return report(False, f'predict "yes" or "no", got {prediction!r}')
+        raise Problem(f'predict "yes" or "no", got {prediction!r}')
     early = {}
     for init in (True, "pissa"):
         seed_everything(0)
@@ -301,5 +275,6 @@ def check_pissa_prediction(prediction, base: nn.Module, tokenizer, records: Sequ
     numbers = f"at r = {r}, mean loss over the first {steps} steps: PiSSA {early['pissa']:.3f}, LoRA {early[True]:.3f}"
     why = {"yes": f"even {r} principal directions of W0 are a better start than B = 0",
            "no": f"at r = {r} the principal part PiSSA hands the adapter is too small to help"}[measured]
-    return report(prediction == measured, f"{numbers}: {why}." if prediction == measured
-                  else f"{numbers}, so the answer is {measured!r}: {why}.")
+    if prediction != measured:
+        raise Problem(f"{numbers}, so the answer is {measured!r}: {why}.")
+    return f"{numbers}: {why}."

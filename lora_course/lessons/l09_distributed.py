@@ -13,7 +13,7 @@ from ..distributed import Link, counting_allreduce, measure_ddp, ring_schedule
 from ..lora import add_lora, count_parameters
 from ..models import load_model, toy_gpt2, toy_gpt2_config
 from ..validate import is_number
-from .common import Problem, close_to, is_blank, not_filled_in, verdict
+from .common import Problem, checker, close_to, is_blank, one_word, seeded
 
 __all__ = ["counting_allreduce", "check_comm_hook", "shipped_ddp_bytes", "draw_ring_allreduce", "draw_fsdp_step",
            "draw_losses", "draw_scale", "scale_widget", "check_token_prediction", "check_scaling_prediction"]
@@ -22,8 +22,7 @@ ROWS = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)
 
 
 def _toy_lora():  # the same LoRA model in every process and every call: A's init is seeded too
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         return add_lora(toy_gpt2(toy_gpt2_config(n_layer=2, n_embd=32), seed=0), ["c_attn"], r=4)
 
 
@@ -152,9 +151,11 @@ def scale_widget(table, world_size: int = 8, bandwidth_gbs: float = 12.5, latenc
 
 
 # ----------------------------------------------------------------------------- exercise checkers
-def _token_prediction(prediction, hook) -> str:
-    if (word := prediction.strip().lower() if isinstance(prediction, str) else None) not in ("equal", "different"):
-        raise Problem(f'predict with one word, "equal" or "different", not {prediction!r}.')
+
+@checker('my_prediction: "equal" or "different"')
+def check_token_prediction(prediction, hook) -> str:
+    """Exercise 1: with uneven target tokens per rank, are DDP's gradients still one process's? Measured here."""
+    word = one_word(prediction, ("equal", "different"))
     labels = ROWS.clone()
     labels[2:, 4:] = -100  # rank 1's rows keep 3 target tokens each (positions 1..3), rank 0's all 15
     ddp = measure_ddp(_toy_lora, ROWS, hook, labels=labels).grads  # 2 ranks, each the mean over its own targets
@@ -169,14 +170,9 @@ def _token_prediction(prediction, hook) -> str:
             "tokens weighs 5x one of rank 0's 30. Weight each rank's loss by its share of all the target tokens.")
 
 
-def check_token_prediction(prediction, hook) -> bool:
-    """Exercise 1: with uneven target tokens per rank, are DDP's gradients still one process's? Measured here."""
-    if is_blank(prediction):
-        return not_filled_in('my_prediction: "equal" or "different"')
-    return verdict(_token_prediction, prediction, hook)
-
-
-def _scaling_prediction(answer, table) -> str:
+@checker("answer: two growth factors")
+def check_scaling_prediction(answer, table) -> str:
+    """Exercise 2: predict how much two rows' communication time grows from 8 to 64 ranks (`scale_table`)."""
     if not isinstance(answer, (list, tuple)) or len(answer) != 2 or not all(map(is_number, answer)):
         raise Problem(f"give two numbers, the growth factors of the two rows, not {answer!r}.")
     keys, link = (("LLaMA-7B", "lora", "DDP"), ("LLaMA-7B", "full", "FSDP")), "s[Ethernet 100 Gb/s]"
@@ -190,10 +186,3 @@ def _scaling_prediction(answer, table) -> str:
         raise Problem(f"{said}. FSDP's ~40 GB is mostly bandwidth: each rank sends (N-1)/N of it, barely more at 64.")
     return (f"{said}. Latency grows with the ring's steps, 2 (N-1); the bytes each rank sends, 2 (N-1)/N of the "
             "payload, barely grow: LoRA's small all-reduce follows the latency, FSDP's gathers the bandwidth.")
-
-
-def check_scaling_prediction(answer, table) -> bool:
-    """Exercise 2: predict how much two rows' communication time grows from 8 to 64 ranks (`scale_table`)."""
-    if is_blank(answer) or isinstance(answer, (list, tuple)) and any(map(is_blank, answer)):
-        return not_filled_in("answer: two growth factors")
-    return verdict(_scaling_prediction, answer, table)

@@ -19,12 +19,10 @@ from lora_course.lessons.l02_intrinsic_rank import (  # noqa: E402
     find_d90,
     full_fine_tune,
     gain_kept,
-    intrinsic_dimension_sweep,
     make_mlp,
     make_task_pair,
     sweep_over_seeds,
     train_classifier,
-    update_rank_view,
     update_rank_widget,
     weight_deltas,
     with_rank_r_updates,
@@ -124,20 +122,19 @@ def test_subspace_model_bad_d(task):
 
 def test_sweep_larger_subspace_learns_more(task):
     model = make_mlp(task.n_features, 16, task.n_classes, seed=0)
-    scores = intrinsic_dimension_sweep(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test,
-                                       dims=[1, 200], steps=150, lr=0.05, batch_size=64)
+    scores = sweep_over_seeds(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test, dims=[1, 200],
+                              seeds=1, steps=150, lr=0.05, batch_size=64)[0]
     assert set(scores) == {1, 200}
     assert scores[200] > scores[1] + 0.1
     with pytest.raises(ValueError, match="dims is empty"):
-        intrinsic_dimension_sweep(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test, [], 1, 0.1)
+        sweep_over_seeds(model, task.X_train, task.y_a_train, task.X_test, task.y_a_test, [], steps=1, lr=0.1)
 
 
 def test_sweep_over_seeds_averages_independent_seeds(task):
     model = make_mlp(task.n_features, 8, task.n_classes, seed=0)
     data = task.X_train, task.y_b_train, task.X_test, task.y_b_test
     mean, runs = sweep_over_seeds(model, *data, dims=[2, 30], seeds=2, steps=20, lr=0.05, batch_size=32)
-    assert runs == [intrinsic_dimension_sweep(model, *data, dims=[2, 30], steps=20, lr=0.05, batch_size=32, seed=s)
-                    for s in (0, 1)]
+    assert runs[0] == sweep_over_seeds(model, *data, dims=[2, 30], seeds=1, steps=20, lr=0.05, batch_size=32)[1][0]
     assert runs[0] != runs[1]  # each seed its own P and batches
     assert mean == pytest.approx({d: (runs[0][d] + runs[1][d]) / 2 for d in (2, 30)})
 
@@ -220,17 +217,14 @@ def finetuned_pair():
 def test_update_rank_slider(finetuned_pair):
     task, pre, ft = finetuned_pair
     deltas = weight_deltas(pre, ft)
-    view = update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=16)
-    assert view["accuracy"] == pytest.approx(accuracy(ft, task.X_test, task.y_b_test))  # r = full rank
-    assert min(deltas[view["layer"]].shape) == 16 and view["energy"] == pytest.approx(1.0)
-    assert update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=1, layer="4.weight")["layer"] == "4.weight"
     ui = update_rank_widget(pre, deltas, task.X_test, task.y_b_test, accuracy_finetuned=0.5, r=0, max_r=16)
     assert ui.result["accuracy"] == pytest.approx(accuracy(pre, task.X_test, task.y_b_test))
     assert ui.result["energy"] == 0.0
     ui.children[0].value = 3
     assert ui.result["r"] == 3 and 0.0 < ui.result["energy"] < 1.0
-    with pytest.raises(ValueError, match="layer must be"):
-        update_rank_view(pre, deltas, task.X_test, task.y_b_test, r=1, layer="nope")
+    ui.children[0].value = 16  # the widest layer's full rank
+    assert ui.result["accuracy"] == pytest.approx(accuracy(ft, task.X_test, task.y_b_test))
+    assert min(deltas[ui.result["layer"]].shape) == 16 and ui.result["energy"] == pytest.approx(1.0)
 
 
 def test_effective_rank_checker_right_wrong_blank(verdict):

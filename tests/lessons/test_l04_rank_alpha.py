@@ -117,7 +117,6 @@ def test_first_step_ratios_follow_the_scaling_law(target):
 def test_loraplus_gives_B_its_own_learning_rate(target):
     plain = train_lora(target, 4, lr=1e-3, steps=30)
     plus = train_lora(target, 4, lr=1e-3, steps=30, lr_B=16e-3)
-    assert plus.lr_B == 16e-3 and plain.lr_B == plain.lr == 1e-3
     assert plus.final_error < plain.final_error  # at a small rate, a faster B learns faster
 
 
@@ -176,7 +175,6 @@ def test_dropout_needs_a_task_and_is_off_when_measuring(target):
         train_lora(target, 2, lora_dropout=1.0, task=make_regression_task(target, 16))
     task = make_regression_task(target, n_train=64, n_test=4096, seed=2)
     run = train_lora(target, 4, lr=3e-2, steps=50, task=task, lora_dropout=0.3)
-    assert run.lora_dropout == 0.3
     # Measured with dropout off: the error of the learned dW alone. With dropout's masks on, the penalty
     # p / (1 - p) * ||dW||^2 / out (exercise 3) would come on top, here more than 10% of the loss.
     expected = 0.25 + run.final_error ** 2 / target.out_features
