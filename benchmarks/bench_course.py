@@ -8,6 +8,11 @@ add up to, so that stale timings (recorded on a loaded machine) stand out.
 
     python benchmarks/bench_course.py                  # every notebook, full then fast mode
     python benchmarks/bench_course.py --modes full 03  # only notebook 03, full mode
+    python benchmarks/bench_course.py --modes "" --suite  # the README's test command (`pytest`), timed whole
+
+The budget it checks: fast mode at most 2 minutes a notebook; the README's test command at
+most 3 minutes on 2 CPU cores (5 with the browser tests); `LORA_COURSE_FAST=0 pytest` at
+most 15 (`--suite --suite-mode full`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 FULL_01_05_LIMIT_S = 120
 NOTEBOOK_LIMIT_S = 600
+FAST_NOTEBOOK_LIMIT_S = 120
+SUITE_LIMIT_S = {"fast": 180, "full": 900}
 
 
 def committed_seconds(path: Path) -> float | None:
@@ -68,11 +77,13 @@ def main(argv=None) -> int:
     parser.add_argument("numbers", nargs="*", help="notebook numbers to run (default: all), e.g. 03 06")
     parser.add_argument("--modes", default="full,fast", help="comma-separated: full, fast (default: both)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--suite", action="store_true", help="also time the README's test command, `pytest`, whole")
+    parser.add_argument("--suite-mode", choices=("fast", "full"), default="fast", help="the mode `pytest` runs in")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"full", "fast"}:
+    if (not modes and not args.suite) or set(modes) - {"full", "fast"}:
         parser.error(f"--modes takes full and/or fast, got {args.modes!r}")
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     if args.numbers:
         paths = [p for p in paths if p.name[:2] in args.numbers]
         if not paths:
@@ -99,7 +110,27 @@ def main(argv=None) -> int:
             committed = committed_seconds(NOTEBOOKS / name)
             if committed is not None:
                 print(f"committed timings / this run, {name}: {committed / row['full']:.2f}")
+    if "fast" in modes:
+        slowest = max(results, key=lambda n: results[n]["fast"])
+        print(f"fast mode, all notebooks one after another: {sum(r['fast'] for r in results.values()):.0f} s; "
+              f"slowest {slowest} {results[slowest]['fast']:.0f} s (target <= {FAST_NOTEBOOK_LIMIT_S} s)")
+    if args.suite:
+        print(f"the README's test command ({args.suite_mode} mode): {time_suite(args.suite_mode):.0f} s "
+              f"(target <= {SUITE_LIMIT_S[args.suite_mode]} s on 2 CPU cores, browser tests aside)")
     return 0
+
+
+def time_suite(mode: str) -> float:
+    """Wall seconds of `pytest` in the repository (its configured workers), as the README runs it; raises on failure."""
+    env = {**os.environ, "LORA_COURSE_FAST": "1" if mode == "fast" else "0"}
+    env.pop("CI", None)  # a plain learner's run: browser tests skip where Chromium or Playwright is missing
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"pytest failed (exit {done.returncode}):\n" + done.stdout[-3000:])
+    print(done.stdout.strip().splitlines()[-1])
+    return seconds
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from lora_course.skeletons import gpt2_config
 def test_gpt2_random_bf16_runs_saves_a_peft_adapter_that_reloads_and_merges(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora_course.finetune", "--model", "gpt2-random", "--steps", "2",
-           "--precision", "bf16", "--batch-size", "2", "--out", str(out), "--no-progress"]
+           "--precision", "bf16", "--batch-size", "2", "--val-records", "4", "--out", str(out),
+           "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "trainable parameters" in done.stdout and "bf16 autocast" in done.stdout
@@ -52,6 +53,7 @@ def exit_code(argv) -> int:
     (["--r", "1000"], "exceeds"),
     (["--targets", "q_proj,v_proj"], "matched no module"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--val-records", "0"], "--val-records must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--method", "prefix"], "invalid choice"),
 ])

@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 autocast or fp32 (default: bf16 on CUDA, else fp32); weights and LoRA factors stay fp32")
     p.add_argument("--eval-records", type=int, default=None,
                    help="test records scored by greedy decoding at the end (default 32; 0 for gpt2-random)")
+    p.add_argument("--val-records", type=int, default=64,
+                   help="validation records scored at the end (default 64; fewer for a quick run on a CPU)")
     p.add_argument("--out", default=None, help="folder for the adapter and run.json (default runs/<model>-<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,7 +101,8 @@ def run(args) -> dict:
     """Check everything, train, evaluate, save; returns the record written to run.json."""
     if args.eval_records is None:
         args.eval_records = 0 if args.model == "gpt2-random" else 32
-    check_at_least(steps=(args.steps, 1), batch_size=(args.batch_size, 1), eval_records=(args.eval_records, 0))
+    check_at_least(steps=(args.steps, 1), batch_size=(args.batch_size, 1), eval_records=(args.eval_records, 0),
+                   val_records=(args.val_records, 1))
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     out = _output_folder(args)
@@ -119,7 +122,7 @@ def run(args) -> dict:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=str(device),
                          bf16=bf16, progress=not args.no_progress, desc=f"{args.method} {Path(args.model).name}")
     t0 = time.perf_counter()
-    record = train(model, tokenizer, splits.train, splits.validation, config)
+    record = train(model, tokenizer, splits.train, splits.validation[: args.val_records], config)
     wall = time.perf_counter() - t0
     scores = {}
     if args.eval_records:
