@@ -247,8 +247,9 @@ def check_head_start_prediction(prediction, base, tokenizer, splits, lrs: dict, 
         return answer, f"after {steps} steps: LoRA + embedding {q['lora']:.3f}, full fine-tuning {q['full']:.3f}"
 
     return _prediction(prediction, ("ahead", "behind"), "LoRA + embedding", measure, {
-        "ahead": "early on, the embedding and a few thousand adapter numbers move faster than 1.9M weights at a rate "
-                 "full fine-tuning tolerates", "behind": "full fine-tuning's larger change pays off even this early"})
+        "ahead": "early on, LoRA's larger learning rate moves the embedding and the adapters further per step than "
+                 "full fine-tuning's rate moves its weights",
+        "behind": "full fine-tuning's larger change pays off even this early"})
 
 
 def check_table5_prediction(prediction, base, tokenizer, splits, lr: float, steps: int, seeds=(0,)) -> bool:
