@@ -107,13 +107,6 @@ class LoRAEmbedding(LoRALinear):
         n, d = base_features(base_layer)
         return {"lora_embedding_A": (r, n), "lora_embedding_B": (d, r)}
 
-    @staticmethod
-    def delta_of(tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
-        """dW = scaling * B @ A, (embedding_dim, r) @ (r, num_embeddings) -> (out, in) = dE^T, in fp32 or wider."""
-        A, B = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
-        dtype = torch.promote_types(A.dtype, torch.float32)
-        return (B.to(dtype) @ A.to(dtype)) * scaling
-
     @classmethod
     def output_of(cls, base_layer, x, result, tensors, scaling, dropout=None) -> torch.Tensor:
         """result + scaling * A^T[x] B^T for token ids x (...,) and result = E[x] (..., out); no dropout (PEFT's)."""

@@ -192,10 +192,10 @@ class LoRALinear(nn.Module):
 
     # -- the arithmetic of one adapter, on any base layer and tensors: the instance methods above and
     #    serving.MultiAdapterLinear (many adapters on one base) both use exactly these
-    @staticmethod
-    def delta_of(tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+    @classmethod
+    def delta_of(cls, tensors: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
         """dW = scaling * B @ A, (out, r) @ (r, in) -> (out, in), in fp32 or the factors' wider dtype."""
-        A, B = tensors["lora_A"], tensors["lora_B"]
+        A, B = (tensors[name] for name in cls.factor_names)
         dtype = torch.promote_types(A.dtype, torch.float32)
         return (B.to(dtype) @ A.to(dtype)) * scaling
 
