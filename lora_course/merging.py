@@ -31,6 +31,9 @@ from typing import Sequence
 
 import torch
 
+from .lora import LoRALinear
+from .lowrank import truncated_svd
+
 __all__ = ["TASK_MERGES", "COMBINATION_TYPES", "SIGN_METHODS", "trim", "drop_and_rescale", "elect_sign",
            "disjoint_merge", "task_merge", "cat_merge", "linear_merge", "svd_merge", "merge_layer",
            "check_merge"]
@@ -136,10 +139,10 @@ def svd_merge(factors: Sequence[Factors], weights: Sequence[float], rank: int, m
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the updates dW_i = s_i B_i A_i (out, in) by `method` (one of TASK_MERGES), then keep the best
     rank-`rank` approximation: A = Vh[:rank] (rank, in), B = U[:, :rank] S[:rank] (out, rank)."""
-    deltas = [s * (b.float() @ a.float()) for a, b, s in factors]  # each (out, in)
+    deltas = [LoRALinear.delta_of({"lora_A": a, "lora_B": b}, s) for a, b, s in factors]  # each (out, in)
     delta = task_merge(deltas, weights, method, density, majority_sign_method, generator)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, m), (m,), (m, in); m = min(out, in)
-    return _pad(Vh[:rank], U[:, :rank] * S[:rank], rank)
+    U, S, Vh = truncated_svd(delta, min(rank, *delta.shape))  # (out, k), (k,), (k, in)
+    return _pad(Vh, U * S, rank)
 
 
 def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
