@@ -210,3 +210,15 @@ def test_the_scan_accepts_a_clean_notebook_with_a_pictured_widget():
              {"cell_type": "markdown", "source": "### A recap\n\n## Next"}, _code(n=5),  # a new section: shown
              _code("passed = check(x)", [verdict], n=6))
     assert hygiene_problems(nb) == []
+
+
+def test_the_longest_first_schedule_names_files_that_exist():
+    """conftest.py hands out these files first; a renamed notebook or test module must not drop out silently."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    files = [p.name for p in NOTEBOOKS] + [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    for prefix in root_conftest.LONGEST_FIRST:
+        assert len([f for f in files if f.startswith(prefix)]) == 1, (prefix, "names no file or several")
