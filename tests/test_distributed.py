@@ -39,14 +39,19 @@ def _launch(tmp_path, nproc, *args):
     return json.loads(out.read_text()), done
 
 
+def _cli(tmp_path, *args, env=None):
+    """`python -m lora_course.distributed ARGS --out record.json`, as a learner types it; its record and result."""
+    out = tmp_path / "record.json"
+    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", *args, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done
+
+
 def test_torchrun_two_processes_steps_3(tmp_path):
     """The acceptance run, as a learner types it: the launcher checks the arguments, then runs
     `torchrun --nproc_per_node=2 -m lora_course.distributed --steps 3`; its JSON checked."""
-    out = tmp_path / "launched.json"
-    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", "--nproc", "2", "--steps", "3",
-                           "--reference", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record, done = _cli(tmp_path, "--nproc", "2", "--steps", "3", "--reference")
     assert done.stderr == ""  # no OMP notice, no warnings
     assert record["world_size"] == 2 and record["backend"] == "gloo" and record["global_batch_size"] == 8
     runs = record["runs"]
@@ -97,13 +102,8 @@ def test_unused_module_and_fsdp(tmp_path):
 
 
 def test_world_size_one_works_and_says_so(tmp_path):
-    out = tmp_path / "one.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", "--steps", "1", "--methods", "lora",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    record, done = _cli(tmp_path, "--steps", "1", "--methods", "lora", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "world size 1" in done.stdout
-    record = json.loads(out.read_text())
     assert record["world_size"] == 1 and record["runs"]["lora"]["replicas_identical"]
 
 
