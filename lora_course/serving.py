@@ -380,8 +380,8 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
     """Milliseconds per generated token (one decoding step of the whole batch), greedy, for:
 
     "base" (no adapter), "merged" (`adapter` folded into W), "unmerged" (`adapter` beside W),
-    "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and the median
-    kept, so a busy machine slows them alike. The server's active adapter is restored.
+    "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and each keeps its
+    fastest round: a busy machine only ever adds time. The server's active adapter is restored.
     """
     from .measure import median_ms
 
@@ -408,4 +408,4 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
     finally:
         server.unmerge_adapter()
         server.set_adapter(before)
-    return {mode: sorted(ts)[len(ts) // 2] for mode, ts in times.items()}
+    return {mode: min(ts) for mode, ts in times.items()}
