@@ -7,7 +7,7 @@ for each way of storing the frozen base:
 * resident: the bytes held between steps (weights, buffers, AdamW state), counted;
 * step peak: the most one training step allocates above them (activations, gradients,
   temporaries), from the allocator (`lora_course.measure.training_step_memory`);
-* total = resident + step peak, and ms per step (interleaved rounds, median).
+* total = resident + step peak, and ms per step (interleaved rounds, the fastest).
 
 Variants: LoRA on the fp32 base; our QLoRA (`add_lora(..., quantize_base="nf4")`, NF4 with
 double quantization, `Linear4bitFunction` dequantizing again in backward); and, where

@@ -14,7 +14,6 @@ forward pass runs under bf16 autocast (weights and optimizer stay in fp32).
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -218,7 +217,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad
 
 @dataclass(frozen=True)
 class StepCost:
-    """One model's training step, measured: its memory (`memory.StepMemory`) and ms per step (median)."""
+    """One model's training step, measured: its memory (`memory.StepMemory`) and ms per step (fastest round)."""
 
     memory: StepMemory
     ms: float
@@ -230,7 +229,7 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
 
     Memory: resident bytes and the step's peak above them (`memory.training_step_memory`).
     Time: `rounds` rounds in which every model takes one step in turn, so a change in the
-    machine's load hits all alike; the median per model.
+    machine's load hits all alike; each model keeps its fastest round (load only ever adds time).
     """
     check_int("rounds", rounds, minimum=1)
     device = torch.device(device) if device is not None else input_ids.device
@@ -255,7 +254,7 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append(1000 * (time.perf_counter() - t0))
-    return {name: StepCost(costs[name], statistics.median(times[name])) for name in models}
+    return {name: StepCost(costs[name], min(times[name])) for name in models}
 
 
 def train_steps(model: nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,
