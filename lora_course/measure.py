@@ -2,7 +2,9 @@
 
 Time: medians of repeated runs (`torch.utils.benchmark`), which handle warm-up and threads;
 `timer="cpu"` counts this thread's CPU time instead, which a busy machine disturbs less.
-Compare ratios measured in one run, never absolute numbers across runs.
+Compare ratios measured in one run, never absolute numbers across runs. Where the package
+compares variants it times them in interleaved rounds and keeps each one's fastest round:
+load on a shared machine only ever adds time.
 
 Memory: `peak_memory(fn)` measures what a piece of code allocates, on CUDA with the caching
 allocator's peak counter and on CPU by tracking every allocation the CPU allocator reports
