@@ -138,13 +138,9 @@ def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batc
     for start in range(0, len(records), batch_size):
         batch = {k: v.to(device) for k, v in collate(tokenizer, records[start : start + batch_size]).items()}
         with autocast_for(device, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += loss.item()
-        count += int((labels != -100).sum())
+            logits, targets = _target_logits(model, batch)
+        total += nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
     model.train(was_training)
     return total / count
 
@@ -180,12 +176,11 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
     return total / (n_blocks * (block_size - 1))
 
 
-def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens, computing logits only where targets are.
+def _target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, vocab) and next-token targets (N,) of a collated batch, the LM head run only where targets are.
 
-    Equal to `model(**batch).loss`, but the LM head (d x vocab, the largest matmul of a
-    small model) runs only from the first target position on (`logits_to_keep`), not over
-    the prompt, whose labels are all -100.
+    The LM head (d x vocab, the largest matmul of a small model) runs from the first target
+    position on (`logits_to_keep`), not over the prompt, whose labels are all -100.
     """
     labels = batch["labels"]  # (B, T), -100 on prompt and padding
     T = labels.size(1)
@@ -194,8 +189,12 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     keep = T - max(first, 1) + 1  # logits at positions first-1 .. T-1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     targets = labels[:, T - keep + 1 :]  # (B, keep-1): position t predicts token t+1
-    return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=-100)
+    return logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+
+
+def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens: `model(**batch).loss`, with logits only where targets are."""
+    return nn.functional.cross_entropy(*_target_logits(model, batch), ignore_index=-100)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad_clip: float | None = None,
