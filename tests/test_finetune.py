@@ -1,5 +1,6 @@
 """python -m lora_course.finetune: the notebook's experiment from a terminal, and its bad-input errors."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -28,12 +29,13 @@ def test_gpt2_random_bf16_runs_saves_a_peft_adapter_that_reloads_and_merges(tmp_
 
     from peft import PeftModel
 
-    ours = load_adapter(toy_gpt2(gpt2_config("small"), seed=0), out)  # the CLI's base: seed 0
-    theirs = PeftModel.from_pretrained(toy_gpt2(gpt2_config("small"), seed=0), out).eval()
+    base = toy_gpt2(gpt2_config("small"), seed=0)  # the CLI's base: seed 0 (124M parameters, built once)
+    ours = load_adapter(copy.deepcopy(base), out)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours_logits, their_logits = ours(ids).logits, theirs(ids).logits
-        base_logits = toy_gpt2(gpt2_config("small"), seed=0)(ids).logits
+        base_logits = base(ids).logits
         assert (ours_logits - base_logits).abs().max() > 0  # two steps moved B off zero
         assert (ours_logits - their_logits).abs().max().item() < 1e-4
         merged_logits = merge_lora(ours)(ids).logits
