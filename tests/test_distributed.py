@@ -32,18 +32,16 @@ from lora_course.models import toy_gpt2, toy_gpt2_config
 from lora_course.skeletons import lora_counts
 
 
-def _launch(tmp_path, nproc, *args):
+def _record(tmp_path, *args, torchrun=None, env=None):
+    """`python -m lora_course.distributed ARGS --out record.json` as a learner types it, or with `torchrun=N` started
+    straight under torchrun by `launch`; the JSON record and the finished process."""
     out = tmp_path / "record.json"
-    done = launch(nproc, [*args, "--out", str(out)], timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(out.read_text()), done
-
-
-def _cli(tmp_path, *args, env=None):
-    """`python -m lora_course.distributed ARGS --out record.json`, as a learner types it; its record and result."""
-    out = tmp_path / "record.json"
-    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", *args, "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    argv = [*args, "--out", str(out)]
+    if torchrun:
+        done = launch(torchrun, argv, timeout=600)
+    else:
+        done = subprocess.run([sys.executable, "-m", "lora_course.distributed", *argv], capture_output=True, text=True,
+                              env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text()), done
 
@@ -51,7 +49,7 @@ def _cli(tmp_path, *args, env=None):
 def test_torchrun_two_processes_steps_3(tmp_path):
     """The acceptance run, as a learner types it: the launcher checks the arguments, then runs
     `torchrun --nproc_per_node=2 -m lora_course.distributed --steps 3`; its JSON checked."""
-    record, done = _cli(tmp_path, "--nproc", "2", "--steps", "3", "--reference")
+    record, done = _record(tmp_path, "--nproc", "2", "--steps", "3", "--reference")
     assert done.stderr == ""  # no OMP notice, no warnings
     assert record["world_size"] == 2 and record["backend"] == "gloo" and record["global_batch_size"] == 8
     runs = record["runs"]
@@ -70,7 +68,7 @@ def test_torchrun_two_processes_steps_3(tmp_path):
 
 
 def test_unused_module_and_fsdp(tmp_path):
-    record, done = _launch(tmp_path, 2, "--steps", "2", "--methods", "lora", "--unused", "--fsdp")
+    record, done = _record(tmp_path, "--steps", "2", "--methods", "lora", "--unused", "--fsdp", torchrun=2)
     assert done.stderr == ""
     unused = record["unused"]
     assert "find_unused_parameters=True" in unused["error"]
@@ -102,7 +100,7 @@ def test_unused_module_and_fsdp(tmp_path):
 
 
 def test_world_size_one_works_and_says_so(tmp_path):
-    record, done = _cli(tmp_path, "--steps", "1", "--methods", "lora", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    record, done = _record(tmp_path, "--steps", "1", "--methods", "lora", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "world size 1" in done.stdout
     assert record["world_size"] == 1 and record["runs"]["lora"]["replicas_identical"]
 
