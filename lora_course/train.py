@@ -139,8 +139,8 @@ def validation_loss(model: nn.Module, tokenizer, records: Sequence[Record], batc
         batch = {k: v.to(device) for k, v in collate(tokenizer, records[start : start + batch_size]).items()}
         with autocast_for(device, bf16):
             logits, targets = _target_logits(model, batch)
-        total += nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
+        total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
     model.train(was_training)
     return total / count
 
@@ -179,22 +179,20 @@ def text_loss(model: nn.Module, token_ids: torch.Tensor, block_size: int = 128, 
 def _target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, vocab) and next-token targets (N,) of a collated batch, the LM head run only where targets are.
 
-    The LM head (d x vocab, the largest matmul of a small model) runs from the first target
-    position on (`logits_to_keep`), not over the prompt, whose labels are all -100.
+    Position t predicts token t + 1, so the LM head (d x vocab, the largest matmul of a small
+    model) runs only at the N positions whose next token is scored: `logits_to_keep` takes
+    that (B, T) boolean mask and returns the N kept rows. Prompt and padding cost nothing.
     """
     labels = batch["labels"]  # (B, T), -100 on prompt and padding
-    T = labels.size(1)
-    scored = (labels != -100).any(0)
-    first = int(scored.float().argmax()) if bool(scored.any()) else T - 1  # first position with a target
-    keep = T - max(first, 1) + 1  # logits at positions first-1 .. T-1
+    scored = labels[:, 1:] != -100  # (B, T-1): the next token is a target
+    keep = torch.cat([scored, scored.new_zeros(labels.size(0), 1)], dim=1)  # (B, T); the last position has no next
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    targets = labels[:, T - keep + 1 :]  # (B, keep-1): position t predicts token t+1
-    return logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+    return logits.float(), labels[:, 1:][scored]  # (N, vocab), (N,)
 
 
 def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the target tokens: `model(**batch).loss`, with logits only where targets are."""
-    return nn.functional.cross_entropy(*_target_logits(model, batch), ignore_index=-100)
+    return nn.functional.cross_entropy(*_target_logits(model, batch))
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad_clip: float | None = None,
