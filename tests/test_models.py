@@ -97,6 +97,19 @@ def test_sha256_matches_the_recorded_one():
     assert sha in (shipped_model_path() / "README.md").read_text()
 
 
+def test_shipped_activation_is_the_gelu_it_was_trained_with(shipped):
+    """config.json names the one-kernel tanh GELU; the model was trained with GPT-2's gelu_new, the same function."""
+    model, tokenizer, _ = shipped
+    assert type(model.transformer.h[0].mlp.act).__name__ == "GELUTanh"
+    x = tokenizer(shipped_heldout_text(), return_tensors="pt").input_ids[:, :256].view(2, 128)  # (2, 128)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        for activation, tolerance in (("gelu_new", 1e-4), ("gelu", None)):  # the exact erf GELU is another function
+            other = AutoModelForCausalLM.from_pretrained(shipped_model_path(), activation_function=activation)
+            gap = (other(input_ids=x).logits - logits).abs().max().item()
+            assert gap < tolerance if tolerance else gap > 1e-3, (activation, gap)
+
+
 def test_offline_gpt2_falls_back_through_the_same_from_pretrained(offline, spy, capsys, monkeypatch):
     lookups = []
     real_lookup = models._cached_snapshot
