@@ -34,7 +34,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-from .measure import peak_memory
+from .measure import fastest_of_rounds, peak_memory
 from .skeletons import transformer_blocks
 
 __all__ = ["VARIANTS", "checkpoint_blocks", "trainable_grads", "count_block_forwards", "compare_checkpointing"]
@@ -112,11 +112,10 @@ def compare_checkpointing(build: Callable[[], nn.Module], input_ids: torch.Tenso
     "forwards_per_step" (per block: how many times its forward ran in one step), "peak_bytes",
     "ms" and "cpu_ms" (wall-clock and process CPU time of a forward and backward, fastest round),
     "max_grad_diff" (against no checkpointing)}}. Peak memory is measured on the CPU around
-    one step, gradients freed first. The variants are timed in `rounds` interleaved rounds
-    (each round steps every variant once), so a change in the machine's load hits all alike; each
-    keeps its fastest round, since load only ever adds time.
+    one step, gradients freed first. Each variant keeps its fastest of `rounds` interleaved
+    rounds (`measure.fastest_of_rounds`).
     """
-    out, steps, reference = {}, {}, None
+    out, timings, reference = {}, {}, None
     for name, flags in VARIANTS.items():
         model, row = _variant(build, input_ids, *flags)
         grads = row.pop("grads")
@@ -125,21 +124,16 @@ def compare_checkpointing(build: Callable[[], nn.Module], input_ids: torch.Tenso
             reference = reference or grads
             row["max_grad_diff"] = max((grads[k] - reference[k]).abs().max().item() for k in reference)
 
-            def step(model=model):
+            def timed(model=model) -> tuple[float, float]:  # (wall ms, CPU ms) of one step, gradients freed first
+                wall, cpu = time.perf_counter(), time.process_time()
                 model.zero_grad(set_to_none=True)
                 _step(model, input_ids)
+                return 1e3 * (time.perf_counter() - wall), 1e3 * (time.process_time() - cpu)
 
             model.zero_grad(set_to_none=True)
             _, row["peak_bytes"] = peak_memory(lambda: _step(model, input_ids), device="cpu")
-            steps[name] = step
+            timings[name] = timed
         out[name] = row
-    times = {name: ([], []) for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            step()
-            times[name][0].append(1e3 * (time.perf_counter() - wall))
-            times[name][1].append(1e3 * (time.process_time() - cpu))
-    for name, (wall, cpu) in times.items():
-        out[name]["ms"], out[name]["cpu_ms"] = min(wall), min(cpu)
+    for name, (ms, cpu_ms) in fastest_of_rounds(timings, rounds).items():
+        out[name] |= {"ms": ms, "cpu_ms": cpu_ms}
     return out

@@ -3,8 +3,8 @@
 Time: medians of repeated runs (`torch.utils.benchmark`), which handle warm-up and threads;
 `timer="cpu"` counts this thread's CPU time instead, which a busy machine disturbs less.
 Compare ratios measured in one run, never absolute numbers across runs. Where the package
-compares variants it times them in interleaved rounds and keeps each one's fastest round:
-load on a shared machine only ever adds time.
+compares variants it times them in interleaved rounds and keeps each one's fastest round
+(`fastest_of_rounds`): load on a shared machine only ever adds time.
 
 Memory: `peak_memory(fn)` measures what a piece of code allocates, on CUDA with the caching
 allocator's peak counter and on CPU by tracking every allocation the CPU allocator reports
@@ -24,8 +24,10 @@ from typing import Any, Callable
 import torch
 from torch.utils import benchmark
 
-__all__ = ["median_ms", "generation_ms", "peak_memory", "PeakMemory", "StepMemory", "resident_bytes",
-           "training_step_memory", "optimizer_state_bytes"]
+from .validate import check_int
+
+__all__ = ["median_ms", "fastest_of_rounds", "generation_ms", "peak_memory", "PeakMemory", "StepMemory",
+           "resident_bytes", "training_step_memory", "optimizer_state_bytes"]
 
 _TIMERS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
@@ -46,6 +48,22 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = 
         stmt = "fn()"
     timer = benchmark.Timer(stmt=stmt, globals={"fn": fn, "torch": torch}, timer=_TIMERS[timer])
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def fastest_of_rounds(timings: dict[str, Callable[[], float | tuple[float, ...]]], rounds: int
+                      ) -> dict[str, float | tuple[float, ...]]:
+    """Call every timing once per round, in order, for `rounds` rounds; keep each one's fastest round.
+
+    Interleaving exposes every variant to the same changes in a shared machine's load, and load
+    only ever adds time, so the least-disturbed round is the best estimate. A timing returns a
+    number, or a tuple of numbers (e.g. wall and CPU time) whose fastest is kept element by element.
+    """
+    check_int("rounds", rounds, minimum=1)
+    seen: dict[str, list] = {name: [] for name in timings}
+    for _ in range(rounds):
+        for name, timing in timings.items():
+            seen[name].append(timing())
+    return {name: tuple(map(min, zip(*v))) if isinstance(v[0], tuple) else min(v) for name, v in seen.items()}
 
 
 def generation_ms(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int = 16,

@@ -380,32 +380,29 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
     """Milliseconds per generated token (one decoding step of the whole batch), greedy, for:
 
     "base" (no adapter), "merged" (`adapter` folded into W), "unmerged" (`adapter` beside W),
-    "mixed" (row i uses `mixed_names[i]`). Modes are timed in interleaved rounds and each keeps its
-    fastest round: a busy machine only ever adds time. The server's active adapter is restored.
+    "mixed" (row i uses `mixed_names[i]`), each the fastest of `rounds` interleaved rounds
+    (`measure.fastest_of_rounds`). The server's active adapter is restored.
     """
-    from .measure import median_ms
+    from .measure import fastest_of_rounds, median_ms
 
     server._check_name(adapter)
     before = server.active_adapter
     kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(prompt))
 
-    def timed(names=None) -> float:
-        return median_ms(lambda: server.generate(prompt, adapter_names=names, **kw), min_run_time) / max_new_tokens
+    def timed(switch, names=None):  # put the server in the mode, then ms per generated token
+        def timing() -> float:
+            switch()
+            return median_ms(lambda: server.generate(prompt, adapter_names=names, **kw), min_run_time) / max_new_tokens
+        return timing
 
     server.eval()
-    times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": [], "mixed": []}
-    try:
-        for _ in range(rounds):
-            server.set_adapter(None)
-            times["base"].append(timed())
-            server.set_adapter(adapter)
-            times["unmerged"].append(timed())
-            server.merge_adapter()
-            times["merged"].append(timed())
-            server.unmerge_adapter()
-            times["mixed"].append(timed(list(mixed_names)))
+    try:  # each round: base, unmerged, merged, mixed, in that order (each mode switches from the one before)
+        ms = fastest_of_rounds({"base": timed(lambda: server.set_adapter(None)),
+                                "unmerged": timed(lambda: server.set_adapter(adapter)),
+                                "merged": timed(server.merge_adapter),
+                                "mixed": timed(server.unmerge_adapter, list(mixed_names))}, rounds)
     finally:
         server.unmerge_adapter()
         server.set_adapter(before)
-    return {mode: min(ts) for mode, ts in times.items()}
+    return {mode: ms[mode] for mode in ("base", "merged", "unmerged", "mixed")}

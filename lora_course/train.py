@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import Record, batches, collate, shard_batches
 from .lora import count_parameters
-from .measure import StepMemory, optimizer_state_bytes, peak_memory, training_step_memory
+from .measure import StepMemory, fastest_of_rounds, optimizer_state_bytes, peak_memory, training_step_memory
 from .runtime import get_device, progress_bar, seed_everything
 from .validate import check_int, check_positive
 
@@ -225,12 +225,12 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
     """Memory and time of one AdamW step of each causal LM on the same batch (labels = inputs).
 
     Memory: resident bytes and the step's peak above them (`memory.training_step_memory`).
-    Time: `rounds` rounds in which every model takes one step in turn, so a change in the
-    machine's load hits all alike; each model keeps its fastest round (load only ever adds time).
+    Time: ms of one step, each model's fastest of `rounds` rounds in which every model steps in
+    turn (`measure.fastest_of_rounds`).
     """
-    check_int("rounds", rounds, minimum=1)
+    check_int("rounds", rounds, minimum=1)  # before any model is moved or stepped
     device = torch.device(device) if device is not None else input_ids.device
-    steps, costs, times = {}, {}, {name: [] for name in models}
+    timings, costs = {}, {}
     for name, model in models.items():
         model.to(device).train()
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
@@ -240,18 +240,19 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
                 loss = model(input_ids=input_ids, labels=input_ids).loss
             optimizer_step(loss, optimizer)
 
-        steps[name] = step
-        costs[name] = training_step_memory(model, step, optimizer, device=device)
-    for _ in range(rounds):
-        for name, step in steps.items():
+        def timed(step=step) -> float:  # ms of one step, CUDA synchronised on both sides
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times[name].append(1000 * (time.perf_counter() - t0))
-    return {name: StepCost(costs[name], min(times[name])) for name in models}
+            return 1000 * (time.perf_counter() - t0)
+
+        timings[name] = timed
+        costs[name] = training_step_memory(model, step, optimizer, device=device)
+    ms = fastest_of_rounds(timings, rounds)
+    return {name: StepCost(costs[name], ms[name]) for name in models}
 
 
 def train_steps(model: nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,

@@ -25,7 +25,7 @@ from torch import nn
 from ..data import ARGS_IN_WORDS, Record, batches, format_prompt, format_target, generate
 from ..dora import DoRALinear
 from ..lora import add_lora
-from ..measure import median_ms
+from ..measure import fastest_of_rounds, median_ms
 from ..pissa import pissa_factors
 from ..runtime import seed_everything
 from ..serving import MultiAdapterModel, mixed_rows
@@ -155,27 +155,26 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
 def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batches_of_names: dict[str, Sequence],
                       rounds: int = 3, min_run_time: float = 0.1) -> dict[str, dict[str, float]]:
     """For each mixed batch (label -> one adapter name per row): adapter calls per layer in one forward, counted, and
-    ms per forward (the fastest of `rounds` interleaved rounds: a busy machine only ever adds time, so the
-    least-disturbed round is the best estimate, and interleaving exposes every batch to the same load)."""
+    ms per forward (the fastest of `rounds` interleaved rounds, `measure.fastest_of_rounds`)."""
     calls: list = []
 
     def counting(x, result, rows, output):
         return server_mixer(x, result, rows, lambda *a: calls.append(a[0]) or output(*a))
 
     server_mixer, server.row_mixer = server.row_mixer, counting
-    n_layers, per_layer, ms = len(server.layers()), {}, {label: [] for label in batches_of_names}
+    n_layers, per_layer = len(server.layers()), {}
     try:
         with torch.no_grad():
             for label, names in batches_of_names.items():
                 calls.clear()
                 server(input_ids, adapter_names=list(names))
                 per_layer[label] = len(calls) / n_layers
-            for _ in range(rounds):
-                for label, names in batches_of_names.items():
-                    ms[label].append(median_ms(lambda: server(input_ids, adapter_names=list(names)), min_run_time))
+            ms = fastest_of_rounds({label: lambda names=names: median_ms(
+                lambda: server(input_ids, adapter_names=list(names)), min_run_time)
+                for label, names in batches_of_names.items()}, rounds)
     finally:
         server.row_mixer = server_mixer
-    return {k: {"calls per layer": per_layer[k], "ms": min(v)} for k, v in ms.items()}
+    return {k: {"calls per layer": per_layer[k], "ms": ms[k]} for k in batches_of_names}
 
 
 @checker("your mixed_rows function", function=True)
