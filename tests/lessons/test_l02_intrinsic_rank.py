@@ -110,6 +110,19 @@ def test_subspace_model_starts_at_theta0_and_only_z_trains(task):
     torch.testing.assert_close(model(task.X_test), SubspaceModel(model, d=3)(task.X_test))  # the original untouched
 
 
+def test_subspace_model_projection_is_very_sparse_with_unit_columns(task):
+    model = make_mlp(task.n_features, 64, task.n_classes, seed=0)
+    D = sum(p.numel() for p in model.parameters())
+    P = SubspaceModel(model, d=50, seed=1).P  # (D, 50)
+    nonzero = (P != 0).sum(0).float()  # (50,) per column: Binomial(D, 1 / sqrt(D)), mean sqrt(D)
+    assert abs(nonzero.mean().item() / D ** 0.5 - 1) < 0.1 and nonzero.min() > 0
+    # Each column's nonzeros are +-1 / sqrt(their count), both signs about equally often.
+    torch.testing.assert_close(P.abs().sum(0), nonzero.sqrt())
+    assert 0.4 < (P > 0).sum().item() / (P != 0).sum().item() < 0.6
+    assert not torch.equal(P, SubspaceModel(model, d=50, seed=2).P)  # the seed draws P
+    torch.testing.assert_close(P, SubspaceModel(model, d=50, seed=1).P, rtol=0, atol=0)
+
+
 def test_subspace_model_bad_d(task):
     model = make_mlp(task.n_features, 4, task.n_classes)
     D = sum(p.numel() for p in model.parameters())
