@@ -32,31 +32,38 @@ from lora_course.models import toy_gpt2, toy_gpt2_config
 from lora_course.skeletons import lora_counts
 
 
-def _record(tmp_path, *args, torchrun=None, env=None):
-    """`python -m lora_course.distributed ARGS --out record.json` as a learner types it, or with `torchrun=N` started
-    straight under torchrun by `launch`; the JSON record and the finished process."""
+def _record(tmp_path, *args, env=None):
+    """`python -m lora_course.distributed ARGS --out record.json` as a learner types it; the JSON record and the
+    finished process."""
     out = tmp_path / "record.json"
-    argv = [*args, "--out", str(out)]
-    if torchrun:
-        done = launch(torchrun, argv, timeout=600)
-    else:
-        done = subprocess.run([sys.executable, "-m", "lora_course.distributed", *argv], capture_output=True, text=True,
-                              env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "lora_course.distributed", *args, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(out.read_text()), done
 
 
-def test_torchrun_two_processes_steps_3(tmp_path):
-    """The acceptance run, as a learner types it: the launcher checks the arguments, then runs
-    `torchrun --nproc_per_node=2 -m lora_course.distributed --steps 3`; its JSON checked."""
-    record, done = _record(tmp_path, "--nproc", "2", "--steps", "3", "--reference")
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One torchrun of 2 processes, as a learner types it, serving the two tests below (each of its parts is a
+    separate run inside it): the launcher checks the arguments, then runs `torchrun --nproc_per_node=2 -m
+    lora_course.distributed --steps 3 --reference --unused --fsdp`."""
+    return _record(tmp_path_factory.mktemp("torchrun"), "--nproc", "2", "--steps", str(STEPS), "--reference",
+                   "--unused", "--fsdp")
+
+
+STEPS = 3
+
+
+def test_torchrun_two_processes_steps_3(two_processes):
+    """The acceptance run: DDP's traffic, identical replicas, and two processes following one."""
+    record, done = two_processes
     assert done.stderr == ""  # no OMP notice, no warnings
     assert record["world_size"] == 2 and record["backend"] == "gloo" and record["global_batch_size"] == 8
     runs = record["runs"]
     for method in ("lora", "full"):
         run = runs[method]
         # DDP all-reduces exactly one fp32 gradient per trainable parameter, every step.
-        assert run["allreduce_bytes_per_step"] == [run["trainable_params"] * 4] * 3
+        assert run["allreduce_bytes_per_step"] == [run["trainable_params"] * 4] * STEPS
         assert run["replicas_identical"] and len(run["digests"]) == 2 and run["max_replica_diff"] == 0.0
         # Two processes on 4 rows each follow one process on 8 rows.
         ref = record["reference"][method]
@@ -67,8 +74,8 @@ def test_torchrun_two_processes_steps_3(tmp_path):
     assert runs["full"]["losses"][-1] < runs["full"]["losses"][0]
 
 
-def test_unused_module_and_fsdp(tmp_path):
-    record, done = _record(tmp_path, "--steps", "2", "--methods", "lora", "--unused", "--fsdp", torchrun=2)
+def test_unused_module_and_fsdp(two_processes):
+    record, done = two_processes
     assert done.stderr == ""
     unused = record["unused"]
     assert "find_unused_parameters=True" in unused["error"]
@@ -76,6 +83,7 @@ def test_unused_module_and_fsdp(tmp_path):
     assert found["replicas_identical"] and frozen["replicas_identical"]
     assert found["max_replica_diff"] == frozen["max_replica_diff"] == 0.0
     # find_unused_parameters=True still all-reduces the skipped adapters (as zeros); freezing them sends less.
+    # (These runs take 2 steps of their own, whatever --steps says.)
     assert found["allreduce_bytes_per_step"] == [found["trainable_params"] * 4] * 2
     assert frozen["allreduce_bytes_per_step"] == [frozen["trainable_params"] * 4] * 2
     assert frozen["trainable_params"] == found["trainable_params"] * 3 // 4  # 1 of the 4 blocks frozen
