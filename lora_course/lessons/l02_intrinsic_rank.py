@@ -125,43 +125,29 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- intrinsic dimension
 
 class SubspaceModel(nn.Module):
-    """`model` reparameterised as theta0 + P z; z (d,) is the only trainable parameter; z starts at 0, so at step 0
-    this computes exactly what `model` did.
-
-    P (D, d) is a very sparse random projection (Li, Hastie and Church, 2006), one of the projections Li et al.
-    (2018) use because a dense one does not scale: each entry is +1 or -1 with probability 1 / (2 sqrt(D)) each,
-    else 0, and each column is scaled to unit length. Only its nonzeros are kept (about d sqrt(D) of the D d
-    entries), so P z and its gradient cost O(d sqrt(D)) instead of O(D d)."""
+    """`model` reparameterised as theta0 + P z: only z (d,) trains, from 0. P (D, d) is a very sparse random projection
+    (Li, Hastie and Church, 2006), as Li et al. (2018) use for large models: an entry is nonzero (+-1) with probability
+    1 / sqrt(D), columns scaled to unit length. Only its ~d sqrt(D) nonzeros are stored and multiplied."""
 
     def __init__(self, model: nn.Module, d: int, seed: int = 0):
         super().__init__()
         self._shapes = {name: p.shape for name, p in model.named_parameters()}
         theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # (D,)
-        D = theta0.numel()
+        D, g = theta0.numel(), torch.Generator().manual_seed(seed)
         d = check_int("d", d, minimum=1, maximum=D, hint="at most D, the model's parameter count")
         self.base = copy.deepcopy(model).requires_grad_(False)  # a frozen private copy, called functionally
-        g = torch.Generator().manual_seed(seed)
-        rows, cols = (torch.rand(D, d, generator=g) < 1 / math.sqrt(D)).nonzero(as_tuple=True)  # P's nonzeros
-        signs = torch.randint(0, 2, (rows.numel(),), generator=g, dtype=theta0.dtype) * 2 - 1  # (nnz,): +-1
-        per_column = torch.bincount(cols, minlength=d).clamp(min=1).to(theta0.dtype)  # (d,) nonzeros per column
+        rows, cols = (torch.rand(D, d, generator=g) < 1 / math.sqrt(D)).nonzero(as_tuple=True)  # (nnz,) each, sorted
+        values = (torch.randint(0, 2, rows.shape, generator=g) * 2 - 1) / torch.bincount(cols)[cols].sqrt()  # (nnz,)
         self.register_buffer("theta0", theta0)
-        self.register_buffer("rows", rows)  # (nnz,) the parameter each nonzero moves
-        self.register_buffer("cols", cols)  # (nnz,) the direction it belongs to
-        self.register_buffer("values", signs / per_column[cols].sqrt())  # (nnz,): unit-length columns
+        self.register_buffer("P", torch.sparse_coo_tensor(torch.stack([rows, cols]), values.to(theta0.dtype), (D, d),
+                                                          check_invariants=True, is_coalesced=True))
         self.z = nn.Parameter(torch.zeros(d, dtype=theta0.dtype))  # (d,)
 
-    @property
-    def P(self) -> torch.Tensor:
-        """P as a dense (D, d) matrix, to look at; training never builds it."""
-        P = torch.zeros(self.theta0.numel(), self.z.numel(), dtype=self.values.dtype, device=self.values.device)
-        return P.index_put_((self.rows, self.cols), self.values)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # theta0 + P z through P's nonzeros: (D,), every parameter of the model, moved only inside span(P)
-        theta = self.theta0.index_add(0, self.rows, self.values * self.z[self.cols])
+        rows, cols = self.P.indices()  # theta0 + P z through P's nonzeros: (D,), moved only inside span(P)
+        theta = self.theta0.index_add(0, rows, self.P.values() * self.z[cols])
         chunks = torch.split(theta, [s.numel() for s in self._shapes.values()])
-        params = {name: c.view(shape) for (name, shape), c in zip(self._shapes.items(), chunks)}
-        return functional_call(self.base, params, (x,))
+        return functional_call(self.base, {n: c.view(s) for (n, s), c in zip(self._shapes.items(), chunks)}, (x,))
 
 
 def sweep_over_seeds(model: nn.Module, X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor,
@@ -177,8 +163,7 @@ def sweep_over_seeds(model: nn.Module, X_train: torch.Tensor, y_train: torch.Ten
     for seed, run in enumerate(runs):
         for d in dims:
             sub = SubspaceModel(model, d, seed=seed * 100_003 + d)
-            train_classifier(sub, X_train, y_train, steps=steps, lr=lr, optimizer="adam", batch_size=batch_size,
-                             seed=seed)
+            train_classifier(sub, X_train, y_train, steps, lr, optimizer="adam", batch_size=batch_size, seed=seed)
             run[d] = accuracy(sub, X_test, y_test)
     return {d: sum(run[d] for run in runs) / seeds for d in dims}, runs
 

@@ -97,15 +97,15 @@ def test_subspace_model_starts_at_theta0_and_only_z_trains(task):
     model = make_mlp(task.n_features, 16, task.n_classes, seed=0)
     D = sum(p.numel() for p in model.parameters())
     sub = SubspaceModel(model, d=7, seed=0)
-    assert sub.theta0.numel() == D and sub.z.shape == (7,) and sub.P.shape == (D, 7)
-    torch.testing.assert_close(sub.P.norm(dim=0), torch.ones(7))
+    assert sub.theta0.numel() == D and sub.z.shape == (7,) and sub.P.shape == (D, 7) and sub.P.is_sparse
+    torch.testing.assert_close(sub.P.to_dense().norm(dim=0), torch.ones(7))
     torch.testing.assert_close(sub(task.X_test), model(task.X_test))  # z = 0: same function
     assert [name for name, p in sub.named_parameters() if p.requires_grad] == ["z"]
     train_classifier(sub, task.X_train, task.y_b_train, steps=20, lr=0.1, optimizer="adam", batch_size=64)
     assert sub.z.abs().sum() > 0
     # The model moved only inside the span of P: a plain copy holding theta0 + P z computes the same function.
     plain = copy.deepcopy(model)
-    torch.nn.utils.vector_to_parameters(sub.theta0 + sub.P @ sub.z.detach(), plain.parameters())
+    torch.nn.utils.vector_to_parameters(sub.theta0 + sub.P.to_dense() @ sub.z.detach(), plain.parameters())
     torch.testing.assert_close(plain(task.X_test), sub(task.X_test))
     torch.testing.assert_close(model(task.X_test), SubspaceModel(model, d=3)(task.X_test))  # the original untouched
 
@@ -113,14 +113,14 @@ def test_subspace_model_starts_at_theta0_and_only_z_trains(task):
 def test_subspace_model_projection_is_very_sparse_with_unit_columns(task):
     model = make_mlp(task.n_features, 64, task.n_classes, seed=0)
     D = sum(p.numel() for p in model.parameters())
-    P = SubspaceModel(model, d=50, seed=1).P  # (D, 50)
+    P = SubspaceModel(model, d=50, seed=1).P.to_dense()  # (D, 50)
     nonzero = (P != 0).sum(0).float()  # (50,) per column: Binomial(D, 1 / sqrt(D)), mean sqrt(D)
     assert abs(nonzero.mean().item() / D ** 0.5 - 1) < 0.1 and nonzero.min() > 0
     # Each column's nonzeros are +-1 / sqrt(their count), both signs about equally often.
     torch.testing.assert_close(P.abs().sum(0), nonzero.sqrt())
     assert 0.4 < (P > 0).sum().item() / (P != 0).sum().item() < 0.6
-    assert not torch.equal(P, SubspaceModel(model, d=50, seed=2).P)  # the seed draws P
-    torch.testing.assert_close(P, SubspaceModel(model, d=50, seed=1).P, rtol=0, atol=0)
+    assert not torch.equal(P, SubspaceModel(model, d=50, seed=2).P.to_dense())  # the seed draws P
+    assert torch.equal(P, SubspaceModel(model, d=50, seed=1).P.to_dense())
 
 
 def test_subspace_model_bad_d(task):
