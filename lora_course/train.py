@@ -61,14 +61,14 @@ class TrainConfig:
     device: str | None = None  # None: CUDA, then MPS, then CPU
     bf16: bool | None = None  # None: bf16 autocast exactly when the device is CUDA
     progress: bool = True  # tqdm progress bar
-    memory_steps: int = 2  # steps run under the peak-memory tracker (the rest are timed)
+    memory_steps: int = 0  # first steps run under the peak-memory tracker, left out of the timing (0: not measured)
     desc: str = "train"
     shard: tuple[int, int] | None = None  # (rank, world_size): train on this rank's slice of each global batch
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "n_eval", "memory_steps"):
+        for name in ("steps", "batch_size", "n_eval"):
             check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "eval_every"):
+        for name in ("warmup_steps", "eval_every", "memory_steps"):
             check_int(name, getattr(self, name), minimum=0)
         check_positive("lr", self.lr, hint="1e-3 suits LoRA, 1e-4 full fine-tuning")
 
@@ -88,7 +88,7 @@ class TrainRecord:
     trainable_params: int = 0
     total_params: int = 0
     optimizer_state_bytes: int = 0
-    peak_memory_bytes: int = 0  # above what was allocated when training started (0 if not measured, e.g. MPS)
+    peak_memory_bytes: int = 0  # above what was allocated when training started (0: not measured, or on MPS)
     train_seconds: float = 0.0  # timed training steps only (evaluation excluded)
     timed_steps: int = 0  # steps after the memory probe, the ones timed
     tokens: int = 0  # non-padding tokens seen in training
@@ -332,9 +332,9 @@ def _run_steps(step: Callable[[int, bool], None], config: TrainConfig, device: t
     when there are others): the first step allocates gradients and optimizer state, so later steps look alike."""
     n_probe = min(config.memory_steps, config.steps)
     probe = lambda: [step(i, n_probe == config.steps) for i in range(n_probe)]  # noqa: E731
-    if device.type in ("cuda", "cpu"):
+    if n_probe and device.type in ("cuda", "cpu"):
         _, record.peak_memory_bytes = peak_memory(probe, device)
-    else:  # peak_memory measures CUDA and CPU only (on MPS the record keeps 0)
+    else:  # not asked for, or on MPS (peak_memory measures CUDA and CPU only): the record keeps 0
         probe()
     for i in range(n_probe, config.steps):
         step(i, True)

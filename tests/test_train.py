@@ -21,7 +21,7 @@ def quick(**kw):
 def test_lora_run_trains_only_the_adapters(base_model, tokenizer):
     model = add_lora(copy.deepcopy(base_model), ["c_attn"], r=4, alpha=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    record = train(model, tokenizer, SPLITS.train, SPLITS.validation, quick())
+    record = train(model, tokenizer, SPLITS.train, SPLITS.validation, quick(memory_steps=2))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_A" in n or ".lora_B" in n for n in changed)
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -34,7 +34,15 @@ def test_lora_run_trains_only_the_adapters(base_model, tokenizer):
     assert len(record.losses) == 6 and record.val_steps == [6] and len(record.val_losses) == 1
     assert record.peak_memory_bytes > 0
     assert record.time_per_step > 0 and record.tokens_per_second > 0
-    assert record.timed_steps == 6 - TrainConfig().memory_steps
+    assert record.timed_steps == 6 - 2  # the two memory steps are not timed
+
+
+def test_memory_is_measured_only_when_asked(base_model, tokenizer):
+    record = train(add_lora(copy.deepcopy(base_model), ["c_attn"], r=4, alpha=8), tokenizer, SPLITS.train,
+                   SPLITS.validation, quick())
+    assert TrainConfig().memory_steps == 0 and record.peak_memory_bytes == 0 and record.timed_steps == 6
+    with pytest.raises(ValueError, match="memory_steps must be an int of at least 0"):
+        quick(memory_steps=-1)
 
 
 def test_full_run_trains_everything_and_costs_more_state(base_model, tokenizer):

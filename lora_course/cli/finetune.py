@@ -120,7 +120,8 @@ def run(args) -> dict:
     lr = args.lr if args.lr is not None else DEFAULT_LR[(args.method, shipped)]
     splits = make_splits(n_validation=64, n_test=128, task="api", n_train=4096)  # notebook 06's six-field task
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=str(device),
-                         bf16=bf16, progress=not args.no_progress, desc=f"{args.method} {Path(args.model).name}")
+                         bf16=bf16, progress=not args.no_progress, desc=f"{args.method} {Path(args.model).name}",
+                         memory_steps=2)  # the run's peak memory is reported
     t0 = time.perf_counter()
     record = train(model, tokenizer, splits.train, splits.validation[: args.val_records], config)
     wall = time.perf_counter() - t0
