@@ -47,17 +47,6 @@ def chromium():
             browser.close()
 
 
-@pytest.fixture
-def page(chromium, lab):
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    try:
-        yield page
-    finally:
-        context.close()
-        lab.shutdown_sessions()  # each notebook's kernel ends with its test
-
-
 @pytest.fixture(scope="session")
 def screenshots():
     SCREENSHOTS.mkdir(exist_ok=True)

@@ -123,6 +123,9 @@ class JupyterLab:
         env = dict(os.environ)
         env.update({
             "LORA_COURSE_FAST": "1",
+            # Two notebooks run side by side beside the other test workers: one thread per kernel.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -210,9 +213,11 @@ class JupyterLab:
             raise RuntimeError("the lab page has no jupyter-config-data")
         return json.loads(match.group(1))
 
-    def shutdown_sessions(self) -> None:
+    def shutdown_sessions(self, path: str | None = None) -> None:
+        """End the kernel sessions of the notebook at `path` (relative to the root), or all of them."""
         for session in self.api("GET", "api/sessions"):
-            self.api("DELETE", f"api/sessions/{session['id']}")
+            if path is None or session.get("path") == path:
+                self.api("DELETE", f"api/sessions/{session['id']}")
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -233,8 +238,13 @@ _STATE_JS = """() => {
     const prompt = cell.node.querySelector('.jp-InputPrompt');
     // A cell tagged raises-exception is meant to raise (nbval's rule too).
     const expected = (cell.model.getMetadata('tags') || []).includes('raises-exception');
-    const errors = expected ? [] : cell.model.outputs.toJSON().filter(o => o.output_type === 'error')
-      .map(o => o.ename + ': ' + o.evalue);
+    // Only error outputs are serialised: images and long text stay in the page's model.
+    const errors = [];
+    const outputs = cell.model.outputs;
+    for (let i = 0; !expected && i < outputs.length; i++) {
+      const o = outputs.get(i);
+      if (o.type === 'error') { const e = o.toJSON(); errors.push(e.ename + ': ' + e.evalue); }
+    }
     cells.push({index, count: cell.model.executionCount, prompt: prompt ? prompt.textContent : '', errors});
   });
   return {path: panel.context.path, kernel: session && session.kernel ? session.kernel.status : null, cells};
@@ -313,11 +323,13 @@ class NotebookPage:
     def state(self) -> dict:
         return self.page.evaluate(_STATE_JS)
 
-    def run_all(self, timeout_s: float = RUN_ALL_S) -> dict:
-        """Run > Run All Cells from the menu bar, then wait until every cell has run (or one
-        failed) and the kernel is idle. Returns the final state."""
+    def start_run_all(self) -> None:
+        """Run > Run All Cells from the menu bar; the kernel queues every cell and runs them in order."""
         self.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
         self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+    def wait_run_all(self, timeout_s: float = RUN_ALL_S) -> dict:
+        """Wait until every cell has run (or one failed) and the kernel is idle; returns the final state."""
         deadline = time.monotonic() + timeout_s
         settled = 0
         while time.monotonic() < deadline:
@@ -328,7 +340,7 @@ class NotebookPage:
             settled = settled + 1 if (finished and idle) else 0
             if settled >= 3:  # idle on three polls in a row: nothing is queued any more
                 return state
-            time.sleep(0.5)
+            time.sleep(0.25)
         pending = [c["index"] for c in self.state()["cells"] if c["count"] is None]
         raise TimeoutError(f"{self.name}: cells {pending} had not run after {timeout_s:.0f} s")
 
@@ -406,10 +418,52 @@ class NotebookPage:
         return self.driven(control)
 
     @staticmethod
-    def _wait(predicate, timeout_s: float, every_s: float = 0.25) -> bool:
+    def _wait(predicate, timeout_s: float, every_s: float = 0.1) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if predicate():
                 return True
             time.sleep(every_s)
         return False
+
+
+class SideBySide:
+    """Notebooks run in JupyterLab `width` at a time, each in its own browser context and kernel.
+
+    `ready(name)` opens `name` and the notebooks after it until `width` are running (Run All
+    Cells in each), then waits for `name` to finish: while one notebook's test checks its
+    controls, the next one is already running. `close(name)` ends its page and its kernel.
+    Notebooks are independent (own kernel, own temporary files), so running two at once is
+    safe; it shortens the wall time, not the work."""
+
+    def __init__(self, browser, lab: JupyterLab, names: list[str], width: int = 2):
+        self.browser, self.lab, self.names, self.width = browser, lab, list(names), width
+        self.running: dict[str, tuple] = {}  # name -> (browser context, NotebookPage)
+
+    def _start(self, name: str) -> None:
+        context = self.browser.new_context(viewport={"width": 1280, "height": 900})
+        nb = NotebookPage(context.new_page(), self.lab, name)
+        self.running[name] = (context, nb)
+        nb.open()
+        nb.start_run_all()
+
+    def ready(self, name: str) -> tuple[NotebookPage, dict]:
+        if name not in self.running:
+            self._start(name)
+        for later in self.names[self.names.index(name) + 1:]:
+            if len(self.running) >= self.width:
+                break
+            if later not in self.running:
+                self._start(later)
+        nb = self.running[name][1]
+        return nb, nb.wait_run_all()
+
+    def close(self, name: str) -> None:
+        context, _ = self.running.pop(name, (None, None))
+        if context is not None:
+            context.close()
+        self.lab.shutdown_sessions(name)
+
+    def close_all(self) -> None:
+        for name in list(self.running):
+            self.close(name)

@@ -9,18 +9,36 @@ changes its readout and redraws the output it drives (the text, or the image's b
 """
 
 import pytest
-from labdriver import CONTROL_S, CONTROLS, NOTEBOOKS, WIDGET_ERRORS, WIDGET_MANAGER, NotebookPage, widget_notebooks
+from labdriver import CONTROL_S, CONTROLS, NOTEBOOKS, WIDGET_ERRORS, WIDGET_MANAGER, SideBySide, widget_notebooks
 
 pytestmark = pytest.mark.browser
 
 WIDGET_NOTEBOOKS = widget_notebooks(NOTEBOOKS)
 
 
+@pytest.fixture(scope="module")
+def notebooks(chromium, lab):
+    """The widget notebooks, two running side by side in the one lab (each its own page and kernel)."""
+    runs = SideBySide(chromium, lab, [p.name for p in WIDGET_NOTEBOOKS], width=2)
+    try:
+        yield runs
+    finally:
+        runs.close_all()
+
+
+@pytest.fixture
+def notebook_run(notebooks, notebook):
+    """This notebook, run to the end by Run All Cells (the next one starts meanwhile); closed afterwards."""
+    try:
+        yield notebooks.ready(notebook)
+    finally:
+        notebooks.close(notebook)
+
+
 @pytest.mark.parametrize("notebook", [p.name for p in WIDGET_NOTEBOOKS])
-def test_widgets_render_and_respond(page, lab, screenshots, notebook):
-    nb = NotebookPage(page, lab, notebook)
-    nb.open()
-    state = nb.run_all()
+def test_widgets_render_and_respond(notebook_run, screenshots, notebook):
+    nb, state = notebook_run
+    page = nb.page
 
     errors = [f"cell {c['index']}: {e}" for c in state["cells"] for e in c["errors"]]
     assert not errors, f"{notebook} raised in JupyterLab: {errors}"
