@@ -42,6 +42,9 @@ def _record(tmp_path, *args, env=None):
     return json.loads(out.read_text()), done
 
 
+STEPS = 3
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """One torchrun of 2 processes, as a learner types it, serving the two tests below (each of its parts is a
@@ -49,9 +52,6 @@ def two_processes(tmp_path_factory):
     lora_course.distributed --steps 3 --reference --unused --fsdp`."""
     return _record(tmp_path_factory.mktemp("torchrun"), "--nproc", "2", "--steps", str(STEPS), "--reference",
                    "--unused", "--fsdp")
-
-
-STEPS = 3
 
 
 def test_torchrun_two_processes_steps_3(two_processes):
