@@ -126,8 +126,8 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 class SubspaceModel(nn.Module):
     """`model` reparameterised as theta0 + P z: only z (d,) trains, from 0. P (D, d) is a very sparse random projection
-    (Li, Hastie and Church, 2006), as Li et al. (2018) use for large models: an entry is nonzero (+-1) with probability
-    1 / sqrt(D), columns scaled to unit length. Only its ~d sqrt(D) nonzeros are stored and multiplied."""
+    (Li, Hastie and Church, 2006), as Li et al. (2018) use for large models: an entry is nonzero (random sign) with
+    probability 1 / sqrt(D), columns scaled to unit length. Only its ~d sqrt(D) nonzeros are stored and multiplied."""
 
     def __init__(self, model: nn.Module, d: int, seed: int = 0):
         super().__init__()
