@@ -21,8 +21,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest runs first (bench_course.py --suite measures them): with `--dist loadscope
 # --no-loadscope-reorder` xdist hands out whole files in this order, so no worker starts a long
-# notebook while the other is finishing; everything not named keeps its collection order after them.
-LONGEST_FIRST = ("test_widgets_in_lab", "06b_", "06_", "04_", "10_", "08_", "07_", "test_distributed", "09_", "02_")
+# notebook while the other is finishing; everything not named (each file a few seconds at most) keeps
+# its collection order after them.
+LONGEST_FIRST = ("test_widgets_in_lab", "06b_", "06_", "08_", "04_", "10_", "07_", "test_distributed", "09_", "02_",
+                 "test_finetune", "test_notices", "01_", "03_", "05_")
 
 
 def _longest_first(item) -> int:

@@ -1,18 +1,16 @@
 """Fixtures shared by the unit tests."""
 
 import pytest
-import torch
 
-from lora_course.data import format_prompt, format_target, make_splits
-from lora_course.runtime import num_threads
-
-# Small splits of the fine-tuning task, for the tests of the loop and of notebook 06's lesson module.
-SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
+# torch and the package are imported inside the fixtures: pytest's main process loads this file before it starts
+# the xdist workers, and it never needs them.
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Small matrices run fastest on one thread, and a shared 2-core machine is not oversubscribed."""
+    from lora_course.runtime import num_threads
+
     with num_threads(1):
         yield
 
@@ -23,7 +21,10 @@ def tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    texts = [format_prompt(r) + format_target(r) for r in SPLITS.test] * 4
+    from lora_course.data import format_prompt, format_target, make_splits
+
+    records = make_splits(n_validation=16, n_test=16, seed=0).test  # the task's sentences, as the tests use them
+    texts = [format_prompt(r) + format_target(r) for r in records] * 4
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
@@ -32,6 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def base_model(tokenizer):
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
