@@ -71,7 +71,11 @@ def run_method(base: nn.Module, tokenizer, splits, method: Method, *, seed: int,
     config = TrainConfig(steps=steps, batch_size=8, lr=lr, seed=seed, n_eval=64, progress=False)
     run = train(model, tokenizer, splits.train, splits.validation, config, method=method.label,
                 checkpoint=learn_forget, checkpoint_every=checkpoint_every)
-    scores = evaluate_task(model, tokenizer, list(test), max_new_tokens) if test is not None else {}
+    test = None if test is None else list(test)
+    if learn_forget is not None and learn_forget.records == test and max_new_tokens == learn_forget.max_new_tokens:
+        scores = learn_forget.scores  # its checkpoint after the last step scored these records on this model
+    else:
+        scores = evaluate_task(model, tokenizer, test, max_new_tokens) if test is not None else {}
     curve = list(learn_forget.points) if learn_forget is not None else []
     norm = update_norm(model) if lora_layers(model) else float("nan")
     return Result(method, seed, lr, run, scores, model if keep_model else None, curve, norm,
@@ -88,15 +92,15 @@ class LearnForget:
     """A `train` checkpoint: at each call, (step, task quality on `records`, held-out loss increase)."""
 
     def __init__(self, tokenizer, records, heldout_ids: torch.Tensor, base_loss: float, base_quality: float = 0.0,
-                 max_blocks: int = 8):
+                 max_blocks: int = 8, max_new_tokens: int = 32):
         self.tokenizer, self.records, self.heldout_ids = tokenizer, list(records), heldout_ids
-        self.base_loss, self.max_blocks = base_loss, max_blocks
-        self.points: list[tuple[int, float, float]] = [(0, base_quality, 0.0)]  # the base model: step 0
+        self.base_loss, self.max_blocks, self.max_new_tokens = base_loss, max_blocks, max_new_tokens
+        self.scores, self.points = {}, [(0, base_quality, 0.0)]  # the latest scores; (step, quality, forgot) from 0
 
     def __call__(self, step: int, model: nn.Module) -> None:
-        quality = evaluate_task(model, self.tokenizer, self.records, max_new_tokens=32)["slot_accuracy"]
+        self.scores = evaluate_task(model, self.tokenizer, self.records, max_new_tokens=self.max_new_tokens)
         forgot = text_loss(model, self.heldout_ids, block_size=128, max_blocks=self.max_blocks) - self.base_loss
-        self.points.append((step, quality, forgot))
+        self.points.append((step, self.scores["slot_accuracy"], forgot))
 
 
 def forgetting_at_quality(curve, quality: float) -> float:
@@ -153,13 +157,9 @@ def _tiny_lora_setup(seed: int = 0):
     for layer in lora_layers(model).values():
         nn.init.normal_(layer.lora_B, std=0.02)
     g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(2):
-        ids = torch.randint(0, 256, (3, 10), generator=g)
-        labels = ids.clone()
-        labels[:, :5] = -100  # the prompt is not scored
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return model, batches
+    ids = [torch.randint(0, 256, (3, 10), generator=g) for _ in range(2)]  # two batches of (3, 10)
+    labels = [torch.where(torch.arange(10) < 5, -100, x) for x in ids]  # the prompt (5 tokens) is not scored
+    return model, [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y} for x, y in zip(ids, labels)]
 
 
 @checker("lora_step")
@@ -239,8 +239,7 @@ def check_head_start_prediction(prediction, base, tokenizer, splits, lrs: dict, 
     test = list(splits.test[:32]) if test is None else test
 
     def measure():
-        q = {label: run_method(base, tokenizer, splits, method, seed=0, steps=steps, lr=lrs[label],
-                               test=test).quality
+        q = {label: run_method(base, tokenizer, splits, method, seed=0, steps=steps, lr=lrs[label], test=test).quality
              for label, method in (("lora", Method("LoRA + embedding", train_embedding=True)),
                                    ("full", Method("full", targets=None)))}
         answer = "ahead" if q["lora"] > q["full"] else "behind"

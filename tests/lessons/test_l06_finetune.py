@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lora_course.data import format_target, make_splits
+from lora_course.data import evaluate_task, format_target, make_splits
 from lora_course.fused import FusedLoRALinear, add_attention_lora
 from lora_course.lessons.l06_finetune import (
     WEIGHT_SETS,
@@ -159,6 +159,21 @@ def test_run_method_trains_what_it_says_and_records_a_learn_forget_curve(base_mo
     assert full.run.trainable_params == full.run.total_params and full.model is None
     assert math.isnan(full.update_norm)  # no adapter, no Delta W
     assert all(torch.equal(p, before[n]) for n, p in base_model.named_parameters())  # trained copies, not the base
+
+
+@pytest.mark.parametrize("n_test", [2, 3])
+def test_run_method_decodes_the_test_records_once_when_the_last_checkpoint_scored_them(base_model, tokenizer, n_test):
+    """The checkpoint after the last step scores the curve's records; the same test records are not decoded again."""
+    heldout = torch.randint(0, len(tokenizer), (300,), generator=torch.Generator().manual_seed(0))
+    lf = LearnForget(tokenizer, list(SPLITS.test[:2]), heldout, base_loss=0.0, max_blocks=2)
+    test = list(SPLITS.test[:n_test])
+    res = run_method(base_model, tokenizer, SPLITS, Method("LoRA", r=2), seed=0, steps=2, lr=1e-2, test=test,
+                     keep_model=True, learn_forget=lf)
+    assert res.scores == evaluate_task(res.model, tokenizer, test, max_new_tokens=32)
+    assert (res.scores is lf.scores) is (n_test == 2) and res.curve[-1][1] == lf.scores["slot_accuracy"]
+    other_length = run_method(base_model, tokenizer, SPLITS, Method("LoRA", r=2), seed=0, steps=2, lr=1e-2, test=test,
+                              learn_forget=lf, max_new_tokens=16)
+    assert other_length.scores is not lf.scores  # decoded to another length: scored again
 
 
 def test_sweep_runs_one_model_per_rate(base_model, tokenizer):
