@@ -285,6 +285,7 @@ def _local_rank(fn, rank: int, world: int, port: int, args, results, timeout: fl
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout))
+        dist.barrier()  # every rank has connected to every other before any can finish and close its connections
         try:
             out = (True, fn(rank, world, *args))
         finally:
