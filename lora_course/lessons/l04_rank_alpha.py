@@ -167,34 +167,34 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
             base.weight.copy_(target.W0)
         layer = LoRALinear.from_linear(base, config)
         opt, sched = _optimizer(layer, lr, lr_B, optimizer, steps, schedule)
-        stats, val, best = [], [], None  # stats per step: loss, ||dW - dW*||_F, ||dW||_F, all *before* the step
+        deltas, losses = [], []  # dW before each step and after the last, and each step's loss before its update
         for step in range(steps + 1):
             dW = layer.delta_weight()  # (out, in)
-            if task is not None and task.X_val is not None:
-                val.append(_mse(task.X_val, task.Y_val, target.W0 + dW.detach()))
-                best = (step, dW.detach().clone()) if val[-1] < min(val[:-1], default=math.inf) else best
-            residual = dW - target.delta  # (out, in)
-            if step == steps:  # after the last step: its error and size only
-                stats.append(torch.stack([torch.tensor(math.nan), residual.detach().norm(), dW.detach().norm()]))
+            deltas.append(dW.detach())
+            if step == steps:
                 break
-            loss = (residual.square().sum() / target.out_features if task is None
+            loss = ((dW - target.delta).square().sum() / target.out_features if task is None
                     else (layer(task.X_train) - task.Y_train).square().mean())  # (n_train, out) -> ()
-            stats.append(torch.stack([loss.detach(), residual.detach().norm(), dW.detach().norm()]))
-            optimizer_step(loss, opt, scheduler=sched)
-        dW = dW.detach()
-        with torch.no_grad():
-            losses, errors, norms = torch.stack(stats).T.tolist()
+            losses.append(optimizer_step(loss, opt, scheduler=sched))
+        with torch.no_grad():  # measured from the recorded trajectory, after training
+            trajectory = torch.stack(deltas)  # (steps + 1, out, in)
+            errors = (trajectory - target.delta).flatten(1).norm(dim=1).tolist()
+            norms = trajectory.flatten(1).norm(dim=1).tolist()
             layer.eval()  # dropout off: the trained layer as it would be used
             pairs = [] if task is None else [(task.X_test, task.Y_test), (task.X_train, task.Y_train)]
             test_loss, train_loss = [(layer(X) - Y).square().mean().item() for X, Y in pairs] or (None, None)
-            early = None if best is None else _mse(task.X_test, task.Y_test, target.W0 + best[1])
-        return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, losses=losses[:-1], errors=errors,
+            val = best = early = None
+            if task is not None and task.X_val is not None:  # (steps + 1, n_val, out) -> (steps + 1,)
+                val = (task.X_val @ (target.W0 + trajectory).mT - task.Y_val).square().mean((1, 2)).tolist()
+                best = val.index(min(val))  # the first step of lowest validation MSE
+                early = _mse(task.X_test, task.Y_test, target.W0 + trajectory[best])
+        return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, losses=losses, errors=errors,
                        update_norms=norms, floor=float(low_rank_error(target.singular_values, min(r, target.k))),
-                       delta=dW, delta_singular_values=singular_values(dW)[:r],
+                       delta=deltas[-1], delta_singular_values=singular_values(deltas[-1])[:r],
                        trainable_params=count_parameters(layer)[0],
                        optimizer_state_bytes=optimizer_state_bytes(opt), target_norm=target.delta.norm().item(),
-                       test_loss=test_loss, train_loss=train_loss, val_losses=val or None,
-                       best_step=None if best is None else best[0], early_test_loss=early)
+                       test_loss=test_loss, train_loss=train_loss, val_losses=val, best_step=best,
+                       early_test_loss=early)
 
 
 def early_stopped(target: LowRankTarget, task: RegressionTask, r: int, lrs, steps: int = 300,
