@@ -26,6 +26,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # the fixtures skip the browser tests without Playwright
+    PlaywrightTimeout = TimeoutError
+
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET_MANAGER = "@jupyter-widgets/jupyterlab-manager"
 
@@ -250,6 +255,19 @@ _STATE_JS = """() => {
   return {path: panel.context.path, kernel: session && session.kernel ? session.kernel.status : null, cells};
 }"""
 
+# Open a notebook in the loaded lab, as the file browser does (the command's result, the panel, stays in the page).
+_OPEN_JS = "async (name) => { await window.jupyterapp.commands.execute('docmanager:open', {path: name}); }"
+
+# True once every code cell has run (or one failed) and the kernel has been idle, with no
+# cell waiting, on three polls in a row: nothing is queued any more.
+_SETTLED_JS = "() => { const state = (" + _STATE_JS + """)();
+  if (!state) return false;
+  const finished = state.cells.every(c => c.count !== null) || state.cells.some(c => c.errors.length);
+  const idle = state.kernel === 'idle' && !state.cells.some(c => c.prompt.includes('*'));
+  window.loraCourseSettled = (finished && idle) ? (window.loraCourseSettled || 0) + 1 : 0;
+  return window.loraCourseSettled >= 3;
+}"""
+
 # The outputs a control drives: the Output widgets of its `interactive` box, else of its
 # cell. `mark` tags the output nodes drawn now, so a redraw (new nodes) can be told from none.
 _DRIVEN_JS = """(el, mark) => {
@@ -304,21 +322,39 @@ class Driven:
 
 
 class NotebookPage:
-    """One notebook opened in JupyterLab in a Playwright page."""
+    """A Playwright page with JupyterLab loaded, showing one notebook at a time.
 
-    def __init__(self, page, lab: JupyterLab, name: str):
-        self.page, self.lab, self.name = page, lab, name
+    Loading the lab app is the page's largest cost (several CPU seconds of Chromium), so
+    the page is loaded once and later notebooks open in it, as a learner opens the next
+    notebook from the file browser."""
+
+    def __init__(self, page, lab: JupyterLab):
+        self.page, self.lab, self.name = page, lab, None
         self.page_errors: list[str] = []
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
 
-    def open(self) -> None:
-        # `reset` starts from an empty workspace: only this notebook is open.
-        self.page.goto(self.lab.url(f"lab/tree/{self.name}", "reset"), timeout=SERVER_START_S * 1000)
+    def open(self, name: str) -> None:
+        """Open `name` (the first one loads the lab, from an empty workspace) and wait for its kernel."""
+        if self.name is not None:
+            raise RuntimeError(f"{self.name} is still open in this page; close_notebook() first")
+        if self.page.url.startswith(self.lab.base):
+            self.page.evaluate(_OPEN_JS, name)
+        else:
+            self.page.goto(self.lab.url(f"lab/tree/{name}", "reset"), timeout=SERVER_START_S * 1000)
         self.page.wait_for_function(
             "(name) => { const s = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
             " return s && s.context && s.context.path === name && s.sessionContext.session"
             " && s.sessionContext.session.kernel && s.sessionContext.session.kernel.status === 'idle'; }",
-            arg=self.name, timeout=SERVER_START_S * 1000)
+            arg=name, timeout=SERVER_START_S * 1000)
+        self.name = name
+
+    def close_notebook(self) -> None:
+        """Close the notebook's panel (unsaved: the copy is private) and end its kernel; the page stays loaded."""
+        if self.name is None:
+            return
+        self.page.evaluate("() => { const s = window.jupyterapp.shell.currentWidget; if (s) s.dispose(); }")
+        self.lab.shutdown_sessions(self.name)
+        self.name = None
 
     def state(self) -> dict:
         return self.page.evaluate(_STATE_JS)
@@ -329,20 +365,16 @@ class NotebookPage:
         self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
     def wait_run_all(self, timeout_s: float = RUN_ALL_S) -> dict:
-        """Wait until every cell has run (or one failed) and the kernel is idle; returns the final state."""
-        deadline = time.monotonic() + timeout_s
-        settled = 0
-        while time.monotonic() < deadline:
-            state = self.state()
-            cells = state["cells"]
-            finished = all(c["count"] is not None for c in cells) or any(c["errors"] for c in cells)
-            idle = state["kernel"] == "idle" and not any("*" in c["prompt"] for c in cells)
-            settled = settled + 1 if (finished and idle) else 0
-            if settled >= 3:  # idle on three polls in a row: nothing is queued any more
-                return state
-            time.sleep(0.25)
-        pending = [c["index"] for c in self.state()["cells"] if c["count"] is None]
-        raise TimeoutError(f"{self.name}: cells {pending} had not run after {timeout_s:.0f} s")
+        """Wait until every cell has run (or one failed) and the kernel is idle; returns the final state.
+
+        The page itself polls (twice a second), so a long run costs no round trips to Python."""
+        self.page.evaluate("() => { window.loraCourseSettled = 0; }")
+        try:
+            self.page.wait_for_function(_SETTLED_JS, polling=500, timeout=timeout_s * 1000)
+        except PlaywrightTimeout:
+            pending = [c["index"] for c in self.state()["cells"] if c["count"] is None]
+            raise TimeoutError(f"{self.name}: cells {pending} had not run after {timeout_s:.0f} s") from None
+        return self.state()
 
     def panel(self):
         return self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
@@ -428,23 +460,30 @@ class NotebookPage:
 
 
 class SideBySide:
-    """Notebooks run in JupyterLab `width` at a time, each in its own browser context and kernel.
+    """Notebooks run in JupyterLab `width` at a time, each in its own page and kernel.
 
     `ready(name)` opens `name` and the notebooks after it until `width` are running (Run All
     Cells in each), then waits for `name` to finish: while one notebook's test checks its
-    controls, the next one is already running. `close(name)` ends its page and its kernel.
-    Notebooks are independent (own kernel, own temporary files), so running two at once is
-    safe; it shortens the wall time, not the work."""
+    controls, the next one is already running. `close(name)` closes it and ends its kernel;
+    its page, with the lab loaded, takes the next notebook. Notebooks are independent (own
+    kernel, own temporary files), so running two at once is safe; it shortens the wall time,
+    not the work."""
 
     def __init__(self, browser, lab: JupyterLab, names: list[str], width: int = 2):
         self.browser, self.lab, self.names, self.width = browser, lab, list(names), width
-        self.running: dict[str, tuple] = {}  # name -> (browser context, NotebookPage)
+        self.contexts: list = []  # one browser context per page, each page a lane
+        self.free: list[NotebookPage] = []
+        self.running: dict[str, NotebookPage] = {}
 
     def _start(self, name: str) -> None:
-        context = self.browser.new_context(viewport={"width": 1280, "height": 900})
-        nb = NotebookPage(context.new_page(), self.lab, name)
-        self.running[name] = (context, nb)
-        nb.open()
+        if self.free:
+            nb = self.free.pop()
+        else:
+            context = self.browser.new_context(viewport={"width": 1280, "height": 900})
+            self.contexts.append(context)
+            nb = NotebookPage(context.new_page(), self.lab)
+        self.running[name] = nb
+        nb.open(name)
         nb.start_run_all()
 
     def ready(self, name: str) -> tuple[NotebookPage, dict]:
@@ -455,15 +494,21 @@ class SideBySide:
                 break
             if later not in self.running:
                 self._start(later)
-        nb = self.running[name][1]
+        nb = self.running[name]
         return nb, nb.wait_run_all()
 
     def close(self, name: str) -> None:
-        context, _ = self.running.pop(name, (None, None))
-        if context is not None:
-            context.close()
-        self.lab.shutdown_sessions(name)
+        nb = self.running.pop(name, None)
+        if nb is not None:
+            try:
+                nb.close_notebook()
+                self.free.append(nb)
+            except Exception:  # a broken page is not reused; its kernel still ends
+                self.lab.shutdown_sessions(name)
 
     def close_all(self) -> None:
         for name in list(self.running):
             self.close(name)
+        for context in self.contexts:
+            context.close()
+        self.contexts, self.free = [], []
