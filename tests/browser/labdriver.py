@@ -258,6 +258,13 @@ _STATE_JS = """() => {
 # Open a notebook in the loaded lab, as the file browser does (the command's result, the panel, stays in the page).
 _OPEN_JS = "async (name) => { await window.jupyterapp.commands.execute('docmanager:open', {path: name}); }"
 
+# Close a notebook's panel without the "save changes?" dialog (the notebooks are a private copy).
+_CLOSE_JS = """(name) => {
+  for (const w of Array.from(window.jupyterapp.shell.widgets('main'))) {
+    if (w.context && w.context.path === name) w.dispose();
+  }
+}"""
+
 # True once every code cell has run (or one failed) and the kernel has been idle, with no
 # cell waiting, on three polls in a row: nothing is queued any more.
 _SETTLED_JS = "() => { const state = (" + _STATE_JS + """)();
@@ -352,7 +359,7 @@ class NotebookPage:
         """Close the notebook's panel (unsaved: the copy is private) and end its kernel; the page stays loaded."""
         if self.name is None:
             return
-        self.page.evaluate("() => { const s = window.jupyterapp.shell.currentWidget; if (s) s.dispose(); }")
+        self.page.evaluate(_CLOSE_JS, self.name)
         self.lab.shutdown_sessions(self.name)
         self.name = None
 
