@@ -6,6 +6,8 @@ verifies the full course. The notebook kernels nbval starts inherit this environ
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("LORA_COURSE_FAST", "1")
 # Never reach for a model hub from a test or a notebook run.
@@ -30,6 +32,20 @@ LONGEST_FIRST = ("test_widgets_in_lab", "06b_", "06_", "08_", "04_", "10_", "07_
 def _longest_first(item) -> int:
     name = item.path.name
     return next((i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)), len(LONGEST_FIRST))
+
+
+def pytest_configure(config):
+    """A private temporary folder for this pytest process (the controller, then inside it each xdist worker).
+
+    The notebook kernels, the JupyterLab server, Chromium and the torchrun processes a test starts inherit it as
+    TMPDIR, and the folders the notebooks make for their adapters land in it, so a run leaves nothing behind in
+    the system's temporary folder: `pytest_unconfigure` removes it."""
+    config._lora_course_tmp = tempfile.mkdtemp(prefix="lc-")
+    os.environ["TMPDIR"] = tempfile.tempdir = config._lora_course_tmp
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_lora_course_tmp", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
