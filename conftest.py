@@ -38,10 +38,14 @@ def pytest_configure(config):
     """A private temporary folder for this pytest process (the controller, then inside it each xdist worker).
 
     The notebook kernels, the JupyterLab server, Chromium and the torchrun processes a test starts inherit it as
-    TMPDIR, and the folders the notebooks make for their adapters land in it, so a run leaves nothing behind in
-    the system's temporary folder: `pytest_unconfigure` removes it."""
+    TMPDIR, and the folders the notebooks make for their adapters land in it, so a finished run leaves nothing
+    behind in the system's temporary folder: `pytest_unconfigure` removes it."""
+    # pytest's own tmp_path folders stay where pytest keeps them (its last three runs), to look into after a failure.
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
     config._lora_course_tmp = tempfile.mkdtemp(prefix="lc-")
-    os.environ["TMPDIR"] = tempfile.tempdir = config._lora_course_tmp
+    for var in ("TMPDIR", "TEMP", "TMP"):  # TEMP and TMP: what programs on Windows read
+        os.environ[var] = config._lora_course_tmp
+    tempfile.tempdir = config._lora_course_tmp
 
 
 def pytest_unconfigure(config):

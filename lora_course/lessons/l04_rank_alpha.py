@@ -150,7 +150,8 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
     set's MSE (full batch), and with its validation split the step of lowest validation MSE and the test MSE
     there. `alpha` defaults to 2 r (scaling 2); `lr_B` gives B its own learning rate (LoRA+); `optimizer`
     "adam" or "sgd"; `schedule` "cosine" (decays to 0) or "constant". `lora_dropout` (task only) drops the
-    adapter's input while training; final losses are measured without it."""
+    adapter's input while training; final losses are measured without it. Each step's dW is kept and measured
+    after the loop: (steps + 1) x out x in floats, 5 MB for 64 x 64 and 300 steps."""
     if task is not None and task.target is not target:
         raise ValueError("task was built for a different target; pass task.target as target")
     if lora_dropout and task is None:

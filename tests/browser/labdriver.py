@@ -337,13 +337,12 @@ class NotebookPage:
 
     def __init__(self, page, lab: JupyterLab):
         self.page, self.lab, self.name = page, lab, None
-        self.page_errors: list[str] = []
-        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
 
     def open(self, name: str) -> None:
         """Open `name` (the first one loads the lab, from an empty workspace) and wait for its kernel."""
         if self.name is not None:
             raise RuntimeError(f"{self.name} is still open in this page; close_notebook() first")
+        self.name = name  # from here on close_notebook() cleans up after it, also if the wait below fails
         if self.page.url.startswith(self.lab.base):
             self.page.evaluate(_OPEN_JS, name)
         else:
@@ -353,7 +352,6 @@ class NotebookPage:
             " return s && s.context && s.context.path === name && s.sessionContext.session"
             " && s.sessionContext.session.kernel && s.sessionContext.session.kernel.status === 'idle'; }",
             arg=name, timeout=SERVER_START_S * 1000)
-        self.name = name
 
     def close_notebook(self) -> None:
         """Close the notebook's panel (unsaved: the copy is private) and end its kernel; the page stays loaded."""
@@ -379,7 +377,7 @@ class NotebookPage:
         try:
             self.page.wait_for_function(_SETTLED_JS, polling=500, timeout=timeout_s * 1000)
         except PlaywrightTimeout:
-            pending = [c["index"] for c in self.state()["cells"] if c["count"] is None]
+            pending = [c["index"] for c in (self.state() or {"cells": []})["cells"] if c["count"] is None]
             raise TimeoutError(f"{self.name}: cells {pending} had not run after {timeout_s:.0f} s") from None
         return self.state()
 
@@ -506,12 +504,16 @@ class SideBySide:
 
     def close(self, name: str) -> None:
         nb = self.running.pop(name, None)
-        if nb is not None:
-            try:
-                nb.close_notebook()
-                self.free.append(nb)
-            except Exception:  # a broken page is not reused; its kernel still ends
-                self.lab.shutdown_sessions(name)
+        if nb is None:
+            return
+        try:
+            nb.close_notebook()
+        except Exception:  # a page that cannot close its notebook is closed itself, and its kernel ended
+            self.contexts.remove(nb.page.context)
+            nb.page.context.close()
+            self.lab.shutdown_sessions(name)
+        else:
+            self.free.append(nb)
 
     def close_all(self) -> None:
         for name in list(self.running):
