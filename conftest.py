@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("LORA_COURSE_FAST", "1")
 # Never reach for a model hub from a test or a notebook run.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +36,9 @@ def _longest_first(item) -> int:
     return next((i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)), len(LONGEST_FIRST))
 
 
+_PRIVATE_TMP = pytest.StashKey[str]()
+
+
 def pytest_configure(config):
     """A private temporary folder for this pytest process (the controller, then inside it each xdist worker).
 
@@ -42,14 +47,15 @@ def pytest_configure(config):
     behind in the system's temporary folder: `pytest_unconfigure` removes it."""
     # pytest's own tmp_path folders stay where pytest keeps them (its last three runs), to look into after a failure.
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-    config._lora_course_tmp = tempfile.mkdtemp(prefix="lc-")
+    folder = config.stash[_PRIVATE_TMP] = tempfile.mkdtemp(prefix="lc-")
     for var in ("TMPDIR", "TEMP", "TMP"):  # TEMP and TMP: what programs on Windows read
-        os.environ[var] = config._lora_course_tmp
-    tempfile.tempdir = config._lora_course_tmp
+        os.environ[var] = folder
+    tempfile.tempdir = folder
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(getattr(config, "_lora_course_tmp", ""), ignore_errors=True)
+    if _PRIVATE_TMP in config.stash:
+        shutil.rmtree(config.stash[_PRIVATE_TMP], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -30,7 +30,6 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
-
 @pytest.fixture(scope="module")
 def base_model(tokenizer):
     import torch
