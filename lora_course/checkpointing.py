@@ -22,7 +22,6 @@ embeddings' output does not require grad, so the checkpointed blocks look consta
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from typing import Callable
 
@@ -34,7 +33,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-from .measure import fastest_of_rounds, peak_memory
+from .measure import fastest_of_rounds, peak_memory, wall_and_cpu_ms
 from .skeletons import transformer_blocks
 
 __all__ = ["VARIANTS", "checkpoint_blocks", "trainable_grads", "count_block_forwards", "compare_checkpointing"]
@@ -125,10 +124,7 @@ def compare_checkpointing(build: Callable[[], nn.Module], input_ids: torch.Tenso
             row["max_grad_diff"] = max((grads[k] - reference[k]).abs().max().item() for k in reference)
 
             def timed(model=model) -> tuple[float, float]:  # (wall ms, CPU ms) of one step, gradients freed first
-                wall, cpu = time.perf_counter(), time.process_time()
-                model.zero_grad(set_to_none=True)
-                _step(model, input_ids)
-                return 1e3 * (time.perf_counter() - wall), 1e3 * (time.process_time() - cpu)
+                return wall_and_cpu_ms(lambda: (model.zero_grad(set_to_none=True), _step(model, input_ids)))
 
             model.zero_grad(set_to_none=True)
             _, row["peak_bytes"] = peak_memory(lambda: _step(model, input_ids), device="cpu")

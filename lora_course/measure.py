@@ -26,8 +26,8 @@ from torch.utils import benchmark
 
 from .validate import check_int
 
-__all__ = ["median_ms", "fastest_of_rounds", "generation_ms", "peak_memory", "PeakMemory", "StepMemory",
-           "resident_bytes", "training_step_memory", "optimizer_state_bytes"]
+__all__ = ["median_ms", "wall_and_cpu_ms", "fastest_of_rounds", "generation_ms", "peak_memory", "PeakMemory",
+           "StepMemory", "resident_bytes", "training_step_memory", "optimizer_state_bytes"]
 
 _TIMERS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
@@ -48,6 +48,19 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = 
         stmt = "fn()"
     timer = benchmark.Timer(stmt=stmt, globals={"fn": fn, "torch": torch}, timer=_TIMERS[timer])
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def wall_and_cpu_ms(fn: Callable[[], object], device: torch.device | str | None = None) -> tuple[float, float]:
+    """Milliseconds of one call `fn()`: wall clock (CUDA synchronised on both sides when `device` is CUDA) and
+    this process's CPU time, which other processes on a busy machine disturb far less (CPU work only)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - wall), 1e3 * (time.process_time() - cpu)
 
 
 def fastest_of_rounds(timings: dict[str, Callable[[], float | tuple[float, ...]]], rounds: int

@@ -24,7 +24,14 @@ from torch import nn
 
 from .data import Record, batches, collate, shard_batches
 from .lora import count_parameters
-from .measure import StepMemory, fastest_of_rounds, optimizer_state_bytes, peak_memory, training_step_memory
+from .measure import (
+    StepMemory,
+    fastest_of_rounds,
+    optimizer_state_bytes,
+    peak_memory,
+    training_step_memory,
+    wall_and_cpu_ms,
+)
 from .runtime import get_device, progress_bar, seed_everything
 from .validate import check_int, check_positive
 
@@ -214,10 +221,12 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, grad
 
 @dataclass(frozen=True)
 class StepCost:
-    """One model's training step, measured: its memory (`memory.StepMemory`) and ms per step (fastest round)."""
+    """One model's training step, measured: its memory (`memory.StepMemory`), and ms per step by the wall clock
+    and in process CPU time (each its fastest round; on the CPU, CPU time is what a busy machine disturbs less)."""
 
     memory: StepMemory
     ms: float
+    cpu_ms: float
 
 
 def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: int = 3, lr: float = 1e-4,
@@ -225,8 +234,8 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
     """Memory and time of one AdamW step of each causal LM on the same batch (labels = inputs).
 
     Memory: resident bytes and the step's peak above them (`memory.training_step_memory`).
-    Time: ms of one step, each model's fastest of `rounds` rounds in which every model steps in
-    turn (`measure.fastest_of_rounds`).
+    Time: wall and CPU ms of one step (`measure.wall_and_cpu_ms`), each model's fastest of `rounds`
+    rounds in which every model steps in turn (`measure.fastest_of_rounds`).
     """
     check_int("rounds", rounds, minimum=1)  # before any model is moved or stepped
     device = torch.device(device) if device is not None else input_ids.device
@@ -240,19 +249,10 @@ def step_costs(models: dict[str, nn.Module], input_ids: torch.Tensor, rounds: in
                 loss = model(input_ids=input_ids, labels=input_ids).loss
             optimizer_step(loss, optimizer)
 
-        def timed(step=step) -> float:  # ms of one step, CUDA synchronised on both sides
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return 1000 * (time.perf_counter() - t0)
-
-        timings[name] = timed
+        timings[name] = lambda step=step: wall_and_cpu_ms(step, device)  # (wall ms, CPU ms) of one step
         costs[name] = training_step_memory(model, step, optimizer, device=device)
     ms = fastest_of_rounds(timings, rounds)
-    return {name: StepCost(costs[name], ms[name]) for name in models}
+    return {name: StepCost(costs[name], *ms[name]) for name in models}
 
 
 def train_steps(model: nn.Module, steps: int = 3, *, batch_size: int = 4, seq_len: int = 32,

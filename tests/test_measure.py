@@ -1,9 +1,12 @@
-"""measure.py: medians of wall-clock time, the fastest of interleaved rounds, and greedy generation."""
+"""measure.py: medians of wall-clock time, wall and CPU time of one call, the fastest of interleaved rounds,
+and greedy generation."""
+
+import time
 
 import pytest
 import torch
 
-from lora_course.measure import fastest_of_rounds, generation_ms, median_ms
+from lora_course.measure import fastest_of_rounds, generation_ms, median_ms, wall_and_cpu_ms
 from lora_course.models import toy_gpt2
 
 
@@ -11,6 +14,17 @@ def test_median_ms_is_positive_and_calls_the_function():
     calls = []
     ms = median_ms(lambda: calls.append(1), min_run_time=0.01)
     assert ms > 0 and len(calls) > 1
+
+
+def test_wall_and_cpu_ms_counts_waiting_in_wall_time_only_and_work_in_both():
+    def work():  # 60 ms of this process's CPU
+        start = time.process_time()
+        while time.process_time() - start < 0.06:
+            pass
+
+    waited, worked = wall_and_cpu_ms(lambda: time.sleep(0.1)), wall_and_cpu_ms(work)
+    assert waited[0] >= 100 and waited[1] < 30, waited
+    assert worked[1] >= 60 and worked[0] >= 0.9 * worked[1], worked
 
 
 def test_fastest_of_rounds_interleaves_and_keeps_each_ones_fastest_round():

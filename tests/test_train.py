@@ -8,7 +8,8 @@ import torch
 from lora_course import add_lora
 from lora_course.data import collate, make_splits
 from lora_course.measure import optimizer_state_bytes
-from lora_course.train import TrainConfig, autocast_for, text_loss, train, validation_loss
+from lora_course.models import toy_gpt2
+from lora_course.train import StepCost, TrainConfig, autocast_for, step_costs, text_loss, train, validation_loss
 
 SPLITS = make_splits(n_validation=16, n_test=16, seed=0)
 
@@ -156,3 +157,18 @@ def test_checkpoint_is_called_every_n_steps_and_at_the_end(base_model, tokenizer
     assert seen == [(3, True), (6, True), (7, True)]
     with pytest.raises(ValueError, match="checkpoint_every"):
         train(model, tokenizer, SPLITS.train, SPLITS.validation, quick(), checkpoint_every=-1)
+
+
+def test_step_costs_measures_each_model_s_memory_and_its_step_in_wall_and_cpu_time():
+    base = toy_gpt2(seed=0)
+    models = {"lora": add_lora(copy.deepcopy(base), ["c_attn"], r=4), "full": copy.deepcopy(base)}
+    before = {k: v.clone() for k, v in models["full"].state_dict().items()}
+    ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    costs = step_costs(models, ids, rounds=2)
+    assert set(costs) == {"lora", "full"} and all(isinstance(c, StepCost) for c in costs.values())
+    for cost in costs.values():
+        assert cost.ms > 0 and cost.cpu_ms > 0 and cost.memory.resident > 0 and cost.memory.step_peak > 0
+    assert costs["full"].memory.resident > costs["lora"].memory.resident  # AdamW state for every weight
+    assert any((before[k] != v).any() for k, v in models["full"].state_dict().items())  # it really stepped
+    with pytest.raises(ValueError, match="rounds"):
+        step_costs(models, ids, rounds=0)
