@@ -3,9 +3,10 @@
 A notebook's claims are asserts such as `assert gain_rs > 3 * gain_r`. Passing says nothing of
 how close they came: a claim that holds by 1% breaks with the next library release or CPU, and
 a fast-mode budget can only be cut where its asserts have room. This script re-executes each
-notebook (nothing is written back) with a probe cell after every cell that asserts; the probe
-evaluates both sides of each comparison in the kernel, right where the assert ran, and restores
-the random generators so the rest of the notebook runs as it would have.
+notebook (nothing is written back) with every assert, at any depth, preceded by a call that
+evaluates both sides of its comparisons in the assert's own scope, just before it runs; an
+assert in a loop keeps its worst pass. The call saves and restores Python's, NumPy's and
+torch's global random generators, so the notebook draws the numbers it would have drawn.
 
     python benchmarks/assert_margins.py                 # every notebook, fast mode
     python benchmarks/assert_margins.py 06b 10 --modes fast,full
@@ -13,10 +14,11 @@ the random generators so the rest of the notebook runs as it would have.
 For `a > b` (or `>=`) the margin is a - b, for `a < b` it is b - a; relative, it is divided by
 the larger of |a| and |b|. `x and y` counts each part, `a < b < c` each pair, `(A > B).all()`
 its worst element, and a call to a one-line function of the notebook (`beats(e, b)`) is read
-through it. Asserts on anything else (`==`, a checker's True, `all(...)` of a generator) are
-counted, not measured. Read the thin ones, do not just count them: a bound that holds with
-equality by construction (`ratio >= 1 - 1e-12`) shows 0%, while a tolerance a gap of 0 meets
-(`gap < 1e-6`) shows 100%.
+through it (its arguments evaluated once). Asserts on anything else (`==`, a checker's True,
+`all(...)` of a generator) are counted, not measured. Both sides are evaluated once more than
+the notebook does: a side that calls a function with its own generator would move it. Read the
+thin ones, do not just count them: a bound that holds with equality by construction
+(`ratio >= 1 - 1e-12`) shows 0%, while a tolerance a gap of 0 meets (`gap < 1e-6`) shows 100%.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import ast
 import copy
 import inspect
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,13 +36,18 @@ import nbformat
 from bench_course import NOTEBOOKS, run_notebook
 
 MARK = "ASSERT_MARGINS "
+RECORD = "_assert_margins_record"
 SIGNS = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
+KEYS = ("cell", "line", "text", "op", "a", "b", "margin", "relative", "passes")
 
 
-def _parse(source: str) -> ast.Module | None:
+def parse(source: str) -> ast.Module | None:
+    """A cell as Python (IPython's magics turned into the calls they make), or None if it is not."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
     try:
-        return ast.parse(source)
-    except SyntaxError:  # an IPython magic: not Python
+        return ast.parse(TransformerManager().transform_cell(source))
+    except SyntaxError:
         return None
 
 
@@ -47,7 +55,7 @@ def one_line_functions(sources) -> dict[str, ast.FunctionDef]:
     """The notebook's top-level functions whose body is a single `return <expression>`, such as
     `def beats(x, y): return x[0] - y[0] > max(x[1], y[1])`: an assert that calls one is read through it."""
     found = {}
-    for tree in filter(None, map(_parse, sources)):
+    for tree in filter(None, map(parse, sources)):
         for node in tree.body:
             if not isinstance(node, ast.FunctionDef):
                 continue
@@ -58,16 +66,10 @@ def one_line_functions(sources) -> dict[str, ast.FunctionDef]:
     return found
 
 
-class _Arguments(ast.NodeTransformer):
-    def __init__(self, values: dict[str, ast.expr]):
-        self.values = values
-
-    def visit_Name(self, node: ast.Name) -> ast.expr:
-        return self.values.get(node.id, node)
-
-
-def comparisons(test: ast.expr, functions: dict[str, ast.FunctionDef] | None = None) -> list[tuple[str, str, str]]:
-    """The numeric comparisons an assert's test is made of, as (left, op, right) source texts."""
+def comparisons(test: ast.expr, functions: dict[str, ast.FunctionDef] | None = None
+                ) -> list[tuple[str, str, ast.expr]]:
+    """The numeric comparisons an assert's test is made of: (text, op, pair), where the expression `pair`
+    evaluates to (left, right) in the assert's scope."""
     functions = functions or {}
     if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
         return [c for value in test.values for c in comparisons(value, functions)]
@@ -76,109 +78,136 @@ def comparisons(test: ast.expr, functions: dict[str, ast.FunctionDef] | None = N
         return comparisons(test.func.value, functions)  # (A > B).all(): elementwise
     if isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id in functions:
         fn = functions[test.func.id]
-        params = [a.arg for a in fn.args.args]
-        if len(test.args) == len(params) and not test.keywords:  # read through it, the arguments put in
-            body = _Arguments(dict(zip(params, test.args))).visit(copy.deepcopy(fn.body[-1].value))
-            return comparisons(body, {k: f for k, f in functions.items() if k != fn.name})  # no recursion
+        if len(test.args) == len(fn.args.args) and not test.keywords and not any(
+                isinstance(a, ast.Starred) for a in test.args):  # (lambda x, y: (l, r))(e, b): e, b evaluated once
+            inner = comparisons(fn.body[-1].value, {k: f for k, f in functions.items() if k != fn.name})
+            return [(f"{ast.unparse(test)}: {text}", op,
+                     ast.Call(ast.Lambda(copy.deepcopy(fn.args), pair), copy.deepcopy(test.args), []))
+                    for text, op, pair in inner]
     if not isinstance(test, ast.Compare):
         return []
     sides = [test.left, *test.comparators]
-    return [(ast.unparse(a), SIGNS[type(op)], ast.unparse(b))
+    return [(f"{ast.unparse(a)} {SIGNS[type(op)]} {ast.unparse(b)}", SIGNS[type(op)],
+             ast.Tuple([copy.deepcopy(a), copy.deepcopy(b)], ast.Load()))
             for a, op, b in zip(sides, test.ops, sides[1:])
             if type(op) in SIGNS and not (isinstance(a, ast.Constant) and isinstance(b, ast.Constant))]
 
 
-def cell_asserts(source: str, functions: dict[str, ast.FunctionDef] | None = None
-                 ) -> tuple[list[tuple[int, str, str, str]], int]:
-    """A cell's top-level asserts: their comparisons as (line, left, op, right), and how many asserts
-    hold none. A cell Python cannot parse (an IPython magic) has none."""
-    tree = _parse(source)
-    found, unmeasured = [], 0
-    for node in tree.body if tree else []:
-        if isinstance(node, ast.Assert):
-            parts = comparisons(node.test, functions)
-            found += [(node.lineno, *part) for part in parts]
-            unmeasured += not parts
-    return found, unmeasured
+class _Instrument(ast.NodeTransformer):
+    """Puts a record call before each assert with comparisons; counts the asserts without."""
+
+    def __init__(self, cell: int, functions: dict[str, ast.FunctionDef]):
+        self.cell, self.functions, self.planned, self.unmeasured = cell, functions, [], 0
+
+    def visit_Assert(self, node: ast.Assert):
+        parts = comparisons(node.test, self.functions)
+        if not parts:
+            self.unmeasured += 1
+            return node
+        no_args = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[])
+        rows = ast.List([ast.Tuple([ast.Constant(text), ast.Constant(op), ast.Lambda(no_args, pair)], ast.Load())
+                         for text, op, pair in parts], ast.Load())
+        self.planned += [(self.cell, node.lineno, text) for text, _, _ in parts]
+        call = ast.Call(ast.Name(RECORD, ast.Load()), [ast.Constant(self.cell), ast.Constant(node.lineno), rows], [])
+        return [ast.copy_location(ast.Expr(call), node), node]
 
 
-def _probe(cell: int, found: list) -> None:
-    """Runs in the kernel after cell `cell`: both sides of each comparison, its margin, one JSON line."""
+def instrument(source: str, cell: int, functions: dict[str, ast.FunctionDef] | None = None
+               ) -> tuple[str | None, list[tuple[int, int, str]], int]:
+    """The cell with a record call before each assert that compares (None if it has none), the comparisons
+    planned as (cell, line, text), and how many asserts hold no comparison. Line numbers are the cell's own."""
+    tree = parse(source)
+    if tree is None:
+        return None, [], 0
+    pass_ = _Instrument(cell, functions or {})
+    tree = ast.fix_missing_locations(pass_.visit(tree))
+    return (ast.unparse(tree) if pass_.planned else None), pass_.planned, pass_.unmeasured
+
+
+def _record(cell: int, line: int, parts: list) -> None:
+    """Runs in the kernel before an assert: both sides of each comparison; keeps each one's worst pass."""
     import random
 
     import numpy as np
     import torch
 
-    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    rows = []
-    for line, left, op, right in found:
-        try:
-            a, b = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=float)
-                    for v in (eval(left, globals()), eval(right, globals())))
-            margin = a - b if op.startswith(">") else b - a
-            rel = margin / np.maximum(np.maximum(abs(a), abs(b)), 1e-12)
-            worst = np.unravel_index(np.argmin(rel), rel.shape) if rel.ndim else ()
-            rows.append([line, left, op, right, float(np.broadcast_to(a, rel.shape)[worst]),
-                         float(np.broadcast_to(b, rel.shape)[worst]), float(margin[worst]), float(rel[worst])])
-        except Exception as error:  # a side that needs the loop or function the assert sat in
-            rows.append([line, left, op, right, None, None, None, f"not evaluated: {error!r}"[:100]])
+    rows = globals().setdefault("_assert_margins_rows", {})
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        for text, op, pair in parts:
+            try:
+                a, b = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=float) for v in pair())
+                margin = a - b if op.startswith(">") else b - a
+                rel = margin / np.maximum(np.maximum(abs(a), abs(b)), 1e-12)
+                at = np.unravel_index(np.nanargmin(rel), rel.shape) if rel.ndim else ()  # the worst element
+                row = [cell, line, text, op, float(np.broadcast_to(a, rel.shape)[at]),
+                       float(np.broadcast_to(b, rel.shape)[at]), float(margin[at]), float(rel[at])]
+            except Exception as error:  # e.g. a side that is not a number
+                row = [cell, line, text, op, None, None, None, f"not evaluated: {error!r}"[:100]]
+            old = rows.get((cell, line, text))
+            worse = old is None or (isinstance(row[7], float) and not (isinstance(old[7], float) and old[7] <= row[7]))
+            rows[(cell, line, text)] = [*(row if worse else old[:8]), 1 + (old[8] if old else 0)]
     random.setstate(state[0])
     np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-    print("ASSERT_MARGINS " + json.dumps({"cell": cell, "rows": rows}))  # MARK
 
 
-def probe_source() -> str:
-    """The probe as code for the kernel: defines `_assert_margins_probe(cell, found)`."""
-    return "import json\n" + inspect.getsource(_probe).replace("def _probe", "def _assert_margins_probe")
+def record_source() -> str:
+    """The record call as code for the kernel: defines `_assert_margins_record(cell, line, parts)`."""
+    return inspect.getsource(_record).replace("def _record", f"def {RECORD}")
 
 
-def probed(path: Path) -> tuple[nbformat.NotebookNode, int]:
-    """The notebook with a probe cell after each code cell that asserts; how many asserts are not measured."""
+def instrumented(path: Path) -> tuple[nbformat.NotebookNode, list[tuple[int, int, str]], int]:
+    """The notebook, ready to measure: a first cell defines the record call, each asserting cell records
+    before its asserts, a last cell prints every row. Also the comparisons planned and the asserts without."""
     nb = nbformat.read(path, as_version=4)
-    cells, code_index, unmeasured = [], 0, 0
-    helper = probe_source()
     functions = one_line_functions(c.source for c in nb.cells if c.cell_type == "code")
+    planned, unmeasured, code_index = [], 0, 0
     for cell in nb.cells:
-        cells.append(cell)
-        if cell.cell_type != "code":
-            continue
-        found, missed = cell_asserts(cell.source, functions)
-        unmeasured += missed
-        if found:
-            cells.append(nbformat.v4.new_code_cell(f"{helper}\n_assert_margins_probe({code_index}, {found!r})"))
-        code_index += 1
-    nb.cells = cells
-    return nb, unmeasured
+        if cell.cell_type == "code":
+            source, found, missed = instrument(cell.source, code_index, functions)
+            cell.source = source or cell.source
+            planned, unmeasured, code_index = planned + found, unmeasured + missed, code_index + 1
+    show_rows = f"print({MARK!r} + __import__('json').dumps(list(_assert_margins_rows.values())))"
+    nb.cells = [nbformat.v4.new_code_cell(record_source()), *nb.cells,
+                nbformat.v4.new_code_cell(f"_assert_margins_rows = globals().get('_assert_margins_rows', {{}})\n"
+                                          f"{show_rows}")]
+    return nb, planned, unmeasured
 
 
-def margins(path: Path, fast: bool, timeout: int) -> tuple[list[dict], int]:
-    """Run the probed notebook; one row per comparison: cell (nbval's code-cell number), line, text, sides,
-    margin, relative margin (or why it was not evaluated)."""
-    nb, unmeasured = probed(path)
+def collect(nb: nbformat.NotebookNode) -> list[dict]:
+    """The rows the last cell printed, as dicts (KEYS)."""
+    for out in nb.cells[-1].get("outputs", []):
+        if out.get("name") == "stdout" and out.get("text", "").startswith(MARK):
+            return [dict(zip(KEYS, row)) for row in json.loads(out["text"][len(MARK):])]
+    return []
+
+
+def margins(path: Path, fast: bool, timeout: int) -> tuple[list[dict], list[tuple[int, int, str]], int]:
+    """Run the notebook instrumented: the rows, the comparisons that never ran, the asserts not measured."""
+    nb, planned, unmeasured = instrumented(path)
     run_notebook(path, fast=fast, timeout=timeout, nb=nb)
-    rows = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            for line in out.get("text", "").splitlines() if out.get("name") == "stdout" else []:
-                if line.startswith(MARK):
-                    probe = json.loads(line[len(MARK):])
-                    keys = ("line", "left", "op", "right", "a", "b", "margin", "relative")
-                    rows += [{"cell": probe["cell"], **dict(zip(keys, row))} for row in probe["rows"]]
-    return rows, unmeasured
+    rows = collect(nb)
+    seen = {(r["cell"], r["line"], r["text"]) for r in rows}
+    return rows, [p for p in planned if p not in seen], unmeasured
 
 
-def show(name: str, mode: str, rows: list[dict], unmeasured: int, thin: float) -> None:
-    print(f"\n{name}, {mode} mode: {len(rows)} comparisons, {unmeasured} asserts not measured")
-    for r in sorted(rows, key=lambda r: r["relative"] if isinstance(r["relative"], float) else -1.0):
-        text = f"{r['left']} {r['op']} {r['right']}"
-        text = text if len(text) <= 70 else text[:67] + "..."
+def _worst_first(row: dict) -> float:
+    rel = row["relative"]
+    return rel if isinstance(rel, float) and not math.isnan(rel) else -math.inf
+
+
+def show(name: str, mode: str, rows: list[dict], never: list, unmeasured: int, thin: float) -> None:
+    print(f"\n{name}, {mode} mode: {len(rows)} comparisons, {unmeasured} asserts not measured"
+          + (f", {len(never)} comparisons never reached" if never else ""))
+    for r in sorted(rows, key=_worst_first):
+        text = r["text"] if len(r["text"]) <= 80 else r["text"][:77] + "..."
+        where = f"  cell {r['cell']:>2} line {r['line']:>2}" + (f" x{r['passes']}" if r["passes"] > 1 else "")
         if isinstance(r["relative"], float):
-            flag = "  <- thin" if r["relative"] < thin else ""
-            print(f"  cell {r['cell']:>2} line {r['line']:>2}  {r['relative']:>7.1%}  margin {r['margin']:<10.4g} "
-                  f"({r['a']:.4g} {r['op']} {r['b']:.4g})  {text}{flag}")
+            flag = "  <- thin" if not r["relative"] >= thin else ""
+            print(f"{where}  {r['relative']:>7.1%}  margin {r['margin']:<10.4g} ({r['a']:.4g} {r['op']} {r['b']:.4g})"
+                  f"  {text}{flag}")
         else:
-            print(f"  cell {r['cell']:>2} line {r['line']:>2}  {'-':>7}  {r['relative']}  {text}")
+            print(f"{where}  {'-':>7}  {r['relative']}  {text}")
 
 
 def main(argv=None) -> int:
@@ -197,19 +226,26 @@ def main(argv=None) -> int:
         paths = [p for p in paths if p.name.split("_")[0] in args.numbers]
         if not paths:
             parser.error(f"no notebook numbered {args.numbers}")
-    everything = []
+    everything, failed = [], []
     for path in paths:
         for mode in modes:
-            rows, unmeasured = margins(path, fast=mode == "fast", timeout=args.timeout)
-            show(path.name, mode, rows, unmeasured, args.thin)
+            try:
+                rows, never, unmeasured = margins(path, fast=mode == "fast", timeout=args.timeout)
+            except Exception as error:  # one notebook that fails does not lose the others' rows
+                failed.append(f"{path.name} ({mode}): {type(error).__name__}: {str(error).strip()[-300:]}")
+                print(f"\n{path.name}, {mode} mode: FAILED, see the end", flush=True)
+                continue
+            show(path.name, mode, rows, never, unmeasured, args.thin)
             everything += [{"notebook": path.name, "mode": mode, **r} for r in rows]
-    if args.json:
-        args.json.write_text(json.dumps(everything, indent=1))
+            if args.json:
+                args.json.write_text(json.dumps(everything, indent=1))
     measured = [r for r in everything if isinstance(r["relative"], float)]
-    thin = [r for r in measured if r["relative"] < args.thin]
+    thin = [r for r in measured if not r["relative"] >= args.thin]
     print(f"\n{len(measured)} comparisons measured, {len(everything) - len(measured)} not evaluated; "
           f"{len(thin)} with a relative margin below {args.thin:.0%}")
-    return 0
+    for line in failed:
+        print("failed:", line)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,64 +1,108 @@
-"""benchmarks/assert_margins.py: which comparisons an assert is made of, and what the probe measures."""
+"""benchmarks/assert_margins.py: which comparisons an assert is made of, and what the record call measures."""
 
 import contextlib
 import io
-import json
+import random
+from pathlib import Path
 
+import nbformat
+import numpy as np
 import pytest
 import torch
 
 
 @pytest.fixture
 def margins(monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import assert_margins
 
     return assert_margins
 
 
 @pytest.mark.parametrize("source, found, unmeasured", [
-    ("assert a > b and c <= d", [(1, "a", ">", "b"), (1, "c", "<=", "d")], 0),
-    ("x = 1\nassert 0.5 < x / y < 2, x", [(2, "0.5", "<", "x / y"), (2, "x / y", "<", "2")], 0),
-    ("assert (phi[:, 0] > 5 * level).all(), phi", [(1, "phi[:, 0]", ">", "5 * level")], 0),
+    ("assert a > b and c <= d", [(1, "a > b"), (1, "c <= d")], 0),
+    ("x = 1\nassert 0.5 < x / y < 2, x", [(2, "0.5 < x / y"), (2, "x / y < 2")], 0),
+    ("assert (phi[:, 0] > 5 * level).all(), phi", [(1, "phi[:, 0] > 5 * level")], 0),
     ("assert all(v > 0 for v in xs)\nassert n == 3\nassert check(x)", [], 3),
-    ("assert a != b and a >= c", [(1, "a", ">=", "c")], 0),
-    ("assert x > 0.5 > 0.2 > y", [(1, "x", ">", "0.5"), (1, "0.2", ">", "y")], 0),  # 0.5 > 0.2 measures nothing
-    ("for v in xs:\n    assert v > 0", [], 0),  # inside a loop: its variable is gone afterwards
-    ("%time x = 1\nassert x > 0", [], 0),  # IPython magic: not Python, skipped
+    ("assert a != b and a >= c", [(1, "a >= c")], 0),
+    ("assert x > 0.5 > 0.2 > y", [(1, "x > 0.5"), (1, "0.2 > y")], 0),  # 0.5 > 0.2 measures nothing
+    ("for v in xs:\n    if v:\n        assert v > 0", [(3, "v > 0")], 0),  # at any depth
+    ("%time x = 1\nassert x > 0", [(2, "x > 0")], 0),  # a magic line does not hide the cell
 ])
-def test_comparisons_of_each_top_level_assert(margins, source, found, unmeasured):
-    assert margins.cell_asserts(source) == (found, unmeasured)
+def test_comparisons_of_each_assert(margins, source, found, unmeasured):
+    _, planned, missed = margins.instrument(source, 0)
+    assert [(line, text) for _, line, text in planned] == found and missed == unmeasured
 
 
-def test_an_assert_is_read_through_a_one_line_function_of_the_notebook(margins):
-    cells = ['def beats(x, y):  # by more than the spread\n    return x[0] - y[0] > max(x[1], y[1])',
-             'def lower(x, y):\n    m, n = t[x], t[y]\n    return m < n',
-             'def loop(x):\n    return loop(x) > 0']
+def _run(margins, source, namespace, functions=None):
+    """Run an instrumented cell as the kernel would, after the record call's definition; its rows."""
+    exec(margins.record_source(), namespace)
+    code, _, _ = margins.instrument(source, 7, functions)
+    exec(code, namespace)
+    return {r[2]: dict(zip(margins.KEYS, r)) for r in namespace["_assert_margins_rows"].values()}
+
+
+def test_a_loop_keeps_each_assert_s_worst_pass(margins):
+    rows = _run(margins, "for x, y in [(3.0, 1.0), (2.0, 1.5), (4.0, 1.0)]:\n    assert x > y", {})
+    row = rows["x > y"]
+    assert (row["cell"], row["line"], row["passes"]) == (7, 2, 3)
+    assert (row["a"], row["b"], row["margin"]) == (2.0, 1.5, 0.5) and row["relative"] == pytest.approx(0.25)
+
+
+def test_a_one_line_function_is_read_through_in_its_own_scope(margins):
+    cells = ["def beats(x, y):  # by more than the spread\n    return x[0] - y[0] > max(x[1], y[1])",
+             "def lower(x, y):\n    m, n = t[x], t[y]\n    return m < n",
+             "def worst(table, run):\n    return max(run[k] for run in table.values() for k in run) < 10",
+             "def twice(v):\n    return v + v > 0"]
     functions = margins.one_line_functions(cells)
-    assert set(functions) == {"beats", "loop"}  # lower has two statements: not read through
-    assert margins.cell_asserts("assert beats(e, b) and lower(1, 2) and loop(3)", functions) == (
-        [(1, "e[0] - b[0]", ">", "max(e[1], b[1])"), (1, "loop(3)", ">", "0")], 0)
+    assert set(functions) == {"beats", "worst", "twice"}  # lower has two statements: not read through
+    calls = []
+    namespace = {"e": (0.9, 0.1), "b": (0.5, 0.2), "table": {"a": {"k": 3}}, "run": "not this one",
+                 "counted": lambda: calls.append(1) or 2.0, "t": {1: 0, 2: 1}}
+    for cell in cells:
+        exec(cell, namespace)
+    source = "assert beats(e, b) and lower(1, 2) and worst(table, run)\nassert twice(counted())"
+    rows = _run(margins, source, namespace, functions)
+    assert rows["beats(e, b): x[0] - y[0] > max(x[1], y[1])"]["margin"] == pytest.approx(0.2)
+    assert rows["worst(table, run): max((run[k] for run in table.values() for k in run)) < 10"]["a"] == 3
+    assert len(calls) == 2  # counted() ran once for the record, once for the assert itself, not twice more
+    assert rows["twice(counted()): v + v > 0"]["a"] == 4.0
 
 
-def test_probe_measures_both_sides_where_the_assert_ran_and_leaves_the_generator_alone(margins):
-    namespace = {"gain": 0.9, "base": 0.3, "phi": torch.tensor([0.5, 0.2, 0.9]), "level": 0.02, "torch": torch}
-    exec(margins.probe_source(), namespace)
-    torch.manual_seed(0)
-    expected_next = torch.rand(1)
-    torch.manual_seed(0)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        namespace["_assert_margins_probe"](4, [(1, "gain", ">", "2 * base"), (2, "base", "<", "gain"),
-                                              (3, "phi", ">", "5 * level"), (4, "missing", ">", "0"),
-                                              (5, "torch.rand(1).item() + 1", ">", "0")])
-    assert torch.rand(1) == expected_next  # a side that drew a random number did not move the notebook's generator
-    line = out.getvalue().strip()
-    assert line.startswith(margins.MARK)
-    probe = json.loads(line[len(margins.MARK):])
-    assert probe["cell"] == 4
-    (_, _, _, _, a1, b1, m1, r1), (*_, m2, r2), (*_, a3, b3, m3, r3), (*_, m4, r4), (*_, m5, _) = probe["rows"]
-    assert (a1, b1) == (0.9, 0.6) and m1 == pytest.approx(0.3) and r1 == pytest.approx(0.3 / 0.9)
-    assert m2 == pytest.approx(0.6) and r2 == pytest.approx(0.6 / 0.9)
-    assert (a3, b3) == (pytest.approx(0.2), pytest.approx(0.1)) and m3 == pytest.approx(0.1)  # the worst element
-    assert m4 is None and "not evaluated" in r4 and "missing" in r4
-    assert m5 >= 1
+def test_record_measures_the_worst_element_and_leaves_the_generators_alone(margins):
+    namespace = {"phi": torch.tensor([0.5, 0.2, 0.9]), "level": 0.02, "torch": torch, "np": np, "random": random}
+    source = ("assert (phi > 5 * level).all()\nassert phi.sum() < 10\n"
+              "assert torch.rand(1).item() + np.random.rand() + random.random() < 3")  # a side that draws
+
+    def next_draws(run):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        run()
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    plain = next_draws(lambda: exec(source, dict(namespace)))
+    rows = {}
+    assert next_draws(lambda: rows.update(_run(margins, source, dict(namespace)))) == plain
+    worst = rows["phi > 5 * level"]
+    assert (worst["a"], worst["b"], worst["margin"]) == (pytest.approx(0.2), pytest.approx(0.1), pytest.approx(0.1))
+    assert rows["phi.sum() < 10"]["margin"] == pytest.approx(10 - 1.6)
+
+
+def test_a_side_that_cannot_be_a_number_is_reported_not_raised(margins):
+    row = _run(margins, "assert s > 'a'", {"s": "b"})["s > 'a'"]
+    assert row["margin"] is None and "not evaluated" in row["relative"]
+
+
+def test_the_notebook_prints_its_rows_and_collect_reads_them(margins, tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("x = 2"),
+                                         nbformat.v4.new_code_cell("assert x > 1 and x == 2\nassert x")])
+    path = tmp_path / "t.ipynb"
+    nbformat.write(nb, path)
+    ready, planned, unmeasured = margins.instrumented(path)
+    assert planned == [(1, 1, "x > 1")] and unmeasured == 1  # code cells counted as nbval does: from 0
+    namespace, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for cell in ready.cells:
+            exec(cell.source, namespace) if cell.cell_type == "code" else None
+    ready.cells[-1].outputs = [nbformat.v4.new_output("stream", name="stdout", text=printed.getvalue())]
+    (row,) = margins.collect(ready)
+    assert (row["cell"], row["line"], row["text"], row["margin"], row["passes"]) == (1, 1, "x > 1", 1.0, 1)
