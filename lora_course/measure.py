@@ -52,7 +52,8 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = 
 
 def wall_and_cpu_ms(fn: Callable[[], object], device: torch.device | str | None = None) -> tuple[float, float]:
     """Milliseconds of one call `fn()`: wall clock (CUDA synchronised on both sides when `device` is CUDA) and
-    this process's CPU time, which other processes on a busy machine disturb far less (CPU work only)."""
+    this process's CPU time, which other processes on a busy machine disturb far less. CPU time counts every
+    thread, idle spinning included: on one thread (`runtime.num_threads(1)`) it is the call's own work."""
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
