@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import benchmark
 
-from .validate import check_int
+from .validate import check_choice, check_int
 
 __all__ = ["median_ms", "wall_and_cpu_ms", "fastest_of_rounds", "generation_ms", "peak_memory", "PeakMemory",
            "StepMemory", "resident_bytes", "training_step_memory", "optimizer_state_bytes"]
@@ -38,8 +38,7 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = 
     `timer="cpu"` measures this thread's CPU time (CPU work only), which other processes on a
     shared machine disturb far less than the wall clock.
     """
-    if timer not in _TIMERS:
-        raise ValueError(f"timer must be one of {list(_TIMERS)}, got {timer!r}")
+    check_choice("timer", timer, _TIMERS)
     if torch.cuda.is_available():
         fn()
         torch.cuda.synchronize()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .validate import check_int
+from .validate import check_choice, check_int
 
 __all__ = [
     "DTYPE_BYTES",
@@ -101,8 +101,7 @@ class MemoryBudget:
 def format_bytes(n: int | float, unit: str = "GB", suffix: bool = True) -> str:
     """Bytes in decimal units (GB = 1e9, as the lesson card counts) or binary (GiB = 2**30)."""
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-    if unit not in scale:
-        raise ValueError(f"unit must be one of {list(scale)}, got {unit!r}")
+    check_choice("unit", unit, scale)
     value = f"{n / scale[unit]:.1f}"
     return f"{value} {unit}" if suffix else value
 

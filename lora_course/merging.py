@@ -33,6 +33,7 @@ import torch
 
 from .lora import LoRALinear
 from .lowrank import truncated_svd
+from .validate import check_choice
 
 __all__ = ["TASK_MERGES", "COMBINATION_TYPES", "SIGN_METHODS", "trim", "drop_and_rescale", "elect_sign",
            "disjoint_merge", "task_merge", "cat_merge", "linear_merge", "svd_merge", "merge_layer",
@@ -78,8 +79,7 @@ def elect_sign(stack: torch.Tensor, method: str = "total") -> torch.Tensor:
     A tie elects +; a zero entry (trimmed or dropped) never agrees.
     """
     sign = stack.sign()
-    if method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, not {method!r}")
+    check_choice("majority_sign_method", method, SIGN_METHODS)
     votes = stack.sum(dim=0) if method == "total" else sign.sum(dim=0)  # (...)
     elected = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
     return sign == elected
@@ -200,8 +200,7 @@ def check_merge(ranks: dict[str, dict[str, int]], weights: Sequence[float], comb
     if method not in NEEDS_DENSITY and density is not None:
         raise ValueError(f"combination_type={combination_type!r} keeps every entry and takes no density; "
                          f"use 'ties', 'dare_linear', 'dare_ties' or 'magnitude_prune' (or their _svd forms)")
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, not {majority_sign_method!r}")
+    check_choice("majority_sign_method", majority_sign_method, SIGN_METHODS)
     is_svd = combination_type.endswith("svd")
     if svd_rank is not None and (not is_svd or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be a positive int and only goes with an svd combination_type; got "

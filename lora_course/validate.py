@@ -50,3 +50,10 @@ def check_fraction(name: str, value, upper_inclusive: bool = True, hint: str = "
         interval = "[0, 1]" if upper_inclusive else "[0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {name}={value!r}" + (f"; {hint}" if hint else ""))
     return value
+
+
+def check_choice(name: str, value, choices):
+    """`value` if it is one of `choices`; otherwise ValueError naming them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value

@@ -82,7 +82,8 @@ def checker(what: str, answers: tuple[str, ...] = (), function: bool = False):
     """Decorator: a check (its message, or `Problem`) becomes a checker that prints its verdict and returns a bool.
 
     A blank answer asks to fill in `what`, formatted with the call's arguments (e.g. "... a {d} x {k} matrix").
-    `answers` names the learner's arguments (default: the first); with `function`, each must be callable."""
+    `answers` names the learner's arguments (default: the first); with `function`, each must be callable (a value,
+    say the function called instead of passed, is "Not yet" with that hint)."""
     def wrap(check):
         signature = inspect.signature(check)
         names = answers or (next(iter(signature.parameters)),)
@@ -92,8 +93,11 @@ def checker(what: str, answers: tuple[str, ...] = (), function: bool = False):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             given = [bound.arguments[name] for name in names]
-            if any(is_blank(a) or function and not callable(a) for a in given):
+            if any(map(is_blank, given)):
                 return not_filled_in(what.format(**bound.arguments))
+            if function and not all(map(callable, given)):
+                value = next(a for a in given if not callable(a))
+                return report(False, f"pass your function itself (the name, without calling it), not {value!r}.")
             return verdict(check, *args, **kwargs)
 
         return checked

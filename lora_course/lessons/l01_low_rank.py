@@ -156,11 +156,9 @@ def _slips(M: torch.Tensor, r: int) -> dict[str, torch.Tensor]:
     return slips
 
 
-@checker("your function best_rank_r(M, r)")
+@checker("your function best_rank_r(M, r)", function=True)
 def check_best_rank_r(fn) -> str:
     """Build step: `fn(M, r)` must return M's truncated SVD (d, k) on several matrices, every r in 0..min(d, k)."""
-    if not callable(fn):
-        raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     for M in [rand(5, 5), rand(7, 4), rand(3, 6), rand(6, 2) @ rand(2, 5)]:  # square first: a transposed Vh runs

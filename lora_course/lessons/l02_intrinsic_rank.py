@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from ..lowrank import best_rank_r, effective_rank, energy_captured, singular_values
 from ..train import optimizer_step, trainable_parameters
-from ..validate import check_int, is_int
+from ..validate import check_choice, check_int, is_int
 from .common import Problem, call, call_number, checker, close_to, one_word, play, sample_spectra
 
 __all__ = ["TaskPair", "make_task_pair", "make_mlp", "train_classifier", "full_fine_tune", "accuracy", "SubspaceModel",
@@ -92,8 +92,7 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: 
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    check_choice("optimizer", optimizer, ("sgd", "adam"))
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
     opt.zero_grad(set_to_none=True)  # no gradient left over from an earlier loop
     g, losses = torch.Generator().manual_seed(seed), []
@@ -255,11 +254,9 @@ def update_rank_widget(pretrained, deltas: dict, X, y, accuracy_finetuned: float
 
 # ----------------------------------------------------------------------------- exercise checkers
 
-@checker("your function my_effective_rank(S)")
+@checker("your function my_effective_rank(S)", function=True)
 def check_effective_rank_fn(fn) -> str:
     """Exercise: `fn(S)` must return Roy & Vetterli's exp(entropy of s_i / sum s_j)."""
-    if not callable(fn):
-        raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for S in sample_spectra():
         got, want = call_number("your function", fn, S.clone()), effective_rank(S)
         if not close_to(got, want, 1e-6):
@@ -287,12 +284,10 @@ def _d90_slips(scores: dict, threshold: float) -> dict[str, int | None]:
             max(scores, key=scores.get)}
 
 
-@checker("your function my_find_d90(scores, threshold)")
+@checker("your function my_find_d90(scores, threshold)", function=True)
 def check_find_d90_fn(fn) -> str:
     """Exercise: `fn(scores, threshold)` must return the smallest d in `scores` ({d: accuracy}) whose accuracy
     reaches `threshold`, or None if no d does."""
-    if not callable(fn):
-        raise Problem(f"pass your function itself (the name, without calling it), not {fn!r}.")
     for scores, threshold in _D90_CASES:
         where, want = f"for scores = {scores} and threshold {threshold}", find_d90(scores, threshold)
         try:

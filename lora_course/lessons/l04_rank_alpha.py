@@ -23,7 +23,7 @@ from ..lowrank import low_rank_error, singular_values
 from ..measure import optimizer_state_bytes
 from ..runtime import num_threads
 from ..train import optimizer_step
-from ..validate import check_int, check_positive
+from ..validate import check_choice, check_int, check_positive
 from .common import Problem, call_number, checker, close_to, play
 
 __all__ = ["LowRankTarget", "RegressionTask", "LoRARun", "make_low_rank_target", "make_regression_task",
@@ -131,10 +131,8 @@ def _mse(X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor) -> float:
 
 
 def _optimizer(layer: LoRALinear, lr: float, lr_B: float, optimizer: str, steps: int, schedule: str):
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    check_choice("optimizer", optimizer, ("adam", "sgd"))
+    check_choice("schedule", schedule, ("cosine", "constant"))
     groups = [{"params": [layer.lora_A], "lr": lr}, {"params": [layer.lora_B], "lr": lr_B}]
     opt = torch.optim.Adam(groups, fused=True) if optimizer == "adam" else torch.optim.SGD(groups)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
@@ -143,36 +141,41 @@ def _optimizer(layer: LoRALinear, lr: float, lr_B: float, optimizer: str, steps:
 def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: float = 1e-2, steps: int = 300, *,
                use_rslora: bool = False, lr_B: float | None = None, optimizer: str = "adam",
                schedule: str = "cosine", task: RegressionTask | None = None, lora_dropout: float = 0.0,
-               seed: int = 0) -> LoRARun:
+               seed: int = 0, patience: int | None = None) -> LoRARun:
     """Train a `LoRALinear(r, alpha)` on the frozen W0 (on the CPU) and measure what it learned.
 
-    Without `task` the loss is the matrix loss ||dW - dW*||_F^2 / out; with a `RegressionTask` the training
-    set's MSE (full batch), and with its validation split the step of lowest validation MSE and the test MSE
-    there. `alpha` defaults to 2 r (scaling 2); `lr_B` gives B its own learning rate (LoRA+); `optimizer`
-    "adam" or "sgd"; `schedule` "cosine" (decays to 0) or "constant". `lora_dropout` (task only) drops the
-    adapter's input while training; final losses are measured without it. Each step's dW is kept and measured
-    after the loop: (steps + 1) x out x in floats, 5 MB for 64 x 64 and 300 steps."""
+    Without `task` the loss is the matrix loss ||dW - dW*||_F^2 / out; with a `RegressionTask` the training set's
+    MSE (full batch), and with its validation split the step of lowest validation MSE and the test MSE there
+    (`patience`: stop that many steps after it; the schedule still spans `steps`). `alpha` defaults to 2 r; `lr_B`
+    gives B its own learning rate (LoRA+); `optimizer` "adam" or "sgd"; `schedule` "cosine" (to 0) or "constant".
+    `lora_dropout` (task only) drops the adapter's input while training, not when measuring. Each step's dW is
+    kept and measured after the loop: (steps + 1) x out x in floats, 5 MB for 64 x 64 and 300 steps."""
     if task is not None and task.target is not target:
         raise ValueError("task was built for a different target; pass task.target as target")
     if lora_dropout and task is None:
         raise ValueError("lora_dropout acts on the layer's input, which the matrix loss never sees; pass a task")
-    alpha = 2 * r if alpha is None else alpha
+    if patience is not None and (task is None or task.X_val is None):
+        raise ValueError("patience watches the validation error: pass a task made with n_val > 0")
+    patience = None if patience is None else check_int("patience", patience, minimum=1)
     steps = check_int("steps", steps, minimum=1)
     check_positive("lr", lr, hint="a learning rate")
     lr_B = check_positive("lr_B", lr if lr_B is None else lr_B, hint="a learning rate")
+    alpha = 2 * r if alpha is None else alpha
     config = LoRAConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=lora_dropout)  # checks them
     with num_threads(1):  # tiny matrices: one thread is fastest and spares a shared CPU
         torch.manual_seed(seed)  # A's random init (and dropout's masks)
         base = nn.Linear(target.in_features, target.out_features, bias=False)
-        with torch.no_grad():
-            base.weight.copy_(target.W0)
+        base.weight.data.copy_(target.W0)
         layer = LoRALinear.from_linear(base, config)
         opt, sched = _optimizer(layer, lr, lr_B, optimizer, steps, schedule)
         deltas, losses = [], []  # dW before each step and after the last, and each step's loss before its update
+        lowest = (math.inf, 0)  # patience: the lowest validation MSE so far and its step
         for step in range(steps + 1):
             dW = layer.delta_weight()  # (out, in)
             deltas.append(dW.detach())
-            if step == steps:
+            if patience is not None:
+                lowest = min(lowest, (_mse(task.X_val, task.Y_val, target.W0 + dW.detach()), step))
+            if step == steps or patience is not None and step - lowest[1] >= patience:
                 break
             loss = ((dW - target.delta).square().sum() / target.out_features if task is None
                     else (layer(task.X_train) - task.Y_train).square().mean())  # (n_train, out) -> ()
@@ -192,19 +195,18 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
         return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, losses=losses, errors=errors,
                        update_norms=norms, floor=float(low_rank_error(target.singular_values, min(r, target.k))),
                        delta=deltas[-1], delta_singular_values=singular_values(deltas[-1])[:r],
-                       trainable_params=count_parameters(layer)[0],
-                       optimizer_state_bytes=optimizer_state_bytes(opt), target_norm=target.delta.norm().item(),
-                       test_loss=test_loss, train_loss=train_loss, val_losses=val, best_step=best,
-                       early_test_loss=early)
+                       trainable_params=count_parameters(layer)[0], optimizer_state_bytes=optimizer_state_bytes(opt),
+                       target_norm=target.delta.norm().item(), test_loss=test_loss, train_loss=train_loss,
+                       val_losses=val, best_step=best, early_test_loss=early)
 
 
 def early_stopped(target: LowRankTarget, task: RegressionTask, r: int, lrs, steps: int = 300,
-                  seed: int = 0) -> LoRARun:
-    """A rank at its own swept learning rate, stopped early: of one run per learning rate in `lrs`, the one
-    whose lowest validation error is lowest (its `early_test_loss` is the test error at that step)."""
+                  seed: int = 0, patience: int | None = 50) -> LoRARun:
+    """A rank at its own swept learning rate, stopped early: of one run per learning rate in `lrs` (each ending
+    `patience` steps after its lowest validation error), the one whose lowest validation error is lowest."""
     if task.X_val is None:
         raise ValueError("early stopping needs a validation split: make_regression_task(..., n_val=32)")
-    runs = [train_lora(target, r, lr=lr, steps=steps, task=task, seed=seed) for lr in lrs]
+    runs = [train_lora(target, r, lr=lr, steps=steps, task=task, seed=seed, patience=patience) for lr in lrs]
     return min(runs, key=lambda run: min(run.val_losses))
 
 
@@ -221,8 +223,7 @@ def scaling_sweep(target: LowRankTarget, ranks, alpha: float, lr: float, steps: 
 
 def loglog_slope(xs, ys) -> float:
     """Least-squares slope of log(y) against log(x): y ~ x^slope."""
-    x = torch.log(torch.as_tensor(xs, dtype=torch.float64))
-    y = torch.log(torch.as_tensor(ys, dtype=torch.float64))
+    x, y = (torch.log(torch.as_tensor(v, dtype=torch.float64)) for v in (xs, ys))
     if x.numel() < 2 or x.shape != y.shape:
         raise ValueError("need at least two (x, y) pairs of equal length")
     x, y = x - x.mean(), y - y.mean()

@@ -10,7 +10,7 @@ from torch import nn
 from .. import quant
 from ..layers import base_weight, is_linear
 from ..quant import BLOCK_SIZES, bits_per_parameter, levels_for, nf4_levels, quantize_4bit
-from .common import Problem, call, checker, play
+from .common import Problem, call, checker, one_word, play
 
 __all__ = ["linear_weights", "relative_error", "errors_by_layer", "sweep_block_sizes", "draw_levels",
            "draw_sweep", "quant_tradeoff_widget", "check_nf4_levels", "check_absmax_quantize", "check_pack",
@@ -195,8 +195,7 @@ def check_pack(pack, unpack) -> str:
 @checker('your prediction, "higher" or "lower"')
 def check_block_size_prediction(prediction, weights: dict[str, torch.Tensor], block_size: int = 4096) -> str:
     """Exercise 3: will NF4 at `block_size` err "higher" or "lower" than uniform int4 at block 64? Measured."""
-    if prediction not in ("higher", "lower"):
-        raise Problem(f'predict "higher" or "lower", got {prediction!r}')
+    prediction = one_word(prediction, ("higher", "lower"))
     nf4, int4 = relative_error(weights, "nf4", block_size), relative_error(weights, "int4", 64)
     measured = "higher" if nf4 > int4 else "lower"
     numbers = (f"NF4 at block {block_size} errs {nf4:.4f} ({bits_per_parameter(block_size):.3f} bits), uniform int4 "

@@ -30,7 +30,7 @@ from ..pissa import pissa_factors
 from ..runtime import seed_everything
 from ..serving import MultiAdapterModel, mixed_rows
 from ..train import TrainConfig, optimizer_step, train
-from .common import Problem, call, checker, play
+from .common import Problem, call, checker, one_word, play
 
 __all__ = ["STYLES", "style_target", "style_matches", "train_style_adapter", "style_scores", "row_texts",
            "magnitude_direction_change", "draw_style_scores", "serving_widget", "mixed_batch_costs",
@@ -262,8 +262,7 @@ def check_pissa_init(pissa_init_from_svd) -> str:
 def check_pissa_prediction(prediction, base: nn.Module, tokenizer, records: Sequence[Record], r: int = 2,
                            steps: int = 20) -> str:
     """Exercise 3: at rank `r`, is PiSSA's mean loss over the first `steps` steps lower than LoRA's? Measured."""
-    if prediction not in ("yes", "no"):
-        raise Problem(f'predict "yes" or "no", got {prediction!r}')
+    prediction = one_word(prediction, ("yes", "no"))
     early = {}
     for init in (True, "pissa"):
         seed_everything(0)

@@ -13,7 +13,7 @@ from ..lora import lora_layers, merge_lora
 from ..merging import elect_sign, task_merge, trim
 from ..methods import Method
 from ..train import TrainConfig, train, validation_loss
-from .common import Problem, call, call_number, checker
+from .common import Problem, call, call_number, checker, one_word
 
 __all__ = ["TARGETS", "train_model", "task_losses", "weights_of", "similarity", "intruders", "reference_ties",
            "draw_sign_election", "draw_similarity", "check_ties", "check_cat", "check_dare", "check_intruders",
@@ -174,8 +174,7 @@ def check_intruders(fn) -> bool:
 @checker('prediction ("higher" or "lower")')
 def check_density_prediction(prediction, loss_sparse: float, loss_dense: float) -> bool:
     """Exercise 4: was the basic task's loss higher or lower with the sparser TIES merge? Compares the measurements."""
-    if prediction not in ("higher", "lower"):
-        raise Problem(f'predict "higher" or "lower", got {prediction!r}')
+    prediction = one_word(prediction, ("higher", "lower"))
     measured = "higher" if loss_sparse > loss_dense else "lower"
     said = f"measured {loss_sparse:.3f} at the lower density against {loss_dense:.3f}: {measured}"
     if prediction != measured:

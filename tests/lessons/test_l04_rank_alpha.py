@@ -242,12 +242,32 @@ def test_a_run_records_validation_and_the_test_error_at_its_best_step(target):
     assert train_lora(target, 2, lr=1e-2, steps=3, task=make_regression_task(target, 8)).best_step is None
 
 
+def test_patience_stops_the_same_run_that_many_steps_after_its_lowest_validation_error(target):
+    task = make_regression_task(target, n_train=40, n_test=256, noise_std=0.5, seed=2, n_val=64)
+    full = train_lora(target, 32, lr=3e-2, steps=150, task=task)
+    stopped = train_lora(target, 32, lr=3e-2, steps=150, task=task, patience=10)
+    assert full.best_step + 10 < 150  # it overfits: the full run goes on well past its best step
+    assert len(stopped.val_losses) == full.best_step + 10 + 1  # step 0 to best + patience
+    assert stopped.val_losses == pytest.approx(full.val_losses[: len(stopped.val_losses)])  # the same run, cut short
+    assert stopped.best_step == full.best_step and stopped.early_test_loss == pytest.approx(full.early_test_loss)
+    assert len(train_lora(target, 32, lr=3e-2, steps=150, task=task, patience=150).val_losses) == 151  # never stops
+    with pytest.raises(ValueError, match="n_val > 0"):
+        train_lora(target, 2, lr=1e-2, steps=3, task=make_regression_task(target, 8), patience=5)
+    with pytest.raises(ValueError, match="n_val > 0"):
+        train_lora(target, 2, lr=1e-2, steps=3, patience=5)
+    with pytest.raises(ValueError, match="patience"):
+        train_lora(target, 2, lr=1e-2, steps=3, task=task, patience=0)
+
+
 def test_early_stopped_picks_the_learning_rate_by_validation_only(target):
     task = make_regression_task(target, n_train=40, noise_std=0.5, seed=3, n_val=32)
     lrs = [1e-4, 1e-3, 1e-2]
-    best = early_stopped(target, task, 16, lrs, steps=60)
+    best = early_stopped(target, task, 16, lrs, steps=60, patience=None)
     runs = [train_lora(target, 16, lr=lr, steps=60, task=task) for lr in lrs]
     assert best.lr == min(runs, key=lambda run: min(run.val_losses)).lr
     assert best.early_test_loss == pytest.approx(runs[lrs.index(best.lr)].early_test_loss)
+    patient = early_stopped(target, task, 16, lrs, steps=60, patience=5)  # stopped 5 steps after each run's best
+    stopped = [train_lora(target, 16, lr=lr, steps=60, task=task, patience=5) for lr in lrs]
+    assert patient.lr == min(stopped, key=lambda run: min(run.val_losses)).lr
     with pytest.raises(ValueError, match="validation split"):
         early_stopped(target, make_regression_task(target, 8), 2, lrs)
