@@ -13,12 +13,13 @@ torch's global random generators, so the notebook draws the numbers it would hav
 
 For `a > b` (or `>=`) the margin is a - b, for `a < b` it is b - a; relative, it is divided by
 the larger of |a| and |b|. `x and y` counts each part, `a < b < c` each pair, `(A > B).all()`
-its worst element, and a call to a one-line function of the notebook (`beats(e, b)`) is read
-through it (its arguments evaluated once). Asserts on anything else (`==`, a checker's True,
-`all(...)` of a generator) are counted, not measured. Both sides are evaluated once more than
-the notebook does: a side that calls a function with its own generator would move it. Read the
-thin ones, do not just count them: a bound that holds with equality by construction
-(`ratio >= 1 - 1e-12`) shows 0%, while a tolerance a gap of 0 meets (`gap < 1e-6`) shows 100%.
+and `all(a < b for x in xs)` their worst element, and a call to a one-line function of the
+notebook (`beats(e, b)`) is read through it (its arguments evaluated once). Asserts on anything
+else (`==`, a checker's True, a function of several statements) are counted, not measured.
+Both sides are evaluated once more than the notebook does: a side that calls a function with
+its own generator would move it. Read the thin ones, do not just count them: a bound that
+holds with equality by construction (`ratio >= 1 - 1e-12`) shows 0%, while a tolerance a gap
+of 0 meets (`gap < 1e-6`) shows 100%.
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ def comparisons(test: ast.expr, functions: dict[str, ast.FunctionDef] | None = N
     if isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute) and test.func.attr == "all" and (
             not test.args and isinstance(test.func.value, ast.Compare)):
         return comparisons(test.func.value, functions)  # (A > B).all(): elementwise
+    if (isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id == "all" and not test.keywords
+            and len(test.args) == 1 and isinstance(test.args[0], (ast.GeneratorExp, ast.ListComp))):
+        comp = test.args[0]  # all(a < b for x in xs): each comparison at every x, as (lefts, rights)
+        loops = " ".join(ast.unparse(g).strip() for g in comp.generators)
+        return [(f"all({text} {loops})", op, ast.Call(ast.Name("tuple", ast.Load()), [ast.Call(
+                    ast.Name("zip", ast.Load()), [ast.Starred(ast.ListComp(pair, copy.deepcopy(comp.generators)),
+                                                               ast.Load())], [])], []))
+                for text, op, pair in comparisons(comp.elt, functions)]
     if isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id in functions:
         fn = functions[test.func.id]
         if len(test.args) == len(fn.args.args) and not test.keywords and not any(

@@ -23,7 +23,8 @@ def margins(monkeypatch):
     ("assert a > b and c <= d", [(1, "a > b"), (1, "c <= d")], 0),
     ("x = 1\nassert 0.5 < x / y < 2, x", [(2, "0.5 < x / y"), (2, "x / y < 2")], 0),
     ("assert (phi[:, 0] > 5 * level).all(), phi", [(1, "phi[:, 0] > 5 * level")], 0),
-    ("assert all(v > 0 for v in xs)\nassert n == 3\nassert check(x)", [], 3),
+    ("assert all(v > 0 for v in xs if v)\nassert n == 3\nassert check(x)", [(1, "all(v > 0 for v in xs if v)")], 2),
+    ("assert all(check(v) for v in xs) and all([a < b for a, b in p])", [(1, "all(a < b for a, b in p)")], 0),
     ("assert a != b and a >= c", [(1, "a >= c")], 0),
     ("assert x > 0.5 > 0.2 > y", [(1, "x > 0.5"), (1, "0.2 > y")], 0),  # 0.5 > 0.2 measures nothing
     ("for v in xs:\n    if v:\n        assert v > 0", [(3, "v > 0")], 0),  # at any depth
@@ -67,6 +68,15 @@ def test_a_one_line_function_is_read_through_in_its_own_scope(margins):
     assert rows["worst(table, run): max((run[k] for run in table.values() for k in run)) < 10"]["a"] == 3
     assert len(calls) == 2  # counted() ran once for the record, once for the assert itself, not twice more
     assert rows["twice(counted()): v + v > 0"]["a"] == 4.0
+
+
+def test_all_of_a_generator_keeps_its_worst_element_and_evaluates_each_once(margins):
+    calls = []
+    namespace = {"xs": [3.0, 1.5, 4.0], "limit": lambda: calls.append(1) or 1.0}
+    rows = _run(margins, "assert all(x > limit() for x in xs if x < 4)", namespace)
+    row = rows["all(x > limit() for x in xs if x < 4)"]
+    assert (row["a"], row["b"], row["margin"]) == (1.5, 1.0, 0.5) and row["relative"] == pytest.approx(1 / 3)
+    assert len(calls) == 2 + 2  # the record: once per element kept by the if; the assert itself: once per element
 
 
 def test_record_measures_the_worst_element_and_leaves_the_generators_alone(margins):
