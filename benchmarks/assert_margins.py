@@ -17,7 +17,8 @@ and `all(a < b for x in xs)` their worst element, and a call to a one-line funct
 notebook (`beats(e, b)`) is read through it (its arguments evaluated once). Asserts on anything
 else (`==`, a checker's True, a function of several statements) are counted, not measured.
 Both sides are evaluated once more than the notebook does: a side that calls a function with
-its own generator would move it. Read the thin ones, do not just count them: a bound that
+its own generator would move it, and `all(...)` over an iterator kept in a variable would use
+it up (no notebook does either). Read the thin ones, do not just count them: a bound that
 holds with equality by construction (`ratio >= 1 - 1e-12`) shows 0%, while a tolerance a gap
 of 0 meets (`gap < 1e-6`) shows 100%.
 """
@@ -140,12 +141,17 @@ def _record(cell: int, line: int, parts: list) -> None:
     import numpy as np
     import torch
 
+    def number(side):  # a number, an array, a tensor, or (from all(...)) a tuple of them
+        if isinstance(side, tuple):
+            return np.asarray([number(item) for item in side], dtype=float)
+        return np.asarray(side.detach().cpu() if hasattr(side, "detach") else side, dtype=float)
+
     rows = globals().setdefault("_assert_margins_rows", {})
     state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         for text, op, pair in parts:
             try:
-                a, b = (np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=float) for v in pair())
+                a, b = map(number, pair())
                 margin = a - b if op.startswith(">") else b - a
                 rel = margin / np.maximum(np.maximum(abs(a), abs(b)), 1e-12)
                 at = np.unravel_index(np.nanargmin(rel), rel.shape) if rel.ndim else ()  # the worst element

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["is_int", "is_number", "check_int", "check_positive", "check_fraction"]
+__all__ = ["is_int", "is_number", "check_int", "check_positive", "check_fraction", "check_choice"]
 
 
 def is_int(value) -> bool:
@@ -53,7 +53,7 @@ def check_fraction(name: str, value, upper_inclusive: bool = True, hint: str = "
 
 
 def check_choice(name: str, value, choices):
-    """`value` if it is one of `choices`; otherwise ValueError naming them."""
+    """`value` if it is one of `choices` (a tuple, or a dict's keys; not a str); otherwise ValueError naming them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value

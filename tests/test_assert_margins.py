@@ -77,6 +77,9 @@ def test_all_of_a_generator_keeps_its_worst_element_and_evaluates_each_once(marg
     row = rows["all(x > limit() for x in xs if x < 4)"]
     assert (row["a"], row["b"], row["margin"]) == (1.5, 1.0, 0.5) and row["relative"] == pytest.approx(1 / 3)
     assert len(calls) == 2 + 2  # the record: once per element kept by the if; the assert itself: once per element
+    ts = [torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)]  # tensors, as sides are
+    row = _run(margins, "assert all(t > 0.1 for t in ts)", {"ts": ts})["all(t > 0.1 for t in ts)"]
+    assert (row["a"], row["b"]) == (0.5, 0.1) and row["relative"] == pytest.approx(0.8)
 
 
 def test_record_measures_the_worst_element_and_leaves_the_generators_alone(margins):

@@ -67,9 +67,9 @@ class LoRARun:
     alpha: float
     scaling: float  # the layer's own scaling, as LoRALinear computed it
     lr: float  # learning rate of A (B's is lr_B, = lr unless LoRA+)
-    losses: list[float]  # training loss at each step, before its update  (steps,)
-    errors: list[float]  # ||dW - dW*||_F before each step and after the last  (steps + 1,)
-    update_norms: list[float]  # ||dW||_F before each step and after the last  (steps + 1,)
+    losses: list[float]  # training loss at each step, before its update  (steps,), fewer if patience stopped it
+    errors: list[float]  # ||dW - dW*||_F before each step and after the last  (steps + 1,), or to the stop
+    update_norms: list[float]  # ||dW||_F before each step and after the last  (steps + 1,), or to the stop
     floor: float  # the Eckart-Young floor for this r: the best any rank-r dW can do
     delta: torch.Tensor  # (out, in) the learned dW = scaling * B A
     delta_singular_values: torch.Tensor  # (r,) singular values of the learned dW
@@ -169,13 +169,13 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
         layer = LoRALinear.from_linear(base, config)
         opt, sched = _optimizer(layer, lr, lr_B, optimizer, steps, schedule)
         deltas, losses = [], []  # dW before each step and after the last, and each step's loss before its update
-        lowest = (math.inf, 0)  # patience: the lowest validation MSE so far and its step
+        val = None if task is None or task.X_val is None else []  # the validation MSE of each dW in deltas
         for step in range(steps + 1):
             dW = layer.delta_weight()  # (out, in)
             deltas.append(dW.detach())
-            if patience is not None:
-                lowest = min(lowest, (_mse(task.X_val, task.Y_val, target.W0 + dW.detach()), step))
-            if step == steps or patience is not None and step - lowest[1] >= patience:
+            if val is not None:
+                val.append(_mse(task.X_val, task.Y_val, target.W0 + dW.detach()))
+            if step == steps or patience is not None and step - val.index(min(val)) >= patience:
                 break
             loss = ((dW - target.delta).square().sum() / target.out_features if task is None
                     else (layer(task.X_train) - task.Y_train).square().mean())  # (n_train, out) -> ()
@@ -187,9 +187,8 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
             layer.eval()  # dropout off: the trained layer as it would be used
             pairs = [] if task is None else [(task.X_test, task.Y_test), (task.X_train, task.Y_train)]
             test_loss, train_loss = [(layer(X) - Y).square().mean().item() for X, Y in pairs] or (None, None)
-            val = best = early = None
-            if task is not None and task.X_val is not None:  # (steps + 1, n_val, out) -> (steps + 1,)
-                val = (task.X_val @ (target.W0 + trajectory).mT - task.Y_val).square().mean((1, 2)).tolist()
+            best = early = None
+            if val is not None:
                 best = val.index(min(val))  # the first step of lowest validation MSE
                 early = _mse(task.X_test, task.Y_test, target.W0 + trajectory[best])
         return LoRARun(r=r, alpha=alpha, scaling=layer.scaling, lr=lr, losses=losses, errors=errors,
@@ -203,7 +202,7 @@ def train_lora(target: LowRankTarget, r: int, alpha: float | None = None, lr: fl
 def early_stopped(target: LowRankTarget, task: RegressionTask, r: int, lrs, steps: int = 300,
                   seed: int = 0, patience: int | None = 50) -> LoRARun:
     """A rank at its own swept learning rate, stopped early: of one run per learning rate in `lrs` (each ending
-    `patience` steps after its lowest validation error), the one whose lowest validation error is lowest."""
+    `patience` steps after its lowest validation error), the one whose lowest is lowest (`early_test_loss`)."""
     if task.X_val is None:
         raise ValueError("early stopping needs a validation split: make_regression_task(..., n_val=32)")
     runs = [train_lora(target, r, lr=lr, steps=steps, task=task, seed=seed, patience=patience) for lr in lrs]
