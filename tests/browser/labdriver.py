@@ -2,10 +2,10 @@
 
 `JupyterLab` starts a real `jupyter lab` server (free local port, random token, its own
 settings, workspace and runtime folders) and stops it with everything it started. The
-`NotebookPage` helpers drive one opened notebook through Playwright: run all cells from
-the Run menu, wait for the kernel, read errors, and move the widgets' controls the way a
-learner does (keyboard on sliders and dropdowns, Space on checkboxes, a click on toggle
-buttons).
+`NotebookPage` helpers drive one opened notebook through Playwright: run the cells down to
+its last widget from the Run menu, wait for the kernel, read errors, and move the widgets'
+controls the way a learner does (keyboard on sliders and dropdowns, Space on checkboxes, a
+click on toggle buttons).
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ CONTROL_S = 120
 CONTROLS = ".widget-slider, .widget-dropdown, .widget-checkbox, .widget-toggle-buttons"
 WIDGET_ERRORS = ("Error displaying widget", "Error rendering widget")
 
-# The source of a notebook that builds a widget: ipywidgets itself, interact, or one of
-# the course's `*_widget(...)` factories.
-_WIDGET_CODE = re.compile(r"\bipywidgets\b|\binteract(?:ive)?\s*\(|\w_widget\s*\(")
+# A cell that builds a widget: interact, or one of the course's `*_widget(...)` factories;
+# a notebook that builds one also names ipywidgets itself.
+_BUILDS_WIDGET = re.compile(r"\binteract(?:ive)?\s*\(|\w_widget\s*\(")
+_WIDGET_CODE = re.compile(r"\bipywidgets\b|" + _BUILDS_WIDGET.pattern)
 # ipywidgets models a learner moves (progress bars and layout boxes do not count).
 _CONTROL_MODEL = re.compile(r"(Slider|Dropdown|Checkbox|ToggleButtons|RadioButtons|Select\w*)Model$")
 
@@ -93,6 +94,14 @@ def widget_notebooks(folder: Path) -> list[Path]:
         if _WIDGET_CODE.search(code) or any(_CONTROL_MODEL.search(m) for m in models):
             found.append(path)
     return found
+
+
+def last_widget_cell(path: Path) -> int | None:
+    """The index (among all cells) of the last code cell in `path` that builds a widget, or None."""
+    cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+    found = [i for i, c in enumerate(cells)
+             if c.get("cell_type") == "code" and _BUILDS_WIDGET.search("".join(c.get("source", "")))]
+    return found[-1] if found else None
 
 
 def _free_port() -> int:
@@ -265,11 +274,12 @@ _CLOSE_JS = """(name) => {
   }
 }"""
 
-# True once every code cell has run (or one failed) and the kernel has been idle, with no
-# cell waiting, on three polls in a row: nothing is queued any more.
-_SETTLED_JS = "() => { const state = (" + _STATE_JS + """)();
+# True once every code cell up to index `upto` has run (or one failed) and the kernel has been
+# idle, with no cell waiting, on three polls in a row: nothing is queued any more.
+_SETTLED_JS = "(upto) => { const state = (" + _STATE_JS + """)();
   if (!state) return false;
-  const finished = state.cells.every(c => c.count !== null) || state.cells.some(c => c.errors.length);
+  const cells = state.cells.filter(c => c.index <= upto);
+  const finished = cells.every(c => c.count !== null) || cells.some(c => c.errors.length);
   const idle = state.kernel === 'idle' && !state.cells.some(c => c.prompt.includes('*'));
   window.loraCourseSettled = (finished && idle) ? (window.loraCourseSettled || 0) + 1 : 0;
   return window.loraCourseSettled >= 3;
@@ -337,6 +347,7 @@ class NotebookPage:
 
     def __init__(self, page, lab: JupyterLab):
         self.page, self.lab, self.name = page, lab, None
+        self.upto: int | None = None  # the last cell the run started by start_run reaches (None: all)
 
     def open(self, name: str) -> None:
         """Open `name` (the first one loads the lab, from an empty workspace) and wait for its kernel."""
@@ -364,20 +375,28 @@ class NotebookPage:
     def state(self) -> dict:
         return self.page.evaluate(_STATE_JS)
 
-    def start_run_all(self) -> None:
-        """Run > Run All Cells from the menu bar; the kernel queues every cell and runs them in order."""
+    def start_run(self, upto: int | None = None) -> None:
+        """Run the cells down to index `upto` from the menu bar, as a learner who stops at the widget does:
+        select the cell after it, then Run > Run All Above Selected Cell (Run All Cells when `upto` is None
+        or the last cell). The kernel queues those cells and runs them in order."""
+        cells = self.panel().locator(".jp-Notebook .jp-Cell")
+        self.upto = upto if upto is not None and upto + 1 < cells.count() else None
+        if self.upto is not None:
+            cells.nth(self.upto + 1).locator(".jp-InputPrompt").click()
         self.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        item = "Run All Cells" if self.upto is None else "Run All Above Selected Cell"
+        self.page.get_by_role("menuitem", name=item, exact=True).click()
 
-    def wait_run_all(self, timeout_s: float = RUN_ALL_S) -> dict:
-        """Wait until every cell has run (or one failed) and the kernel is idle; returns the final state.
-
-        The page itself polls (twice a second), so a long run costs no round trips to Python."""
+    def wait_run(self, timeout_s: float = RUN_ALL_S) -> dict:
+        """Wait until every cell start_run queued has run (or one failed) and the kernel is idle; returns the
+        final state. The page itself polls (twice a second), so a long run costs no round trips to Python."""
+        upto = 1 << 30 if self.upto is None else self.upto
         self.page.evaluate("() => { window.loraCourseSettled = 0; }")
         try:
-            self.page.wait_for_function(_SETTLED_JS, polling=500, timeout=timeout_s * 1000)
+            self.page.wait_for_function(_SETTLED_JS, arg=upto, polling=500, timeout=timeout_s * 1000)
         except PlaywrightTimeout:
-            pending = [c["index"] for c in (self.state() or {"cells": []})["cells"] if c["count"] is None]
+            pending = [c["index"] for c in (self.state() or {"cells": []})["cells"]
+                       if c["count"] is None and c["index"] <= upto]
             raise TimeoutError(f"{self.name}: cells {pending} had not run after {timeout_s:.0f} s") from None
         return self.state()
 
@@ -467,9 +486,10 @@ class NotebookPage:
 class SideBySide:
     """Notebooks run in JupyterLab `width` at a time, each in its own page and kernel.
 
-    `ready(name)` opens `name` and the notebooks after it until `width` are running (Run All
-    Cells in each), then waits for `name` to finish: while one notebook's test checks its
-    controls, the next one is already running. `close(name)` closes it and ends its kernel;
+    `ready(name)` opens `name` and the notebooks after it until `width` are running (each
+    down to its last widget; the cells after it, exercises and solutions, do not run), then
+    waits for `name` to get there: while one notebook's test checks its controls, the next
+    one is already running. `close(name)` closes it and ends its kernel;
     its page, with the lab loaded, takes the next notebook. Notebooks are independent (own
     kernel, own temporary files), so running two at once is safe; it shortens the wall time,
     not the work."""
@@ -489,7 +509,7 @@ class SideBySide:
             nb = NotebookPage(context.new_page(), self.lab)
         self.running[name] = nb
         nb.open(name)
-        nb.start_run_all()
+        nb.start_run(last_widget_cell(self.lab.root / name))
 
     def ready(self, name: str) -> tuple[NotebookPage, dict]:
         if name not in self.running:
@@ -500,7 +520,7 @@ class SideBySide:
             if later not in self.running:
                 self._start(later)
         nb = self.running[name]
-        return nb, nb.wait_run_all()
+        return nb, nb.wait_run()
 
     def close(self, name: str) -> None:
         nb = self.running.pop(name, None)

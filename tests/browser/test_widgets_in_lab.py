@@ -1,4 +1,5 @@
-"""Every notebook with a widget, run in JupyterLab in a real browser, the way a learner uses it.
+"""Every notebook with a widget, run in JupyterLab in a real browser, the way a learner uses it:
+from the top down to its last widget (nbval runs every cell, the later ones included).
 
 Every test that needs the lab server is in this module, so that the whole suite starts one
 JupyterLab (pytest-xdist keeps a module's tests on one worker).
@@ -9,7 +10,16 @@ changes its readout and redraws the output it drives (the text, or the image's b
 """
 
 import pytest
-from labdriver import CONTROL_S, CONTROLS, NOTEBOOKS, WIDGET_ERRORS, WIDGET_MANAGER, SideBySide, widget_notebooks
+from labdriver import (
+    CONTROL_S,
+    CONTROLS,
+    NOTEBOOKS,
+    WIDGET_ERRORS,
+    WIDGET_MANAGER,
+    SideBySide,
+    last_widget_cell,
+    widget_notebooks,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -28,7 +38,8 @@ def notebooks(chromium, lab):
 
 @pytest.fixture
 def notebook_run(notebooks, notebook):
-    """This notebook, run to the end by Run All Cells (the next one starts meanwhile); closed afterwards."""
+    """This notebook, run down to its last widget from the Run menu (the next one starts meanwhile); closed
+    afterwards."""
     try:
         yield notebooks.ready(notebook)
     finally:
@@ -42,7 +53,9 @@ def test_widgets_render_and_respond(notebook_run, screenshots, notebook):
 
     errors = [f"cell {c['index']}: {e}" for c in state["cells"] for e in c["errors"]]
     assert not errors, f"{notebook} raised in JupyterLab: {errors}"
-    not_run = [c["index"] for c in state["cells"] if c["count"] is None]
+    assert nb.upto is not None and nb.upto == last_widget_cell(NOTEBOOKS / notebook), (
+        f"{notebook}: the run did not stop after its last widget cell (ran to {nb.upto})")
+    not_run = [c["index"] for c in state["cells"] if c["count"] is None and c["index"] <= nb.upto]
     assert not not_run, f"{notebook}: cells {not_run} did not run"
     text = nb.text()
     shown = [e for e in WIDGET_ERRORS if e in text]
