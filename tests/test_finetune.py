@@ -17,7 +17,7 @@ from lora_course.skeletons import gpt2_config
 
 def test_gpt2_random_runs_saves_a_peft_adapter_that_reloads_and_merges(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora_course.finetune", "--model", "gpt2-random", "--steps", "2",
+    cmd = [sys.executable, "-m", "lora_course.finetune", "--model", "gpt2-random", "--steps", "2", "--device", "cpu",
            "--batch-size", "2", "--val-records", "4", "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
@@ -42,13 +42,25 @@ def test_gpt2_random_runs_saves_a_peft_adapter_that_reloads_and_merges(tmp_path)
     assert (merged_logits - ours_logits).abs().max().item() < 1e-4  # merged in fp32: same model
 
 
-def test_bf16_autocast_trains_in_bf16_and_saves_fp32_factors(tmp_path, capsys):
+def test_bf16_autocast_trains_in_bf16_and_saves_fp32_factors(tmp_path, capsys, monkeypatch):
     """--precision bf16 on the shipped model (bf16 matmuls are slow on CPUs without native bf16, so not on
-    GPT-2's 124M shape): the forward runs under autocast, the LoRA factors stay fp32, in training and on disk."""
+    GPT-2's 124M shape): each training step's loss is computed under bf16 autocast, and the LoRA factors stay
+    fp32, in training and on disk."""
+    import lora_course.train
+
+    autocast = []  # (enabled, dtype) at each training step's loss
+    target_loss = lora_course.train.target_loss
+
+    def recording(model, batch):
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return target_loss(model, batch)
+
+    monkeypatch.setattr(lora_course.train, "target_loss", recording)
     out = tmp_path / "run"
-    argv = ["--steps", "2", "--precision", "bf16", "--batch-size", "2", "--val-records", "4", "--eval-records", "0",
-            "--out", str(out), "--no-progress"]
+    argv = ["--steps", "2", "--precision", "bf16", "--device", "cpu", "--batch-size", "2", "--val-records", "4",
+            "--eval-records", "0", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
+    assert autocast == [(True, torch.bfloat16)] * 2
     assert "LoRA (bf16 autocast, cpu)" in capsys.readouterr().out
     record = json.loads((out / "run.json").read_text())
     assert record["precision"] == "bf16 autocast" and record["steps"] == 2

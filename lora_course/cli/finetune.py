@@ -2,7 +2,7 @@
 
     python -m lora_course.finetune                                   # shipped tiny GPT-2, LoRA r=8 on c_attn
     python -m lora_course.finetune --model gpt2 --steps 1000         # real GPT-2 from your cache or the hub
-    python -m lora_course.finetune --model gpt2-random --steps 2 --precision bf16   # 124M shape, smoke run
+    python -m lora_course.finetune --model gpt2-random --steps 2 --val-records 4   # 124M shape, smoke run
     python -m lora_course.finetune --method full --lr 2e-3
 
 The same experiment as notebook 06, through the same code: `load_model`, `add_lora`,
