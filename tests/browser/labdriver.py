@@ -44,9 +44,9 @@ CONTROL_S = 120
 CONTROLS = ".widget-slider, .widget-dropdown, .widget-checkbox, .widget-toggle-buttons"
 WIDGET_ERRORS = ("Error displaying widget", "Error rendering widget")
 
-# A cell that builds a widget: interact, or one of the course's `*_widget(...)` factories;
-# a notebook that builds one also names ipywidgets itself.
+# A cell that builds a widget: interact, or one of the course's `*_widget(...)` factories.
 _BUILDS_WIDGET = re.compile(r"\binteract(?:ive)?\s*\(|\w_widget\s*\(")
+# A notebook that uses widgets: such a cell, or ipywidgets named in its code.
 _WIDGET_CODE = re.compile(r"\bipywidgets\b|" + _BUILDS_WIDGET.pattern)
 # ipywidgets models a learner moves (progress bars and layout boxes do not count).
 _CONTROL_MODEL = re.compile(r"(Slider|Dropdown|Checkbox|ToggleButtons|RadioButtons|Select\w*)Model$")
@@ -267,6 +267,12 @@ _STATE_JS = """() => {
 # Open a notebook in the loaded lab, as the file browser does (the command's result, the panel, stays in the page).
 _OPEN_JS = "async (name) => { await window.jupyterapp.commands.execute('docmanager:open', {path: name}); }"
 
+# Edit > Clear Outputs of All Cells: every code cell loses its outputs and its execution count, so a count
+# seen afterwards comes from this run, not from the saved notebook.
+_CLEAR_JS = "async () => { await window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs'); }"
+_CLEARED_JS = "() => { const s = (" + _STATE_JS + ")(); return !!s && s.cells.every(c => c.count === null); }"
+_ACTIVE_JS = "() => window.jupyterapp.shell.currentWidget.content.activeCellIndex"
+
 # Close a notebook's panel without the "save changes?" dialog (the notebooks are a private copy).
 _CLOSE_JS = """(name) => {
   for (const w of Array.from(window.jupyterapp.shell.widgets('main'))) {
@@ -347,7 +353,7 @@ class NotebookPage:
 
     def __init__(self, page, lab: JupyterLab):
         self.page, self.lab, self.name = page, lab, None
-        self.upto: int | None = None  # the last cell the run started by start_run reaches (None: all)
+        self.upto: int | None = None  # the last cell start_run runs (None: all of them)
 
     def open(self, name: str) -> None:
         """Open `name` (the first one loads the lab, from an empty workspace) and wait for its kernel."""
@@ -376,15 +382,21 @@ class NotebookPage:
         return self.page.evaluate(_STATE_JS)
 
     def start_run(self, upto: int | None = None) -> None:
-        """Run the cells down to index `upto` from the menu bar, as a learner who stops at the widget does:
-        select the cell after it, then Run > Run All Above Selected Cell (Run All Cells when `upto` is None
-        or the last cell). The kernel queues those cells and runs them in order."""
+        """Clear every output, then run the cells down to index `upto` from the menu bar, as a learner who
+        stops at the widget does: select the cell after it, then Run > Run All Above Selected Cell (Run All
+        Cells when `upto` is None or the last cell). The kernel queues those cells and runs them in order."""
+        self.upto = upto
+        self.page.evaluate(_CLEAR_JS)
+        self.page.wait_for_function(_CLEARED_JS, polling=100, timeout=CONTROL_S * 1000)
         cells = self.panel().locator(".jp-Notebook .jp-Cell")
-        self.upto = upto if upto is not None and upto + 1 < cells.count() else None
-        if self.upto is not None:
-            cells.nth(self.upto + 1).locator(".jp-InputPrompt").click()
+        run_all = upto is None or upto + 1 >= cells.count()
+        if not run_all:
+            cells.nth(upto + 1).locator(".jp-InputPrompt").click()
+            active = self.page.evaluate(_ACTIVE_JS)
+            if active != upto + 1:
+                raise RuntimeError(f"{self.name}: clicked cell {upto + 1}, but cell {active} is selected")
         self.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        item = "Run All Cells" if self.upto is None else "Run All Above Selected Cell"
+        item = "Run All Cells" if run_all else "Run All Above Selected Cell"
         self.page.get_by_role("menuitem", name=item, exact=True).click()
 
     def wait_run(self, timeout_s: float = RUN_ALL_S) -> dict:

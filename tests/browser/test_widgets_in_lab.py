@@ -53,10 +53,13 @@ def test_widgets_render_and_respond(notebook_run, screenshots, notebook):
 
     errors = [f"cell {c['index']}: {e}" for c in state["cells"] for e in c["errors"]]
     assert not errors, f"{notebook} raised in JupyterLab: {errors}"
-    assert nb.upto is not None and nb.upto == last_widget_cell(NOTEBOOKS / notebook), (
-        f"{notebook}: the run did not stop after its last widget cell (ran to {nb.upto})")
+    # The outputs were cleared first, so a count is this run's: every code cell down to the last widget ran,
+    # and none after it.
+    assert nb.upto is not None and nb.upto == last_widget_cell(NOTEBOOKS / notebook)
     not_run = [c["index"] for c in state["cells"] if c["count"] is None and c["index"] <= nb.upto]
     assert not not_run, f"{notebook}: cells {not_run} did not run"
+    beyond = [c["index"] for c in state["cells"] if c["count"] is not None and c["index"] > nb.upto]
+    assert not beyond, f"{notebook}: cells {beyond}, after its last widget (cell {nb.upto}), ran too"
     text = nb.text()
     shown = [e for e in WIDGET_ERRORS if e in text]
     assert not shown, f"{notebook} shows {shown!r}: the widget manager could not draw a widget"
