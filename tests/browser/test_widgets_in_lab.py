@@ -55,7 +55,8 @@ def test_widgets_render_and_respond(notebook_run, screenshots, notebook):
     assert not errors, f"{notebook} raised in JupyterLab: {errors}"
     # The outputs were cleared first, so a count is this run's: every code cell down to the last widget ran,
     # and none after it.
-    assert nb.upto is not None and nb.upto == last_widget_cell(NOTEBOOKS / notebook)
+    assert nb.upto is not None and nb.upto == last_widget_cell(NOTEBOOKS / notebook), (
+        f"{notebook}: no cell builds a widget with interact or a *_widget factory, so it ran to the end")
     not_run = [c["index"] for c in state["cells"] if c["count"] is None and c["index"] <= nb.upto]
     assert not not_run, f"{notebook}: cells {not_run} did not run"
     beyond = [c["index"] for c in state["cells"] if c["count"] is not None and c["index"] > nb.upto]
