@@ -82,13 +82,19 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+def _code_cells(nb: dict) -> list[tuple[int, str]]:
+    """(index among all cells, source) of each code cell of a notebook's JSON."""
+    return [(i, "".join(c.get("source", ""))) for i, c in enumerate(nb.get("cells", []))
+            if c.get("cell_type") == "code"]
+
+
 def widget_notebooks(folder: Path) -> list[Path]:
     """Notebooks in `folder` that build a widget, judged from their code and from the
     widget state their saved outputs carry."""
     found = []
     for path in sorted(folder.glob("*.ipynb")):
         nb = json.loads(path.read_text(encoding="utf-8"))
-        code = "\n".join("".join(c.get("source", "")) for c in nb.get("cells", []) if c.get("cell_type") == "code")
+        code = "\n".join(source for _, source in _code_cells(nb))
         state = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
         models = {m.get("model_name", "") for m in state.get("state", {}).values()}
         if _WIDGET_CODE.search(code) or any(_CONTROL_MODEL.search(m) for m in models):
@@ -98,9 +104,8 @@ def widget_notebooks(folder: Path) -> list[Path]:
 
 def last_widget_cell(path: Path) -> int | None:
     """The index (among all cells) of the last code cell in `path` that builds a widget, or None."""
-    cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
-    found = [i for i, c in enumerate(cells)
-             if c.get("cell_type") == "code" and _BUILDS_WIDGET.search("".join(c.get("source", "")))]
+    found = [i for i, source in _code_cells(json.loads(path.read_text(encoding="utf-8")))
+             if _BUILDS_WIDGET.search(source)]
     return found[-1] if found else None
 
 
