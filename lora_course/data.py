@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -37,7 +38,7 @@ from .tasks import (  # noqa: F401  (the tasks' names, importable from here too)
 )
 from .validate import check_int
 
-__all__ = ["TaskSplits", "n_records", "record_at", "RecordSet", "make_splits", "encode_example", "collate",
+__all__ = ["TaskSplits", "n_records", "record_at", "RecordSet", "make_splits", "token_ids", "encode_example", "collate",
            "batches", "shard_batches", "generate", "evaluate_task", "TaskRecord", "Record", "ApiRecord", "TASKS",
            "format_prompt", "format_target", "slot_phrases", "slots_realized", "slot_accuracy", "exact_match",
            "slot_accuracy_by_field", "FIELD_VALUES", "FIELD_NAMES", "API_FIELD_VALUES", "API_FIELD_NAMES",
@@ -123,6 +124,28 @@ def make_splits(n_validation: int = 128, n_test: int = 128, seed: int = 0, *, ta
     )
 
 
+_TOKEN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, {text: ids})
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """`tokenizer(text)["input_ids"]`, each text encoded once per tokenizer.
+
+    Training draws the same records run after run (every seed's batches repeat across
+    methods), and decoding re-reads the same prompts, so each text is tokenized once and
+    remembered while the tokenizer lives. Adding tokens to the vocabulary starts afresh.
+    """
+    try:
+        size, known = _TOKEN_IDS.get(tokenizer, (None, None))
+    except TypeError:  # a tokenizer that cannot be weakly referenced: encode every time
+        return list(tokenizer(text)["input_ids"])
+    if size != len(tokenizer):
+        size, known = len(tokenizer), {}
+        _TOKEN_IDS[tokenizer] = (size, known)
+    if text not in known:
+        known[text] = tuple(tokenizer(text)["input_ids"])
+    return list(known[text])
+
+
 def encode_example(tokenizer, record: Record, target: Callable[[Record], str] = format_target
                    ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for prompt + target + EOS; labels are -100 on the prompt.
@@ -133,8 +156,8 @@ def encode_example(tokenizer, record: Record, target: Callable[[Record], str] = 
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (GPT-2: '<|endoftext|>')")
-    prompt_ids = tokenizer(format_prompt(record))["input_ids"]
-    target_ids = tokenizer(target(record))["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = token_ids(tokenizer, format_prompt(record))
+    target_ids = token_ids(tokenizer, target(record)) + [tokenizer.eos_token_id]
     return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
 
@@ -197,7 +220,7 @@ def generate(model, tokenizer, records: Sequence[Record], max_new_tokens: int = 
     model.eval()
     texts: list[str] = []
     for start in range(0, len(records), batch_size):
-        prompts = [tokenizer(format_prompt(r))["input_ids"] for r in records[start : start + batch_size]]
+        prompts = [token_ids(tokenizer, format_prompt(r)) for r in records[start : start + batch_size]]
         length = max(map(len, prompts))
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)  # (B, T), left-padded
         attention_mask = torch.zeros_like(input_ids)

@@ -168,6 +168,65 @@ def test_tokenizer_without_eos_is_refused(tokenizer):
         encode_example(NoEos(), REC)
 
 
+class _Counted:
+    """A tokenizer that counts how often it encodes."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, text):
+        self.calls += 1
+        return self.inner(text)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def test_token_ids_encode_each_text_once_per_tokenizer(tokenizer):
+    text = format_prompt(REC)
+    counted, other = _Counted(tokenizer), _Counted(tokenizer)
+    ids = data.token_ids(counted, text)
+    assert ids == tokenizer(text)["input_ids"]
+    ids.append(-1)  # the caller's list is its own: the next call is unchanged
+    assert data.token_ids(counted, text) == tokenizer(text)["input_ids"] and counted.calls == 1
+    assert data.token_ids(other, text) == tokenizer(text)["input_ids"] and other.calls == 1  # a cache of its own
+    del other
+    import gc
+
+    gc.collect()
+    assert not any(t is not counted and isinstance(t, _Counted) for t in data._TOKEN_IDS.keys())  # freed with it
+
+
+def test_token_ids_start_afresh_when_the_vocabulary_grows(tokenizer):
+    import copy
+
+    grown = _Counted(copy.deepcopy(tokenizer))  # the module's tokenizer stays as it is
+    text = format_prompt(REC)
+    before = data.token_ids(grown, text)
+    grown.inner.add_tokens(["sorted"])  # now one token of its own
+    after = data.token_ids(grown, text)
+    assert grown.calls == 2 and after != before and grown.inner.convert_tokens_to_ids("sorted") in after
+
+
+def test_token_ids_without_a_weak_reference_encode_every_time(tokenizer):
+    class Slotted:  # no __weakref__ slot: it cannot key the cache
+        __slots__ = ("calls",)
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, text):
+            self.calls += 1
+            return tokenizer(text)
+
+        def __len__(self):
+            return len(tokenizer)
+
+    plain = Slotted()
+    assert data.token_ids(plain, "sorted") == data.token_ids(plain, "sorted") == tokenizer("sorted")["input_ids"]
+    assert plain.calls == 2
+
+
 def test_greedy_generation_batched_equals_one_by_one(tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
