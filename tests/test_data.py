@@ -1,5 +1,9 @@
 """The fine-tuning task: records, splits, formatting, loss masking, metric, decoding."""
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -169,7 +173,7 @@ def test_tokenizer_without_eos_is_refused(tokenizer):
 
 
 class _Counted:
-    """A tokenizer that counts how often it encodes."""
+    """A tokenizer that counts how often it encodes (anything else is the wrapped tokenizer's)."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
@@ -181,31 +185,56 @@ class _Counted:
     def __len__(self):
         return len(self.inner)
 
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
 
 def test_token_ids_encode_each_text_once_per_tokenizer(tokenizer):
     text = format_prompt(REC)
     counted, other = _Counted(tokenizer), _Counted(tokenizer)
-    ids = data.token_ids(counted, text)
-    assert ids == tokenizer(text)["input_ids"]
-    ids.append(-1)  # the caller's list is its own: the next call is unchanged
-    assert data.token_ids(counted, text) == tokenizer(text)["input_ids"] and counted.calls == 1
-    assert data.token_ids(other, text) == tokenizer(text)["input_ids"] and other.calls == 1  # a cache of its own
+    ids = data.token_ids(counted, [text, text])
+    assert ids == [tokenizer(text)["input_ids"]] * 2 and counted.calls == 1
+    ids[0].append(-1)  # the caller's lists are its own: the next call is unchanged
+    assert data.token_ids(counted, [text]) == [tokenizer(text)["input_ids"]] and counted.calls == 1
+    assert data.token_ids(other, [text]) == [tokenizer(text)["input_ids"]] and other.calls == 1  # a cache of its own
+    gone, cached = weakref.ref(other), len(data._TOKEN_IDS)
     del other
-    import gc
-
     gc.collect()
-    assert not any(t is not counted and isinstance(t, _Counted) for t in data._TOKEN_IDS.keys())  # freed with it
+    assert gone() is None and len(data._TOKEN_IDS) == cached - 1  # its cache went with it
 
 
-def test_token_ids_start_afresh_when_the_vocabulary_grows(tokenizer):
-    import copy
+def test_collate_encodes_each_record_once_per_tokenizer(tokenizer):
+    counted, recs = _Counted(tokenizer), list(make_splits(8, 8).test[:4])
+    first = collate(counted, recs)
+    assert counted.calls == 2 * len(recs)  # a prompt and a sentence each
+    again = collate(counted, recs)
+    assert counted.calls == 2 * len(recs) and all(torch.equal(first[k], again[k]) for k in first)
 
-    grown = _Counted(copy.deepcopy(tokenizer))  # the module's tokenizer stays as it is
-    text = format_prompt(REC)
-    before = data.token_ids(grown, text)
-    grown.inner.add_tokens(["sorted"])  # now one token of its own
-    after = data.token_ids(grown, text)
-    assert grown.calls == 2 and after != before and grown.inner.convert_tokens_to_ids("sorted") in after
+
+def _add_existing_token(tok):
+    tok.add_tokens(["erty"])  # already a token of the vocabulary: the size stays, the encoding changes
+
+
+def _add_eos(tok):
+    tok.add_eos_token = True
+
+
+def _prefix_space(tok):
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok.backend_tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=True)
+
+
+@pytest.mark.parametrize("change, text", [(lambda tok: tok.add_tokens(["property"]), "property"),
+                                          (_add_existing_token, " property"), (_add_eos, "property"),
+                                          (_prefix_space, "property")],
+                         ids=["new token", "existing token", "add_eos_token", "pre-tokenizer"])
+def test_token_ids_start_afresh_when_an_encoding_setting_changes(tokenizer, change, text):
+    changed = _Counted(copy.deepcopy(tokenizer))  # the module's tokenizer stays as it is
+    before = data.token_ids(changed, [text])
+    change(changed.inner)
+    after = data.token_ids(changed, [text])
+    assert after == [changed.inner(text)["input_ids"]] != before and changed.calls == 2
 
 
 def test_token_ids_without_a_weak_reference_encode_every_time(tokenizer):
@@ -223,7 +252,7 @@ def test_token_ids_without_a_weak_reference_encode_every_time(tokenizer):
             return len(tokenizer)
 
     plain = Slotted()
-    assert data.token_ids(plain, "sorted") == data.token_ids(plain, "sorted") == tokenizer("sorted")["input_ids"]
+    assert data.token_ids(plain, ["sorted"]) == data.token_ids(plain, ["sorted"]) == [tokenizer("sorted")["input_ids"]]
     assert plain.calls == 2
 
 
