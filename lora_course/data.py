@@ -148,6 +148,8 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     pre-tokenizer, ...). Swapping the trained model for another of the same size in place
     (`backend_tokenizer.model = ...`) is not noticed.
     """
+    if isinstance(texts, str):
+        raise TypeError(f"texts should be a list of strings, got one string; pass [{texts[:20]!r}]")
     try:
         settings, known = _TOKEN_IDS.get(tokenizer, (None, None))
     except TypeError:  # a tokenizer that cannot be weakly referenced: encode every time

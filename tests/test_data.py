@@ -203,6 +203,11 @@ def test_token_ids_encode_each_text_once_per_tokenizer(tokenizer):
     assert gone() is None and len(data._TOKEN_IDS) == cached - 1  # its cache went with it
 
 
+def test_token_ids_refuse_one_string_for_a_list(tokenizer):
+    with pytest.raises(TypeError, match="list of strings"):
+        data.token_ids(tokenizer, "sorted")  # would otherwise encode each character
+
+
 def test_collate_encodes_each_record_once_per_tokenizer(tokenizer):
     counted, recs = _Counted(tokenizer), list(make_splits(8, 8).test[:4])
     first = collate(counted, recs)
