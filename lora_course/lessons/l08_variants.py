@@ -153,9 +153,10 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
 # ----------------------------------------------------------------------------- the mixed batch
 
 def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batches_of_names: dict[str, Sequence],
-                      rounds: int = 3, min_run_time: float = 0.1) -> dict[str, dict[str, float]]:
+                      rounds: int = 3, min_run_time: float = 0.1, timer: str = "wall") -> dict[str, dict[str, float]]:
     """For each mixed batch (label -> one adapter name per row): adapter calls per layer in one forward, counted, and
-    ms per forward (the fastest of `rounds` interleaved rounds, `measure.fastest_of_rounds`)."""
+    ms per forward (the fastest of `rounds` interleaved rounds, `measure.fastest_of_rounds`), by the wall clock or,
+    with `timer="cpu"`, in this thread's CPU time (`measure.median_ms`)."""
     calls: list = []
 
     def counting(x, result, rows, output):
@@ -170,7 +171,7 @@ def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batche
                 server(input_ids, adapter_names=list(names))
                 per_layer[label] = len(calls) / n_layers
             ms = fastest_of_rounds({label: lambda names=names: median_ms(
-                lambda: server(input_ids, adapter_names=list(names)), min_run_time)
+                lambda: server(input_ids, adapter_names=list(names)), min_run_time, timer)
                 for label, names in batches_of_names.items()}, rounds)
     finally:
         server.row_mixer = server_mixer

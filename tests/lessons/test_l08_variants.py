@@ -204,6 +204,21 @@ def test_mixed_batch_costs_count_one_call_per_adapter_and_layer(server, shipped)
     assert server.row_mixer is mixed_rows  # the counting mixer is taken out again
 
 
+def test_mixed_batch_costs_time_by_the_timer_asked_for(server, shipped, monkeypatch):
+    from lora_course.lessons import l08_variants
+
+    _, tokenizer, _ = shipped
+    ids = tokenizer(["a b c"] * 2, return_tensors="pt")["input_ids"]
+    timers, median_ms = [], l08_variants.median_ms
+    monkeypatch.setattr(l08_variants, "median_ms",
+                        lambda fn, run, timer: timers.append(timer) or median_ms(fn, run, timer))
+    costs = mixed_batch_costs(server, ids, {"one": ["call"] * 2}, rounds=1, min_run_time=0.01, timer="cpu")
+    assert timers == ["cpu"] and costs["one"]["ms"] > 0
+    with pytest.raises(ValueError, match="timer"):
+        mixed_batch_costs(server, ids, {"one": ["call"] * 2}, rounds=1, min_run_time=0.01, timer="gpu")
+    assert server.row_mixer is mixed_rows  # restored after the refusal too
+
+
 def _mixed_right(x, result, rows, output):
     out = result.clone()
     for name in dict.fromkeys(n for n in rows if n is not None):
