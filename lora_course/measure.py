@@ -27,9 +27,10 @@ from torch.utils import benchmark
 from .validate import check_choice, check_int
 
 __all__ = ["median_ms", "wall_and_cpu_ms", "fastest_of_rounds", "generation_ms", "peak_memory", "PeakMemory",
-           "StepMemory", "resident_bytes", "training_step_memory", "optimizer_state_bytes"]
+           "StepMemory", "resident_bytes", "training_step_memory", "optimizer_state_bytes", "TIMERS"]
 
-_TIMERS = {"wall": time.perf_counter, "cpu": time.thread_time}
+# the clocks median_ms can time by: the wall clock, or this thread's CPU time
+TIMERS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = "wall") -> float:
@@ -38,14 +39,14 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 0.2, timer: str = 
     `timer="cpu"` measures this thread's CPU time (CPU work only), which other processes on a
     shared machine disturb far less than the wall clock.
     """
-    check_choice("timer", timer, _TIMERS)
+    check_choice("timer", timer, TIMERS)
     if torch.cuda.is_available():
         fn()
         torch.cuda.synchronize()
         stmt = "fn(); torch.cuda.synchronize()"
     else:
         stmt = "fn()"
-    timer = benchmark.Timer(stmt=stmt, globals={"fn": fn, "torch": torch}, timer=_TIMERS[timer])
+    timer = benchmark.Timer(stmt=stmt, globals={"fn": fn, "torch": torch}, timer=TIMERS[timer])
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
