@@ -30,8 +30,9 @@ from .embedding import shared_weights
 from .layers import is_adaptable, is_linear, replace_module
 from .lora import LoRAConfig, LoRALinear, lora_layers, variant_class
 from .merging import check_merge, merge_layer
+from .validate import check_choice
 
-__all__ = ["BASE", "mixed_rows", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency"]
+__all__ = ["BASE", "mixed_rows", "MultiAdapterLinear", "MultiAdapterModel", "serving_latency", "mixed_batch_costs"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -406,3 +407,43 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
         server.unmerge_adapter()
         server.set_adapter(before)
     return {mode: ms[mode] for mode in ("base", "merged", "unmerged", "mixed")}
+
+
+def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batches_of_names: dict[str, Sequence],
+                      rounds: int = 3, min_run_time: float = 0.1, timer: str = "wall") -> dict[str, dict[str, float]]:
+    """For each mixed batch (label -> one adapter name per row): adapter calls per layer in one forward, counted;
+    ms per forward; and "adapter ms", its adapters' part: every layer's mixer (`server.row_mixer`, gathers and
+    scatters included) re-run alone on the inputs it got in that forward, without the base layers, whose work is
+    the same for every batch. Times are `measure.median_ms` by `timer` ("wall" or "cpu", this thread's CPU time),
+    each the fastest of `rounds` interleaved rounds (`measure.fastest_of_rounds`)."""
+    from .measure import TIMERS, fastest_of_rounds, median_ms
+
+    check_choice("timer", timer, TIMERS)
+    server_mixer, seen = server.row_mixer, []
+
+    def recording(x, result, rows, output):  # one layer's mixer call: its inputs and the adapters it ran
+        called = []
+        out = server_mixer(x, result, rows, lambda *a: called.append(a[0]) or output(*a))
+        seen.append(((x, result, rows, output), called))
+        return out
+
+    n_layers, mixer_inputs, per_layer = len(server.layers()), {}, {}
+    server.row_mixer = recording
+    try:
+        with torch.no_grad():
+            for label, names in batches_of_names.items():
+                seen.clear()
+                server(input_ids, adapter_names=list(names))
+                mixer_inputs[label] = [args for args, _ in seen]
+                per_layer[label] = sum(len(called) for _, called in seen) / n_layers
+    finally:
+        server.row_mixer = server_mixer
+
+    def costs(names, inputs):  # (ms per forward, ms of it in the adapters)
+        with torch.no_grad():
+            return (median_ms(lambda: server(input_ids, adapter_names=list(names)), min_run_time, timer),
+                    median_ms(lambda: [server_mixer(*args) for args in inputs], min_run_time, timer))
+
+    ms = fastest_of_rounds({label: lambda names=names, inputs=mixer_inputs[label]: costs(names, inputs)
+                            for label, names in batches_of_names.items()}, rounds)
+    return {k: {"calls per layer": per_layer[k], "ms": ms[k][0], "adapter ms": ms[k][1]} for k in batches_of_names}

@@ -9,7 +9,7 @@ from peft import PeftModel
 from lora_course import add_lora, save_adapter
 from lora_course.adapters import AdapterError
 from lora_course.models import toy_gpt2, toy_gpt2_config
-from lora_course.serving import BASE, MultiAdapterLinear, MultiAdapterModel
+from lora_course.serving import BASE, MultiAdapterLinear, MultiAdapterModel, mixed_batch_costs, mixed_rows
 
 ADAPTERS = {  # name -> add_lora settings: plain LoRA, LoRA on more layers at another rank, DoRA
     "sql": dict(target_modules=["c_attn"], r=4, alpha=8),
@@ -230,3 +230,69 @@ def test_adapters_saved_by_peft_load_into_the_server(setup, tmp_path):
         assert (server(x).logits - peft_model(x).logits).abs().max().item() <= 1e-5
         mixed = server(x, adapter_names=["peft-dora", "sql"]).logits
         assert (mixed[:1] - peft_model(x[:1]).logits).abs().max().item() <= 1e-5
+
+
+def _same_targets_server(setup):
+    """Two names for one adapter folder: every adapted layer holds both."""
+    server = _server(setup, ())
+    for name in ("a", "b"):
+        server.load_adapter(setup[1] / "sql", name)
+    return server
+
+
+def test_mixed_batch_costs_count_one_call_per_adapter_and_layer(setup):
+    server = _same_targets_server(setup)
+    batches = {"one": ["a"] * 4, "two": ["a", "b"] * 2, "base and one": [None, "a", None, None]}
+    costs = mixed_batch_costs(server, _x(rows=4), batches, rounds=1, min_run_time=0.01)
+    assert [c["calls per layer"] for c in costs.values()] == [1, 2, 1]
+    assert all(c["ms"] > 0 and c["adapter ms"] > 0 for c in costs.values())
+    assert server.row_mixer is mixed_rows  # the recording mixer is taken out again
+
+
+def test_mixed_batch_costs_time_the_forward_and_then_only_its_adapters(setup, monkeypatch):
+    """The second timing re-runs each layer's mixer on that batch's own inputs, and no base layer."""
+    from lora_course import measure
+
+    server, mixed, timed, based = _same_targets_server(setup), [], [], []
+
+    def spy(x, result, rows, output):
+        mixed.append(list(rows))
+        return mixed_rows(x, result, rows, output)
+
+    def run_once(fn, run, timer):  # instead of timing: what one call of fn runs; 2 "ms" if it ran modules, else 1
+        mixed.clear()
+        with torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: based.append(m)):
+            fn()
+        timed.append((list(mixed), len(based)))
+        ms = 2.0 if based else 1.0
+        based.clear()
+        return ms
+
+    monkeypatch.setattr(measure, "median_ms", run_once)
+    server.row_mixer = spy
+    costs = mixed_batch_costs(server, _x(rows=2), {"two": ["a", "b"], "one": ["a", None]}, rounds=2)
+    n_layers = len(server.layers())
+    assert len(timed) == 8 and timed[4:] == timed[:4]  # 2 rounds of (forward, adapters) for each batch
+    for (forward, adapters), rows in zip([timed[0:2], timed[2:4]], [["a", "b"], ["a", None]]):
+        assert forward[0] == adapters[0] == [rows] * n_layers  # both ran each layer's mixing once, on its own rows
+        assert forward[1] > n_layers and adapters[1] == 0  # the forward ran the model's modules, the re-run none
+    assert costs["one"] == {"calls per layer": 1.0, "ms": 2.0, "adapter ms": 1.0}
+    assert costs["two"]["calls per layer"] == 2 and server.row_mixer is spy
+
+
+def test_mixed_batch_costs_time_by_the_timer_asked_for(setup, monkeypatch):
+    from lora_course import measure
+
+    server, timers, mixed, median_ms = _same_targets_server(setup), [], [], measure.median_ms
+    monkeypatch.setattr(measure, "median_ms", lambda fn, run, timer: timers.append(timer) or median_ms(fn, run, timer))
+    costs = mixed_batch_costs(server, _x(rows=2), {"one": ["a"] * 2}, rounds=1, min_run_time=0.01, timer="cpu")
+    assert timers == ["cpu", "cpu"] and costs["one"]["ms"] > 0
+
+    def spy(*args):
+        return mixed.append(args) or mixed_rows(*args)
+
+    server.row_mixer = spy
+    with pytest.raises(ValueError, match="timer"):
+        mixed_batch_costs(server, _x(rows=2), {"one": ["a"] * 2}, rounds=1, min_run_time=0.01, timer="gpu")
+    assert mixed == [] and timers == ["cpu", "cpu"]  # refused before any forward
+    assert server.row_mixer is spy  # and the server's mixer left in place

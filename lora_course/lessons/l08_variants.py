@@ -25,16 +25,14 @@ from torch import nn
 from ..data import ARGS_IN_WORDS, Record, batches, format_prompt, format_target, generate
 from ..dora import DoRALinear
 from ..lora import add_lora
-from ..measure import TIMERS, fastest_of_rounds, median_ms
 from ..pissa import pissa_factors
 from ..runtime import seed_everything
 from ..serving import MultiAdapterModel, mixed_rows
 from ..train import TrainConfig, optimizer_step, train
-from ..validate import check_choice
 from .common import Problem, call, checker, one_word, play
 
 __all__ = ["STYLES", "style_target", "style_matches", "train_style_adapter", "style_scores", "row_texts",
-           "magnitude_direction_change", "draw_style_scores", "serving_widget", "mixed_batch_costs",
+           "magnitude_direction_change", "draw_style_scores", "serving_widget",
            "check_mixed_rows", "check_dora_forward", "check_pissa_init", "check_pissa_prediction", "play"]
 
 STYLES = ("sentence", "call", "question")
@@ -152,43 +150,6 @@ def serving_widget(server: MultiAdapterModel, tokenizer, records: Sequence[Recor
 
 
 # ----------------------------------------------------------------------------- the mixed batch
-
-def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batches_of_names: dict[str, Sequence],
-                      rounds: int = 3, min_run_time: float = 0.1, timer: str = "wall") -> dict[str, dict[str, float]]:
-    """For each mixed batch (label -> one adapter name per row): adapter calls per layer in one forward, counted;
-    ms per forward; and "adapter ms", the part of it in the adapters: every layer's mixer re-run on the inputs it
-    got in that forward, without the base layers, whose work is the same for every batch. Times are
-    `measure.median_ms` by `timer` ("wall" or "cpu", this thread's CPU time), each the fastest of `rounds`
-    interleaved rounds (`measure.fastest_of_rounds`)."""
-    check_choice("timer", timer, TIMERS)
-    server_mixer, seen = server.row_mixer, []
-
-    def recording(x, result, rows, output):  # one layer's mixer call: its inputs and the adapters it ran
-        names = []
-        out = server_mixer(x, result, rows, lambda *a: names.append(a[0]) or output(*a))
-        seen.append(((x, result, rows, output), names))
-        return out
-
-    server.row_mixer, n_layers, mixer_inputs, per_layer = recording, len(server.layers()), {}, {}
-    try:
-        with torch.no_grad():
-            for label, names in batches_of_names.items():
-                seen.clear()
-                server(input_ids, adapter_names=list(names))
-                mixer_inputs[label] = [args for args, _ in seen]
-                per_layer[label] = sum(len(called) for _, called in seen) / n_layers
-    finally:
-        server.row_mixer = server_mixer
-
-    def costs(names, inputs):  # (ms per forward, ms of it in the adapters)
-        with torch.no_grad():
-            return (median_ms(lambda: server(input_ids, adapter_names=list(names)), min_run_time, timer),
-                    median_ms(lambda: [server_mixer(*args) for args in inputs], min_run_time, timer))
-
-    ms = fastest_of_rounds({label: lambda names=names, inputs=mixer_inputs[label]: costs(names, inputs)
-                            for label, names in batches_of_names.items()}, rounds)
-    return {k: {"calls per layer": per_layer[k], "ms": ms[k][0], "adapter ms": ms[k][1]} for k in batches_of_names}
-
 
 @checker("your mixed_rows function", function=True)
 def check_mixed_rows(fn) -> str:

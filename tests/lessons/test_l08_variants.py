@@ -18,7 +18,6 @@ from lora_course.lessons.l08_variants import (  # noqa: E402
     check_pissa_prediction,
     draw_style_scores,
     magnitude_direction_change,
-    mixed_batch_costs,
     row_texts,
     serving_widget,
     style_matches,
@@ -192,66 +191,6 @@ def test_pissa_init_checker(verdict):
     assert "give back W0" in verdict(check_pissa_init(no_residual), False)
     assert "three tensors" in verdict(check_pissa_init(lambda *a: (1, 2)), False)
     assert "raised" in verdict(check_pissa_init(lambda *a: 1 / 0), False)
-
-
-def test_mixed_batch_costs_count_one_call_per_adapter_and_layer(server, shipped):
-    _, tokenizer, records = shipped
-    ids = tokenizer(["a b c"] * 4, return_tensors="pt")["input_ids"]
-    costs = mixed_batch_costs(server, ids, {"one": ["call"] * 4, "two": ["call", "sentence"] * 2,
-                                            "base and one": [None, "call", None, None]}, rounds=1, min_run_time=0.01)
-    assert [c["calls per layer"] for c in costs.values()] == [1, 2, 1]
-    assert all(c["ms"] > 0 and c["adapter ms"] > 0 for c in costs.values())
-    assert server.row_mixer is mixed_rows  # the recording mixer is taken out again
-
-
-def test_mixed_batch_costs_time_the_forward_and_then_only_its_adapters(server, shipped, monkeypatch):
-    """The second timing re-runs each layer's mixer on that batch's own inputs, and no base layer."""
-    from lora_course.lessons import l08_variants
-
-    _, tokenizer, _ = shipped
-    ids = tokenizer(["a b c"] * 2, return_tensors="pt")["input_ids"]
-    mixed, timed = [], []
-
-    def spy(x, result, rows, output):
-        mixed.append(list(rows))
-        return mixed_rows(x, result, rows, output)
-
-    def run_once(fn, run, timer):  # instead of timing: what one call of fn runs
-        mixed.clear()
-        with torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: based.append(m)):
-            fn()
-        timed.append((list(mixed), len(based)))
-        based.clear()
-        return 1.0
-
-    based: list = []
-    monkeypatch.setattr(l08_variants, "median_ms", run_once)
-    server.row_mixer = spy
-    try:
-        costs = mixed_batch_costs(server, ids, {"two": ["call", "sentence"], "one": ["call", None]}, rounds=2)
-    finally:
-        server.row_mixer = mixed_rows
-    n_layers = len(server.layers())
-    assert len(timed) == 8 and timed[4:] == timed[:4]  # 2 rounds of (forward, adapters) for each batch
-    for (forward, adapters), rows in zip([timed[0:2], timed[2:4]], [["call", "sentence"], ["call", None]]):
-        assert forward[0] == adapters[0] == [rows] * n_layers  # both ran each layer's mixing once, on its own rows
-        assert forward[1] > n_layers and adapters[1] == 0  # the forward ran the model's modules, the re-run none
-    assert costs["one"] == {"calls per layer": 1.0, "ms": 1.0, "adapter ms": 1.0}
-
-
-def test_mixed_batch_costs_time_by_the_timer_asked_for(server, shipped, monkeypatch):
-    from lora_course.lessons import l08_variants
-
-    _, tokenizer, _ = shipped
-    ids = tokenizer(["a b c"] * 2, return_tensors="pt")["input_ids"]
-    timers, median_ms = [], l08_variants.median_ms
-    monkeypatch.setattr(l08_variants, "median_ms",
-                        lambda fn, run, timer: timers.append(timer) or median_ms(fn, run, timer))
-    costs = mixed_batch_costs(server, ids, {"one": ["call"] * 2}, rounds=1, min_run_time=0.01, timer="cpu")
-    assert timers == ["cpu", "cpu"] and costs["one"]["ms"] > 0
-    with pytest.raises(ValueError, match="timer"):
-        mixed_batch_costs(server, ids, {"one": ["call"] * 2}, rounds=1, min_run_time=0.01, timer="gpu")
-    assert timers == ["cpu", "cpu"] and server.row_mixer is mixed_rows  # refused before any work, mixer in place
 
 
 def _mixed_right(x, result, rows, output):
