@@ -29,6 +29,7 @@ from .adapters import save_adapter as write_adapter
 from .embedding import shared_weights
 from .layers import is_adaptable, is_linear, replace_module
 from .lora import LoRAConfig, LoRALinear, lora_layers, variant_class
+from .measure import TIMERS, fastest_of_rounds, median_ms
 from .merging import check_merge, merge_layer
 from .validate import check_choice
 
@@ -384,8 +385,6 @@ def serving_latency(server: MultiAdapterModel, prompt: torch.Tensor, adapter: st
     "mixed" (row i uses `mixed_names[i]`), each the fastest of `rounds` interleaved rounds
     (`measure.fastest_of_rounds`). The server's active adapter is restored.
     """
-    from .measure import fastest_of_rounds, median_ms
-
     server._check_name(adapter)
     before = server.active_adapter
     kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
@@ -416,8 +415,6 @@ def mixed_batch_costs(server: MultiAdapterModel, input_ids: torch.Tensor, batche
     scatters included) re-run alone on the inputs it got in that forward, without the base layers, whose work is
     the same for every batch. Times are `measure.median_ms` by `timer` ("wall" or "cpu", this thread's CPU time),
     each the fastest of `rounds` interleaved rounds (`measure.fastest_of_rounds`)."""
-    from .measure import TIMERS, fastest_of_rounds, median_ms
-
     check_choice("timer", timer, TIMERS)
     server_mixer, seen = server.row_mixer, []
 

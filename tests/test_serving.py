@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_course import add_lora, save_adapter
+from lora_course import add_lora, save_adapter, serving
 from lora_course.adapters import AdapterError
 from lora_course.models import toy_gpt2, toy_gpt2_config
 from lora_course.serving import BASE, MultiAdapterLinear, MultiAdapterModel, mixed_batch_costs, mixed_rows
@@ -251,8 +251,6 @@ def test_mixed_batch_costs_count_one_call_per_adapter_and_layer(setup):
 
 def test_mixed_batch_costs_time_the_forward_and_then_only_its_adapters(setup, monkeypatch):
     """The second timing re-runs each layer's mixer on that batch's own inputs, and no base layer."""
-    from lora_course import measure
-
     server, mixed, timed, based = _same_targets_server(setup), [], [], []
 
     def spy(x, result, rows, output):
@@ -268,7 +266,7 @@ def test_mixed_batch_costs_time_the_forward_and_then_only_its_adapters(setup, mo
         based.clear()
         return ms
 
-    monkeypatch.setattr(measure, "median_ms", run_once)
+    monkeypatch.setattr(serving, "median_ms", run_once)
     server.row_mixer = spy
     costs = mixed_batch_costs(server, _x(rows=2), {"two": ["a", "b"], "one": ["a", None]}, rounds=2)
     n_layers = len(server.layers())
@@ -281,10 +279,8 @@ def test_mixed_batch_costs_time_the_forward_and_then_only_its_adapters(setup, mo
 
 
 def test_mixed_batch_costs_time_by_the_timer_asked_for(setup, monkeypatch):
-    from lora_course import measure
-
-    server, timers, mixed, median_ms = _same_targets_server(setup), [], [], measure.median_ms
-    monkeypatch.setattr(measure, "median_ms", lambda fn, run, timer: timers.append(timer) or median_ms(fn, run, timer))
+    server, timers, mixed, median_ms = _same_targets_server(setup), [], [], serving.median_ms
+    monkeypatch.setattr(serving, "median_ms", lambda fn, run, timer: timers.append(timer) or median_ms(fn, run, timer))
     costs = mixed_batch_costs(server, _x(rows=2), {"one": ["a"] * 2}, rounds=1, min_run_time=0.01, timer="cpu")
     assert timers == ["cpu", "cpu"] and costs["one"]["ms"] > 0
 
